@@ -1,0 +1,1 @@
+"""The ``muse`` command line."""

@@ -1,0 +1,107 @@
+"""The two batch types of the input pipeline.
+
+``RawBatch`` is what the reader yields: one row per (user, target item) sample with the user's whole
+behavior sequence, ids already remapped to contiguous vocabulary indices (0 = padding/unknown).
+``Batch`` is what the model consumes: the GSU stage (``model.gsu.GsuStage``) turns a ``RawBatch`` into
+a ``Batch`` ahead of the training step, so the model sees K selected behaviors, never the whole history
+(except for variants whose GSU needs trained ID embeddings: SIM-soft and TWIN, which get ``history``).
+"""
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional, TypeVar
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+# Single-valued features pooled by the EmbeddingBagCollection, one table (id space) each.
+PROFILE_FIELDS = ("profile_1", "profile_2", "profile_3", "profile_4", "profile_5")
+SPARSE_FEATURES = ("user_id",) + PROFILE_FIELDS + ("item_city", "item_province")
+
+# Per-position features of the EmbeddingCollection: feature -> table (id space).
+SEQUENCE_FEATURES = {
+    "target_item": "item",
+    "target_cat": "category",
+    "recent_item": "item",
+    "recent_cat": "category",
+    "gsu_item": "item",
+    "gsu_cat": "category",
+}
+# Only for in-model GSU variants (SIM-soft, TWIN): the whole history goes to the item/category tables.
+HISTORY_FEATURES = {"hist_item": "item", "hist_cat": "category"}
+
+T = TypeVar("T", bound="_Movable")
+
+
+class _Movable(Pipelineable):
+    """Pipelineable for a dataclass whose fields are tensors, KeyedJaggedTensors or None."""
+
+    def _map(self: T, fn) -> T:
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name))) for f in fields(self)})
+
+    def to(self: T, device: torch.device, non_blocking: bool = False) -> T:
+        return self._map(lambda v: v.to(device=device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                value.record_stream(stream)
+
+    def pin_memory(self: T) -> T:
+        return self._map(lambda v: v.pin_memory())
+
+
+@dataclass
+class RawBatch(_Movable):
+    """Reader output. B samples, L = longest history in the batch (or the configured maximum).
+
+    labels:         float32 [B], 1.0 = click.
+    user_id:        int64 [B].
+    profile:        int64 [B, 5], fields profile_1..profile_5 (raw columns 130_1..130_5).
+    target_item, target_cat, item_city, item_province: int64 [B].
+    history_items:  int64 [B, L], left-padded with 0, newest behavior at position L-1.
+    history_cats:   int64 [B, L], aligned entry for entry with history_items.
+    """
+
+    labels: torch.Tensor
+    user_id: torch.Tensor
+    profile: torch.Tensor
+    target_item: torch.Tensor
+    target_cat: torch.Tensor
+    item_city: torch.Tensor
+    item_province: torch.Tensor
+    history_items: torch.Tensor
+    history_cats: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Batch(_Movable):
+    """Model input, after the GSU stage. B samples, K = GSU top-k, S = recent length (50).
+
+    sparse_features:   KJT with keys SPARSE_FEATURES, exactly one id per sample each (EBC input).
+    sequence_features: KJT with keys SEQUENCE_FEATURES (+ HISTORY_FEATURES for in-model GSU): per sample,
+                       target_* hold 1 id; recent_* the n_r <= S most recent behaviors, oldest first;
+                       gsu_* the n_k <= K selected behaviors in descending GSU score (EC input).
+    labels:            float32 [B].
+    recent_scores:     float32 [B, S] cosine(target, behavior) in the multimodal table for the recent
+                       behaviors, aligned with recent_* (slot j = j-th id of the sample); 0 past n_r.
+    gsu_scores:        float32 [B, K] the cosines R of the selected behaviors, aligned with gsu_*; 0 past n_k.
+    history_scores:    float32 [B, L] multimodal cosines of every history position (in-model GSU only),
+                       aligned with hist_* (left-aligned, 0 past the sample's history length).
+    """
+
+    sparse_features: KeyedJaggedTensor
+    sequence_features: KeyedJaggedTensor
+    labels: torch.Tensor
+    recent_scores: torch.Tensor
+    gsu_scores: torch.Tensor
+    history_scores: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
