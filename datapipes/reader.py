@@ -1,0 +1,341 @@
+"""Per-rank streaming of a prepared split as ``RawBatch`` (or ``transform(RawBatch)``) batches.
+
+Splitting (row level, so any world size up to the row count works and every rank runs the same
+number of steps, which collective-based training needs):
+- Each epoch the split's rows are cut into chunks (one parquet row group's worth, within one shard);
+  with ``shuffle`` the chunk order is permuted (same permutation on every rank: seed, epoch).
+- The concatenated chunk stream is cut into ``world_size`` equal contiguous ranges of
+  ``rows // world_size`` rows (the remainder, fewer than ``world_size`` rows, is skipped unless
+  ``drop_remainder=False``).
+- A rank's range is cut into batches; DataLoader worker w streams a contiguous run of those batches,
+  reading its rows into a shuffle buffer (bounded in bytes), permuting it with an RNG derived from
+  (seed, epoch, rank, worker, buffer index), and slicing batches. DataLoader interleaves workers round
+  robin, so the order is deterministic for a given (seed, world_size, batch_size, num_workers).
+Resume: ``state_dict()`` holds (epoch, batches consumed); ``load_state_dict`` makes the next
+iteration skip exactly those batches (whole buffers are skipped without reading).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from common.errors import UserError
+from common.io import path_manager
+from datapipes.batch import PROFILE_FIELDS, RawBatch
+from datapipes.prepared import PreparedDataset
+from datapipes.shards import row_group_rows
+
+Piece = Tuple[int, int, int]  # (shard index, first row, end row) within one shard
+_BUFFER_BYTES = 256 << 20
+
+
+def left_pad(offsets: np.ndarray, values: np.ndarray, length: int, rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """Rows ``values[offsets[i]:offsets[i+1]]`` for i in ``rows`` (default: all) -> int64 [len(rows), length]:
+    the last ``length`` entries of each row, right-aligned (newest at column length-1), zeros on the left."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    rows = np.arange(offsets.size - 1) if rows is None else np.asarray(rows, dtype=np.int64)
+    ends = offsets[rows + 1]
+    n = np.minimum(ends - offsets[rows], length)
+    out = np.zeros((rows.size, length), dtype=np.int64)
+    total = int(n.sum())
+    if total >= 32 * rows.size:
+        # Long rows: one contiguous copy per row beats element-wise fancy indexing.
+        for i, (end, count) in enumerate(zip(ends.tolist(), n.tolist())):
+            if count:
+                out[i, length - count:] = values[end - count:end]
+    elif total:
+        r = np.repeat(np.arange(rows.size), n)
+        k = np.arange(total) - np.repeat(np.cumsum(n) - n, n)
+        out[r, length - n[r] + k] = values[ends[r] - n[r] + k]
+    return out
+
+
+_SCALARS = ("label", "user") + PROFILE_FIELDS + ("target_item", "target_cat", "item_city", "item_province")
+
+
+class RowBuffer:
+    """Prepared shard rows held as numpy arrays; ``batch(rows)`` gathers any subset as a RawBatch."""
+
+    def __init__(self, table: pa.Table):
+        self.num_rows = table.num_rows
+        self.scalars = {name: table.column(name).to_numpy() for name in _SCALARS}
+        self.lists = {}
+        for name in ("hist_items", "hist_cats"):
+            arr = table.column(name).combine_chunks()
+            offsets = arr.offsets.to_numpy().astype(np.int64)
+            self.lists[name] = (offsets - offsets[0], arr.values.to_numpy()[offsets[0]:offsets[-1]])
+
+    def batch(self, rows: np.ndarray, max_seq_len: Optional[int]) -> RawBatch:
+        """RawBatch of ``rows``; history padded to the longest of them (at least 1, at most max_seq_len)."""
+        offsets = self.lists["hist_items"][0]
+        longest = int((offsets[rows + 1] - offsets[rows]).max()) if rows.size else 0
+        length = max(1, min(longest, max_seq_len) if max_seq_len else longest)
+
+        def col(name: str) -> torch.Tensor:
+            return torch.from_numpy(self.scalars[name][rows].astype(np.int64))
+
+        def hist(name: str) -> torch.Tensor:
+            return torch.from_numpy(left_pad(*self.lists[name], length, rows))
+
+        return RawBatch(
+            labels=torch.from_numpy(self.scalars["label"][rows].astype(np.float32)),
+            user_id=col("user"), profile=torch.stack([col(f) for f in PROFILE_FIELDS], dim=1),
+            target_item=col("target_item"), target_cat=col("target_cat"),
+            item_city=col("item_city"), item_province=col("item_province"),
+            history_items=hist("hist_items"), history_cats=hist("hist_cats"))
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank reads in one epoch: pieces (in order) covering ``rows`` rows, cut into batches."""
+
+    pieces: List[Piece]
+    rows: int
+    batch_size: int
+    drop_last: bool
+
+    @property
+    def num_batches(self) -> int:
+        return self.rows // self.batch_size if self.drop_last else -(-self.rows // self.batch_size)
+
+    def worker_batches(self, workers: int) -> List[Tuple[int, int]]:
+        """Contiguous batch ranges [b0, b1) of each worker (earlier workers get the extra batches)."""
+        n = self.num_batches
+        bounds = [n * w // workers for w in range(workers + 1)]
+        return [(bounds[w], bounds[w + 1]) for w in range(workers)]
+
+    def rows_of(self, b0: int, b1: int) -> Tuple[int, int]:
+        return b0 * self.batch_size, min(b1 * self.batch_size, self.rows)
+
+
+def plan_rank(shard_rows: List[int], rank: int, world_size: int, epoch: int, shuffle: bool, seed: int,
+              chunk_rows: int, batch_size: int, drop_last: bool, drop_remainder: bool = True) -> RankPlan:
+    """The pieces rank ``rank`` reads in ``epoch`` (see module docstring)."""
+    chunks: List[Piece] = [(s, start, min(start + chunk_rows, n)) for s, n in enumerate(shard_rows)
+                           for start in range(0, n, chunk_rows)]
+    if shuffle:
+        order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(chunks))
+        chunks = [chunks[i] for i in order]
+    total = sum(shard_rows)
+    per_rank, extra = divmod(total, world_size)
+    if drop_remainder:
+        begin, rows = rank * per_rank, per_rank
+    else:
+        begin, rows = rank * per_rank + min(rank, extra), per_rank + (1 if rank < extra else 0)
+    pieces: List[Piece] = []
+    pos = 0
+    for shard, start, end in chunks:
+        lo, hi = max(begin, pos), min(begin + rows, pos + end - start)
+        if lo < hi:
+            pieces.append((shard, start + lo - pos, start + hi - pos))
+        pos += end - start
+        if pos >= begin + rows:
+            break
+    return RankPlan(pieces, rows, batch_size, drop_last)
+
+
+def resume_point(counts: List[int], consumed: int) -> Tuple[List[int], int]:
+    """After ``consumed`` batches of DataLoader's round-robin over workers holding ``counts`` batches
+    (finished workers are skipped): batches delivered by each worker, and the worker whose turn is next."""
+    workers = len(counts)
+    done = [0] * workers
+    turn = 0
+    for _ in range(min(consumed, sum(counts))):
+        while done[turn] >= counts[turn]:
+            turn = (turn + 1) % workers
+        done[turn] += 1
+        turn = (turn + 1) % workers
+    if sum(done) < sum(counts):
+        while done[turn] >= counts[turn]:
+            turn = (turn + 1) % workers
+    return done, turn
+
+
+class _ShardRows:
+    """Reads row ranges of shard files (keeps each file open once per worker process)."""
+
+    def __init__(self, paths: List[str]):
+        self.paths = paths
+        self._files: Dict[int, Tuple[object, pq.ParquetFile, np.ndarray]] = {}
+
+    def _file(self, shard: int) -> Tuple[pq.ParquetFile, np.ndarray]:
+        if shard not in self._files:
+            handle = path_manager.open(self.paths[shard], "rb")
+            pf = pq.ParquetFile(handle)
+            meta = pf.metadata
+            starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+            self._files[shard] = (handle, pf, starts)
+        _, pf, starts = self._files[shard]
+        return pf, starts
+
+    def read(self, shard: int, start: int, end: int) -> pa.Table:
+        pf, starts = self._file(shard)
+        g0 = int(np.searchsorted(starts, start, side="right") - 1)
+        g1 = int(np.searchsorted(starts, end, side="left"))
+        table = pf.read_row_groups(list(range(g0, g1)))
+        return table.slice(start - int(starts[g0]), end - start)
+
+    def close(self) -> None:
+        for handle, _, _ in self._files.values():
+            handle.close()
+        self._files.clear()
+
+
+@dataclass(frozen=True)
+class _StreamSpec:
+    """Everything a worker needs to produce its batches (picklable)."""
+
+    paths: List[str]
+    plan: RankPlan
+    epoch: int
+    rank: int
+    seed: int
+    shuffle: bool
+    buffer_rows: int
+    max_seq_len: Optional[int]
+    consumed: int
+    transform: Optional[Callable]
+
+
+class _RankStream(IterableDataset):
+    def __init__(self, spec: _StreamSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        loader_worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:
+            torch.set_num_threads(1)  # workers run side by side with the trainer; no intra-op oversubscription
+        spec = self.spec
+        ranges = spec.plan.worker_batches(workers)
+        done, turn = resume_point([hi - lo for lo, hi in ranges], spec.consumed)
+        # DataLoader asks its workers 0, 1, ... in turn: rotate so that its worker 0 is the one whose turn it is.
+        worker = (loader_worker + turn) % workers
+        b0, b1 = ranges[worker]
+        skip_batches = done[worker]
+        row_lo, row_hi = spec.plan.rows_of(b0, b1)
+        bs, buf = spec.plan.batch_size, spec.buffer_rows
+        skip_rows = skip_batches * bs
+        first_buffer = skip_rows // buf
+        reader = _ShardRows(spec.paths)
+        try:
+            for k in range(first_buffer, -(-(row_hi - row_lo) // buf)):
+                lo = row_lo + k * buf
+                hi = min(row_lo + (k + 1) * buf, row_hi)
+                rows = RowBuffer(self._read_rows(reader, lo, hi))
+                order = np.arange(rows.num_rows)
+                if spec.shuffle:
+                    order = np.random.default_rng([spec.seed, spec.epoch, spec.rank, worker, k]).permutation(rows.num_rows)
+                for s in range(max(0, skip_rows - k * buf), rows.num_rows, bs):
+                    picked = order[s:s + bs]
+                    if picked.size < bs and spec.plan.drop_last:
+                        break
+                    batch = rows.batch(picked, spec.max_seq_len)
+                    yield spec.transform(batch) if spec.transform is not None else batch
+        finally:
+            reader.close()
+
+    def _read_rows(self, reader: _ShardRows, lo: int, hi: int) -> pa.Table:
+        """Rows [lo, hi) of this rank's piece stream."""
+        tables = []
+        pos = 0
+        for shard, start, end in self.spec.plan.pieces:
+            n = end - start
+            a, b = max(lo, pos), min(hi, pos + n)
+            if a < b:
+                tables.append(reader.read(shard, start + a - pos, start + b - pos))
+            pos += n
+            if pos >= hi:
+                break
+        return pa.concat_tables(tables).combine_chunks()
+
+
+def _identity(x):
+    return x
+
+
+class ShardedLoader:
+    """Iterable over one rank's batches; each ``iter()`` continues the current epoch from the saved
+    position and, once exhausted, advances the epoch. ``len()`` = batches per epoch on this rank."""
+
+    def __init__(self, dataset_dir: str, split: str, rank: int, world_size: int, batch_size: int,
+                 transform: Optional[Callable] = None, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
+                 max_seq_len: Optional[int] = None, drop_last: bool = False, drop_remainder: bool = True,
+                 prefetch_factor: int = 2):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {num_workers}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: {rank} not in [0, world_size={world_size})")
+        self.dataset = PreparedDataset.open(dataset_dir)
+        info = self.dataset.split(split)
+        if world_size > info.rows:
+            raise UserError(f"--world-size {world_size}: larger than the {info.rows} rows of split '{split}' in {dataset_dir}")
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.batch_size, self.transform, self.num_workers = batch_size, transform, num_workers
+        self.shuffle, self.seed, self.drop_last, self.drop_remainder = shuffle, seed, drop_last, drop_remainder
+        self.max_seq_len, self.prefetch_factor = max_seq_len, prefetch_factor
+        self.paths = self.dataset.shards(split)
+        self.shard_rows = self.dataset.shard_rows(split)
+        longest = min(self.dataset.metadata.max_seq_len, max_seq_len or self.dataset.metadata.max_seq_len)
+        self.chunk_rows = row_group_rows(self.dataset.metadata.max_seq_len)
+        row_bytes = 8 * max(1, longest) + 96
+        self.buffer_rows = batch_size * max(1, _BUFFER_BYTES // row_bytes // batch_size)
+        self.epoch = 0
+        self.consumed = 0
+
+    def plan(self, epoch: Optional[int] = None) -> RankPlan:
+        return plan_rank(self.shard_rows, self.rank, self.world_size, self.epoch if epoch is None else epoch,
+                         self.shuffle, self.seed, self.chunk_rows, self.batch_size, self.drop_last, self.drop_remainder)
+
+    def __len__(self) -> int:
+        return self.plan(0).num_batches
+
+    def __iter__(self) -> Iterator:
+        if self.consumed >= len(self):
+            self.epoch, self.consumed = self.epoch + 1, 0
+        spec = _StreamSpec(self.paths, self.plan(), self.epoch, self.rank, self.seed, self.shuffle, self.buffer_rows,
+                           self.max_seq_len, self.consumed, self.transform)
+        kwargs = {}
+        if self.num_workers > 0:
+            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+        loader = DataLoader(_RankStream(spec), batch_size=None, num_workers=self.num_workers,
+                            collate_fn=_identity, **kwargs)
+        for batch in loader:
+            self.consumed += 1
+            yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.consumed = epoch, 0
+
+    def state_dict(self) -> Dict[str, int]:
+        """Position for checkpointing. Order also depends on seed/world_size/batch_size/num_workers/shuffle,
+        stored to check that a resume uses the same ones."""
+        return {"epoch": self.epoch, "batches_consumed": self.consumed, "seed": self.seed, "world_size": self.world_size,
+                "rank": self.rank, "batch_size": self.batch_size, "num_workers": self.num_workers,
+                "shuffle": int(self.shuffle), "drop_last": int(self.drop_last)}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        for key in ("seed", "world_size", "batch_size", "num_workers", "shuffle", "drop_last"):
+            if key in state and int(state[key]) != int(getattr(self, key)):
+                raise ValueError(f"state_dict: {key}={state[key]} but this loader has {key}={getattr(self, key)}; "
+                                 "resume needs the same value")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["batches_consumed"])
+
+
+def make_dataloader(dataset_dir: str, split: str, rank: int, world_size: int, batch_size: int,
+                    transform: Optional[Callable] = None, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
+                    max_seq_len: Optional[int] = None, drop_last: bool = False, drop_remainder: bool = True) -> ShardedLoader:
+    """Rank ``rank`` of ``world_size``'s loader over ``split`` (see the module docstring). Yields
+    ``transform(RawBatch)`` (run inside the DataLoader workers; must be picklable) or ``RawBatch``."""
+    return ShardedLoader(dataset_dir, split, rank, world_size, batch_size, transform=transform,
+                         num_workers=num_workers, shuffle=shuffle, seed=seed, max_seq_len=max_seq_len,
+                         drop_last=drop_last, drop_remainder=drop_remainder)

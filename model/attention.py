@@ -1,0 +1,95 @@
+"""Target attention: the DIN attention unit over the recent behaviors and the (similarity-aware) target
+attention TA / SA-TA over the K behaviors of the ESU.
+
+All softmaxes run over valid positions only: invalid positions get exactly zero weight, and a sample without
+any valid position pools to a zero vector.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from model.jagged import length_mask, pad_values
+from model.tower import MLP
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax of scores [B, L] over positions where mask [B, L] is True; exactly 0 elsewhere (all-0 rows stay 0)."""
+    filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(filled, dim=-1) * mask
+
+
+def attention_pool(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Weighted sum: weights [B, L], values [B, L, E] -> [B, E]."""
+    return torch.bmm(weights.unsqueeze(1), values).squeeze(1)
+
+
+class DinAttention(nn.Module):
+    """DIN's attention unit: score_j = MLP([q, k_j, q - k_j, q * k_j]), softmax over valid j, sum of w_j k_j.
+
+    The MLP runs on the jagged behaviors only (no padded rows), so padding neither costs compute nor shifts
+    Dice's batch statistics.
+    """
+
+    def __init__(self, dim: int, hidden: tuple[int, ...], activation: str, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.mlp = MLP(4 * dim, hidden, activation, device=device)
+        self.score = nn.Linear(self.mlp.out_dim, 1, device=device)
+
+    def weights(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor, length: int) -> torch.Tensor:
+        """Attention weights [B, length] for query [B, E] and jagged keys [N, E] (lengths [B], offsets [B + 1])."""
+        sample = torch.repeat_interleave(torch.arange(query.shape[0], device=query.device), lengths, output_size=keys.shape[0])
+        q = query[sample]
+        scores = self.score(self.mlp(torch.cat([q, keys, q - keys, q * keys], dim=1)))
+        padded = pad_values(scores, offsets, length).squeeze(-1)
+        return masked_softmax(padded, length_mask(lengths, length))
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor, length: int) -> torch.Tensor:
+        """Pooled interest [B, E]: query [B, E], jagged keys [N, E] of at most ``length`` behaviors per sample."""
+        weights = self.weights(query, keys, lengths, offsets, length)
+        return attention_pool(weights, pad_values(keys, offsets, length))
+
+
+class TargetAttention(nn.Module):
+    """Target attention over ID embeddings, optionally similarity-aware (SA-TA).
+
+    a_id_j = (W_q q + b_q) . (W_k e_j) / sqrt(h)  -- computed as e_j . (W_k^T (W_q q + b_q)), so the behaviors
+    are never projected (cheap over a whole history for TWIN).
+    TA:    a_j = a_id_j
+    SA-TA: a_j = g1 * a_id_j + g2 * R_j + g3 * a_id_j * R_j, learnable scalars g (initialised to 1).
+    Output: sum_j softmax_valid(a)_j e_j.
+    """
+
+    def __init__(self, dim: int, attention_dim: int, similarity_aware: bool, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.query = nn.Linear(dim, attention_dim, device=device)
+        self.key = nn.Linear(dim, attention_dim, bias=False, device=device)
+        self.scale = 1.0 / math.sqrt(attention_dim)
+        self.similarity_aware = similarity_aware
+        self.gates = nn.Parameter(torch.empty(3, device=device)) if similarity_aware else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.gates is not None:
+            nn.init.ones_(self.gates)
+
+    def id_scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """a_id [B, L] for query [B, E] and behaviors [B, L, E]."""
+        folded = self.query(query) @ self.key.weight  # [B, E]
+        return torch.bmm(keys, folded.unsqueeze(-1)).squeeze(-1) * self.scale
+
+    def scores(self, query: torch.Tensor, keys: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax scores a [B, L]; similarity R [B, L] is used by SA-TA only."""
+        a_id = self.id_scores(query, keys)
+        if self.gates is None:
+            return a_id
+        return self.gates[0] * a_id + self.gates[1] * similarity + self.gates[2] * a_id * similarity
+
+    def weights(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+        """Attention weights [B, L], zero at invalid positions (mask [B, L] False)."""
+        return masked_softmax(self.scores(query, keys, similarity), mask)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+        """Pooled behaviors [B, E]."""
+        return attention_pool(self.weights(query, keys, mask, similarity), keys)

@@ -1,0 +1,148 @@
+"""``ModelConfig``: one typed, frozen description of every model of the family (MUSE, its ablations, baselines).
+
+The family has two switches and a handful of sizes:
+
+- ``gsu`` picks which K behaviors of the lifelong history reach the ESU:
+  ``"none"`` (DIN: no lifelong sequence, recent behaviors only), ``"category"`` (SIM-hard: behaviors of the
+  target's category), ``"multimodal"`` (MUSE: cosine top-K in the frozen multimodal table) -- these three run
+  in the input pipeline (``model.gsu.GsuStage``) -- and ``"id"`` (SIM-soft: top-K by the inner product of ID
+  embeddings) and ``"attention"`` (TWIN: top-K by the ESU's own target-attention score), which run inside the
+  model on the whole history because they need the trained ID embeddings.
+- ``esu`` picks how the K behaviors are summarised: ``"ta"`` (target attention over ID embeddings),
+  ``"simtier"`` (histogram of multimodal cosines over tiers of [-1, 1]), ``"sata"`` (similarity-aware target
+  attention, ``a = g1*a_id + g2*R + g3*a_id*R``) or a ``+`` of an attention and SimTier. Unused when
+  ``gsu == "none"`` (no lifelong behaviors).
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+GSU_KINDS = ("none", "category", "multimodal", "id", "attention")
+PIPELINE_GSU = ("category", "multimodal")
+IN_MODEL_GSU = ("id", "attention")
+ESU_KINDS = ("ta", "simtier", "ta+simtier", "sata", "sata+simtier")
+ACTIVATIONS = ("dice", "prelu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of one model of the family. Validated on construction (``ValueError`` naming the field).
+
+    name:            label for logs and run directories.
+    gsu:             one of ``GSU_KINDS`` (see module docstring).
+    esu:             one of ``ESU_KINDS``.
+    id_dim:          embedding width of every ID table; a behavior is item ++ category, width ``2 * id_dim``.
+    k:               number of behaviors the GSU selects.
+    recent_len:      number of most recent behaviors seen by the DIN attention (S).
+    tier_width:      SimTier tier width; ``2 / tier_width`` tiers must tile [-1, 1] exactly.
+    tier_dim:        width of the learned per-tier vector of SimTier.
+    simtier_recent:  also histogram the recent behaviors' cosines (as the released MUSE code does).
+    attention_dim:   projection width of the target attention (query/key) used by TA, SA-TA and TWIN.
+    din_dims:        hidden widths of the DIN attention unit's MLP over [q, k, q-k, q*k].
+    mlp_dims:        hidden widths of the prediction tower.
+    activation:      ``"dice"`` or ``"prelu"``, used in the tower and the DIN attention unit.
+    """
+
+    name: str = "muse"
+    gsu: str = "multimodal"
+    esu: str = "sata+simtier"
+    id_dim: int = 16
+    k: int = 50
+    recent_len: int = 50
+    tier_width: float = 0.1
+    tier_dim: int = 8
+    simtier_recent: bool = True
+    attention_dim: int = 32
+    din_dims: tuple[int, ...] = (80, 40)
+    mlp_dims: tuple[int, ...] = (200, 80)
+    activation: str = "dice"
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "din": {"gsu": "none", "esu": "ta"},
+        "sim_hard": {"gsu": "category", "esu": "ta"},
+        "sim_soft": {"gsu": "id", "esu": "ta"},
+        "twin": {"gsu": "attention", "esu": "ta"},
+        "muse": {"gsu": "multimodal", "esu": "sata+simtier"},
+        # Ablations of the paper: ESU variants on the multimodal GSU, and MUSE's ESU on an ID-based GSU.
+        "muse_ta": {"gsu": "multimodal", "esu": "ta"},
+        "muse_simtier": {"gsu": "multimodal", "esu": "simtier"},
+        "muse_ta_simtier": {"gsu": "multimodal", "esu": "ta+simtier"},
+        "muse_sata": {"gsu": "multimodal", "esu": "sata"},
+        "muse_sata_simtier": {"gsu": "multimodal", "esu": "sata+simtier"},
+        "muse_gsu_id": {"gsu": "id", "esu": "sata+simtier"},
+    }
+
+    def __post_init__(self) -> None:
+        if self.gsu not in GSU_KINDS:
+            raise ValueError(f"gsu must be one of {GSU_KINDS}, got {self.gsu!r}")
+        if self.esu not in ESU_KINDS:
+            raise ValueError(f"esu must be one of {ESU_KINDS}, got {self.esu!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for field in ("id_dim", "k", "recent_len", "tier_dim", "attention_dim"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        for field in ("din_dims", "mlp_dims"):
+            dims = getattr(self, field)
+            if not isinstance(dims, tuple) or not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+                raise ValueError(f"{field} must be a non-empty tuple of positive ints, got {dims!r}")
+        if self.gsu == "attention" and self.attention_kind is None:
+            raise ValueError(f"esu must contain an attention ('ta' or 'sata') when gsu is 'attention' (TWIN selects by it), got {self.esu!r}")
+        if not isinstance(self.simtier_recent, bool):
+            raise ValueError(f"simtier_recent must be a bool, got {self.simtier_recent!r}")
+        width = self.tier_width
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 2:
+            raise ValueError(f"tier_width must be in (0, 2], got {width!r}")
+        if abs(round(2 / width) * width - 2) > 1e-9:
+            raise ValueError(f"tier_width must divide [-1, 1] into equal tiers (2 / tier_width an integer), got {width!r}")
+
+    @property
+    def num_tiers(self) -> int:
+        """Number of SimTier tiers over [-1, 1]."""
+        return round(2 / self.tier_width)
+
+    @property
+    def uses_history(self) -> bool:
+        """True when the GSU runs in the model on the whole history (``hist_*`` features, ``history_scores``)."""
+        return self.gsu in IN_MODEL_GSU
+
+    @property
+    def uses_lifelong(self) -> bool:
+        """True when an ESU runs on K behaviors selected from the lifelong history."""
+        return self.gsu != "none"
+
+    @property
+    def attention_kind(self) -> str | None:
+        """``"ta"``, ``"sata"`` or None: the ESU's attention over the K behaviors."""
+        head = self.esu.split("+")[0]
+        return head if head in ("ta", "sata") else None
+
+    @property
+    def uses_simtier(self) -> bool:
+        return "simtier" in self.esu.split("+")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """The named preset (see ``preset_names()``), with optional field overrides."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"name must be one of {cls.preset_names()}, got {name!r}")
+        return cls(name=name, **{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def preset_names(cls) -> tuple[str, ...]:
+        return tuple(cls.PRESETS)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists); ``from_dict`` inverts it."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Inverse of ``to_dict``; unknown keys raise ValueError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+        return cls(**values)

@@ -1,0 +1,49 @@
+"""ESU: summarises the K GSU-selected behaviors (and, with SimTier, the recent behaviors' cosines)."""
+
+import torch
+from torch import nn
+
+from model.attention import TargetAttention
+from model.config import ModelConfig
+from model.simtier import SimTier
+
+
+class Esu(nn.Module):
+    """Configured by ``cfg.esu``: attention (TA or SA-TA) over the K behaviors and/or SimTier over their cosines.
+
+    forward(query [B, E], behaviors [B, K, E], mask [B, K], similarity [B, K], recent_similarity [B, S],
+    recent_mask [B, S]) -> [B, out_dim] = [attention pooled (E)] ++ [SimTier(K) (T*tier_dim)]
+    ++ [SimTier(recent) (T*tier_dim), if cfg.simtier_recent].
+    """
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        dim = 2 * cfg.id_dim
+        kind = cfg.attention_kind
+        self.attention = TargetAttention(dim, cfg.attention_dim, kind == "sata", device=device) if kind else None
+        self.simtier = SimTier(cfg.num_tiers, cfg.tier_width, cfg.tier_dim, device=device) if cfg.uses_simtier else None
+        self.recent_simtier = (
+            SimTier(cfg.num_tiers, cfg.tier_width, cfg.tier_dim, device=device) if cfg.uses_simtier and cfg.simtier_recent else None
+        )
+        self.out_dim = (
+            (dim if self.attention is not None else 0)
+            + sum(m.out_dim for m in (self.simtier, self.recent_simtier) if m is not None)
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        behaviors: torch.Tensor,
+        mask: torch.Tensor,
+        similarity: torch.Tensor,
+        recent_similarity: torch.Tensor,
+        recent_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        parts = []
+        if self.attention is not None:
+            parts.append(self.attention(query, behaviors, mask, similarity))
+        if self.simtier is not None:
+            parts.append(self.simtier(similarity, mask))
+        if self.recent_simtier is not None:
+            parts.append(self.recent_simtier(recent_similarity, recent_mask))
+        return torch.cat(parts, dim=1)

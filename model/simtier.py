@@ -1,0 +1,44 @@
+"""SimTier: a histogram of multimodal cosines over equal-width tiers of [-1, 1], embedded per tier.
+
+Tier t covers [edge_t, edge_{t+1}) with edge_t = float32(-1 + t * width) (the last tier also holds 1.0;
+values below -1 or above 1 fall in the first/last tier). Padding is not counted.
+Features: log1p(count_t) * v_t for a learned vector v_t per tier, flattened to [B, T * tier_dim].
+"""
+
+import torch
+from torch import nn
+
+
+def tier_edges(num_tiers: int, width: float, device: torch.device | None = None) -> torch.Tensor:
+    """The T - 1 inner tier edges, float32 [T - 1]: -1 + t * width for t = 1..T-1, computed in float64."""
+    steps = torch.arange(1, num_tiers, dtype=torch.float64, device=device)
+    return (-1.0 + steps * width).to(torch.float32)
+
+
+def tier_counts(scores: torch.Tensor, mask: torch.Tensor, num_tiers: int, width: float) -> torch.Tensor:
+    """Number of valid scores per tier: scores float [B, N], mask bool [B, N] -> float32 [B, T]."""
+    tiers = torch.bucketize(scores.float(), tier_edges(num_tiers, width, scores.device), right=True)
+    counts = torch.zeros(scores.shape[0], num_tiers, dtype=torch.float32, device=scores.device)
+    return counts.scatter_add_(1, tiers, mask.to(torch.float32))
+
+
+class SimTier(nn.Module):
+    """scores [B, N], mask [B, N] -> features [B, num_tiers * tier_dim]."""
+
+    def __init__(self, num_tiers: int, width: float, tier_dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.num_tiers = num_tiers
+        self.width = width
+        self.tier_vectors = nn.Parameter(torch.empty(num_tiers, tier_dim, device=device))
+        self.reset_parameters()
+
+    @property
+    def out_dim(self) -> int:
+        return self.tier_vectors.numel()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.tier_vectors, std=0.1)
+
+    def forward(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        counts = tier_counts(scores, mask, self.num_tiers, self.width)
+        return (torch.log1p(counts).unsqueeze(-1) * self.tier_vectors).flatten(1)

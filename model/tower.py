@@ -1,0 +1,61 @@
+"""Prediction tower pieces: Dice / PReLU activations and an MLP of Linear + activation layers."""
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class Dice(nn.Module):
+    """Dice activation (DIN paper): ``p * x + (1 - p) * alpha * x`` with ``p = sigmoid(batchnorm(x))``.
+
+    Input [..., dim]; statistics are taken over all leading positions (batch statistics while training,
+    running statistics in eval). ``alpha`` [dim] starts at 0.
+    """
+
+    def __init__(self, dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, device=device)
+        self.alpha = nn.Parameter(torch.empty(dim, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # DMP materialises meta buffers as zeros and resets only modules holding parameters: reset the
+        # statistics of the (parameter-free) norm here too.
+        self.norm.reset_running_stats()
+        nn.init.zeros_(self.alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(self.norm(x.reshape(-1, x.shape[-1]))).view_as(x)
+        return x * (p + (1 - p) * self.alpha)
+
+
+def make_activation(name: str, dim: int, device: torch.device | None = None) -> nn.Module:
+    """``"dice"`` -> Dice(dim); ``"prelu"`` -> per-channel PReLU (applied on the last dimension)."""
+    if name == "dice":
+        return Dice(dim, device=device)
+    if name == "prelu":
+        return _LastDimPReLU(dim, device=device)
+    raise ValueError(f"activation must be 'dice' or 'prelu', got {name!r}")
+
+
+class _LastDimPReLU(nn.PReLU):
+    """PReLU whose per-channel slope applies to the last dimension (nn.PReLU uses dimension 1)."""
+
+    def __init__(self, dim: int, device: torch.device | None = None) -> None:
+        super().__init__(num_parameters=dim, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x >= 0, x, self.weight * x)
+
+
+class MLP(nn.Sequential):
+    """Linear + activation per hidden width: [..., in_dim] -> [..., dims[-1]]."""
+
+    def __init__(self, in_dim: int, dims: Sequence[int], activation: str, device: torch.device | None = None) -> None:
+        layers: list[nn.Module] = []
+        for dim in dims:
+            layers += [nn.Linear(in_dim, dim, device=device), make_activation(activation, dim, device=device)]
+            in_dim = dim
+        super().__init__(*layers)
+        self.out_dim = in_dim

@@ -1,0 +1,159 @@
+"""The per-rank reader: padding, rank splitting, determinism, resume, transforms in workers."""
+
+import collections
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import UserError
+from datapipes.batch import RawBatch
+from datapipes.prepared import PreparedDataset
+from datapipes.reader import left_pad, resume_point, make_dataloader
+
+
+def _keys(batch):
+    """One hashable identity per sample: (user, target, label, history length, newest behavior)."""
+    hist = batch.history_items
+    return [(int(u), int(t), int(y), int((h > 0).sum()), int(h[-1]))
+            for u, t, y, h in zip(batch.user_id, batch.target_item, batch.labels, hist)]
+
+
+def _all_keys(loader):
+    return [k for b in loader for k in _keys(b)]
+
+
+class PidTag:
+    """A picklable transform that records which process ran it."""
+
+    def __call__(self, batch: RawBatch):
+        return os.getpid(), batch
+
+
+def test_left_pad_keeps_the_newest_entries_right_aligned():
+    offsets = np.array([0, 3, 3, 8])
+    values = np.array([1, 2, 3, 4, 5, 6, 7, 8])
+    np.testing.assert_array_equal(left_pad(offsets, values, 4), [[0, 1, 2, 3], [0, 0, 0, 0], [5, 6, 7, 8]])
+    np.testing.assert_array_equal(left_pad(offsets, values, 6), [[0, 0, 0, 1, 2, 3], [0] * 6, [0, 4, 5, 6, 7, 8]])
+
+
+@pytest.mark.parametrize("mean_len", [3, 200])  # element-wise and per-row copy paths
+def test_left_pad_of_a_row_subset_matches_a_per_row_reference(mean_len):
+    rng = np.random.default_rng(mean_len)
+    lengths = rng.integers(0, 2 * mean_len, 50)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(1, 1000, offsets[-1])
+    rows = rng.permutation(50)[:30]
+    for length in (1, mean_len, 3 * mean_len):
+        out = left_pad(offsets, values, length, rows)
+        assert out.shape == (30, length)
+        for i, r in enumerate(rows):
+            tail = values[offsets[r]:offsets[r + 1]][-length:]
+            np.testing.assert_array_equal(out[i], np.concatenate([np.zeros(length - tail.size, np.int64), tail]))
+
+
+def test_resume_point_follows_round_robin_and_skips_finished_workers():
+    assert resume_point([3, 3], 3) == ([2, 1], 1)
+    assert resume_point([1, 3, 2], 5) == ([1, 2, 2], 1)
+    assert resume_point([2, 1], 3) == ([2, 1], 1)
+    assert resume_point([2, 2], 0) == ([0, 0], 0)
+
+
+def test_batch_shapes_dtypes_and_padding_to_the_longest_row(prepared_dataset):
+    ds = PreparedDataset.open(prepared_dataset)
+    batch = next(iter(make_dataloader(prepared_dataset, "train", 0, 1, batch_size=32, seed=3)))
+    assert isinstance(batch, RawBatch) and batch.batch_size == 32
+    assert batch.labels.dtype == torch.float32 and set(batch.labels.unique().tolist()) <= {0.0, 1.0}
+    assert batch.profile.shape == (32, 5) and batch.profile.dtype == torch.int64
+    lengths = (batch.history_items > 0).sum(1)
+    assert batch.history_items.shape == batch.history_cats.shape == (32, int(lengths.max()))
+    np.testing.assert_array_equal((batch.history_cats > 0).sum(1), lengths)
+    assert int(batch.history_items.max()) <= ds.metadata.vocab_sizes["item"]
+    assert int(batch.user_id.min()) >= 1 and int(batch.user_id.max()) <= ds.metadata.vocab_sizes["user"]
+
+
+def test_max_seq_len_keeps_the_most_recent_behaviors(prepared_dataset):
+    full = next(iter(make_dataloader(prepared_dataset, "test", 0, 1, batch_size=16, shuffle=False)))
+    cut = next(iter(make_dataloader(prepared_dataset, "test", 0, 1, batch_size=16, shuffle=False, max_seq_len=30)))
+    assert cut.history_items.shape == (16, 30)
+    torch.testing.assert_close(cut.history_items, full.history_items[:, -30:])
+    torch.testing.assert_close(cut.history_cats, full.history_cats[:, -30:])
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 7])
+def test_ranks_get_disjoint_equal_parts_of_the_split(prepared_dataset, world_size):
+    everything = collections.Counter(_all_keys(make_dataloader(prepared_dataset, "train", 0, 1, 100, shuffle=False)))
+    rows = sum(everything.values())
+    seen = collections.Counter()
+    lengths = set()
+    for rank in range(world_size):
+        loader = make_dataloader(prepared_dataset, "train", rank, world_size, batch_size=50, seed=1)
+        keys = _all_keys(loader)
+        assert len(keys) == rows // world_size
+        lengths.add(len(loader))
+        seen.update(keys)
+    assert len(lengths) == 1  # every rank runs the same number of steps
+    assert not seen - everything and sum(seen.values()) == world_size * (rows // world_size)
+    kept = collections.Counter()
+    for rank in range(world_size):
+        kept.update(_all_keys(make_dataloader(prepared_dataset, "train", rank, world_size, 50, drop_remainder=False)))
+    assert kept == everything
+
+
+def test_world_size_larger_than_the_split_is_a_user_error(prepared_dataset):
+    rows = PreparedDataset.open(prepared_dataset).metadata.splits["test"].rows
+    with pytest.raises(UserError, match="--world-size"):
+        make_dataloader(prepared_dataset, "test", 0, rows + 1, batch_size=4)
+
+
+def test_order_is_deterministic_per_seed_and_changes_with_seed_and_epoch(prepared_dataset):
+    def epoch_keys(seed, epochs=1):
+        loader = make_dataloader(prepared_dataset, "train", 0, 1, batch_size=64, seed=seed)
+        return [_all_keys(loader) for _ in range(epochs)]
+
+    first, second = epoch_keys(5, epochs=2)
+    assert epoch_keys(5) == [first]
+    assert epoch_keys(6)[0] != first
+    assert second != first and sorted(second) == sorted(first)
+
+
+def test_drop_last_yields_only_full_batches(prepared_dataset):
+    loader = make_dataloader(prepared_dataset, "test", 0, 1, batch_size=100, drop_last=True)
+    sizes = [b.batch_size for b in loader]
+    assert sizes and set(sizes) == {100} and len(sizes) == len(loader)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_state_dict_yields_exactly_the_remaining_batches(prepared_dataset, num_workers):
+    def make():
+        return make_dataloader(prepared_dataset, "train", 1, 2, batch_size=40, num_workers=num_workers, seed=11)
+
+    reference = make()
+    epoch0 = [_keys(b) for b in reference]
+    epoch1 = [_keys(b) for b in reference]
+    interrupted = make()
+    it = iter(interrupted)
+    head = [_keys(next(it)) for _ in range(5)]
+    state = interrupted.state_dict()
+    del it
+    assert head == epoch0[:5] and state["epoch"] == 0 and state["batches_consumed"] == 5
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert [_keys(b) for b in resumed] == epoch0[5:]
+    assert [_keys(b) for b in resumed] == epoch1
+
+
+def test_resume_rejects_a_different_batch_size(prepared_dataset):
+    state = make_dataloader(prepared_dataset, "train", 0, 1, batch_size=40).state_dict()
+    with pytest.raises(ValueError, match="batch_size"):
+        make_dataloader(prepared_dataset, "train", 0, 1, batch_size=41).load_state_dict(state)
+
+
+def test_transform_runs_inside_the_worker_processes(prepared_dataset):
+    loader = make_dataloader(prepared_dataset, "test", 0, 1, batch_size=64, transform=PidTag(), num_workers=2)
+    out = list(loader)
+    pids = {pid for pid, _ in out}
+    assert os.getpid() not in pids and len(pids) == 2
+    assert all(isinstance(b, RawBatch) for _, b in out)
+    assert sum(b.batch_size for _, b in out) == PreparedDataset.open(prepared_dataset).metadata.splits["test"].rows

@@ -1,0 +1,200 @@
+"""The ESU/GSU math of the model against direct formulas: SimTier, SA-TA / TA, DIN attention, in-model GSU."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.attention import DinAttention, TargetAttention, masked_softmax
+from model.config import ModelConfig
+from model.in_model_gsu import gather_positions, topk_positions
+from model.jagged import behavior_values, length_mask
+from model.muse import build_model
+from model.simtier import SimTier, tier_counts
+from tests.model_inputs import SMALL_VOCAB, random_batch
+
+
+def _edges(width: float) -> np.ndarray:
+    tiers = round(2 / width)
+    return (-1.0 + np.arange(tiers + 1) * width).astype(np.float32)
+
+
+@pytest.mark.parametrize("width", [0.1, 0.25, 0.5, 2.0])
+def test_simtier_counts_match_numpy_histogram(width):
+    edges = _edges(width)
+    rng = np.random.default_rng(0)
+    b, n = 5, 60
+    scores = rng.uniform(-1, 1, (b, n)).astype(np.float32)
+    scores[0, : len(edges)] = edges  # every boundary, including -1 and +1, exactly
+    scores[1, :4] = [-1.0, 1.0, -1.0, 1.0]
+    lengths = np.array([n, 30, 0, 7, 45])
+    mask = np.arange(n)[None, :] < lengths[:, None]
+    got = tier_counts(torch.from_numpy(scores), torch.from_numpy(mask), len(edges) - 1, width)
+    expected = np.stack([np.histogram(scores[i, mask[i]].astype(np.float64), bins=edges.astype(np.float64))[0] for i in range(b)])
+    np.testing.assert_array_equal(got.numpy(), expected)
+    assert got[2].sum() == 0 and got.sum(1).tolist() == lengths.tolist()
+
+
+def test_simtier_boundaries_go_to_the_upper_tier_and_ends_are_closed():
+    edges = _edges(0.1)
+    scores = torch.from_numpy(edges).unsqueeze(0)  # [1, 21]
+    counts = tier_counts(scores, torch.ones_like(scores, dtype=torch.bool), 20, 0.1)[0]
+    # -1 and the 19 inner edges open tiers 0..19; +1 joins the last tier.
+    assert counts.tolist() == [1.0] * 19 + [2.0]
+    out_of_range = tier_counts(torch.tensor([[-1.5, 1.2]]), torch.tensor([[True, True]]), 20, 0.1)[0]
+    assert out_of_range[0] == 1 and out_of_range[-1] == 1
+
+
+def test_simtier_features_are_log1p_count_times_tier_vector():
+    torch.manual_seed(0)
+    module = SimTier(num_tiers=8, width=0.25, tier_dim=3)
+    scores = torch.rand(4, 20) * 2 - 1
+    mask = length_mask(torch.tensor([20, 5, 0, 13]), 20)
+    counts = tier_counts(scores, mask, 8, 0.25)
+    expected = torch.stack([(torch.log1p(counts[i])[:, None] * module.tier_vectors).flatten() for i in range(4)])
+    torch.testing.assert_close(module(scores, mask), expected)
+    padded = scores.masked_fill(~mask, 0.99)  # padding never counts, whatever its value
+    torch.testing.assert_close(module(padded, mask), expected)
+
+
+def _hand_attention_scores(module: TargetAttention, query, keys, similarity) -> np.ndarray:
+    wq, bq = module.query.weight.detach().double().numpy(), module.query.bias.detach().double().numpy()
+    wk = module.key.weight.detach().double().numpy()
+    q = query.double().numpy() @ wq.T + bq  # [B, h]
+    k = keys.double().numpy() @ wk.T  # [B, L, h]
+    a_id = np.einsum("bh,blh->bl", q, k) / math.sqrt(wq.shape[0])
+    if module.gates is None:
+        return a_id
+    g1, g2, g3 = module.gates.detach().double().numpy()
+    r = similarity.double().numpy()
+    return g1 * a_id + g2 * r + g3 * a_id * r
+
+
+@pytest.mark.parametrize("similarity_aware", [True, False])
+def test_target_attention_weights_match_the_formula(similarity_aware):
+    torch.manual_seed(1)
+    module = TargetAttention(dim=6, attention_dim=4, similarity_aware=similarity_aware)
+    if similarity_aware:
+        with torch.no_grad():
+            module.gates.copy_(torch.tensor([0.7, -1.3, 2.1]))
+    b, length = 4, 9
+    query, keys = torch.randn(b, 6), torch.randn(b, length, 6)
+    similarity = torch.rand(b, length) * 2 - 1
+    mask = length_mask(torch.tensor([9, 4, 0, 1]), length)
+    a = _hand_attention_scores(module, query, keys, similarity)
+    expected = np.zeros((b, length))
+    for i in range(b):
+        valid = mask[i].numpy()
+        if valid.any():
+            e = np.exp(a[i, valid] - a[i, valid].max())
+            expected[i, valid] = e / e.sum()
+    weights = module.weights(query, keys, mask, similarity)
+    np.testing.assert_allclose(weights.detach().double().numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert (weights[~mask] == 0).all()  # exactly zero, not merely small
+    pooled = module(query, keys, mask, similarity)
+    np.testing.assert_allclose(pooled.detach().double().numpy(), np.einsum("bl,ble->be", expected, keys.double().numpy()), rtol=1e-5, atol=1e-6)
+    assert (pooled[2] == 0).all()
+    # Whatever sits at invalid positions never reaches the output.
+    noisy_keys = torch.where(mask[..., None], keys, torch.randn_like(keys) * 100)
+    noisy_similarity = torch.where(mask, similarity, torch.ones_like(similarity))
+    torch.testing.assert_close(module(query, noisy_keys, mask, noisy_similarity), pooled)
+
+
+def test_similarity_aware_gates_receive_gradients():
+    torch.manual_seed(2)
+    module = TargetAttention(dim=6, attention_dim=4, similarity_aware=True)
+    keys = torch.randn(3, 5, 6)
+    module(torch.randn(3, 6), keys, torch.ones(3, 5, dtype=torch.bool), torch.rand(3, 5)).pow(2).sum().backward()
+    assert module.gates.grad is not None and (module.gates.grad != 0).all()
+
+
+def test_masked_softmax_of_an_all_invalid_row_is_zero_and_finite_in_backward():
+    scores = torch.randn(2, 4, requires_grad=True)
+    mask = torch.tensor([[True, False, True, False], [False] * 4])
+    weights = masked_softmax(scores, mask)
+    assert weights[1].eq(0).all() and torch.allclose(weights[0].sum(), torch.tensor(1.0))
+    (weights * torch.randn(2, 4)).sum().backward()
+    assert torch.isfinite(scores.grad).all() and (scores.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("activation", ["dice", "prelu"])
+def test_din_attention_masks_padding_and_matches_per_sample_softmax(activation):
+    torch.manual_seed(3)
+    module = DinAttention(dim=4, hidden=(8, 6), activation=activation).eval()
+    lengths = torch.tensor([3, 0, 5, 1])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    query, keys = torch.randn(4, 4), torch.randn(int(lengths.sum()), 4)
+    weights = module.weights(query, keys, lengths, offsets, length=6)
+    pooled = module(query, keys, lengths, offsets, length=6)
+    for i in range(4):
+        rows = keys[offsets[i] : offsets[i + 1]]
+        q = query[i].expand_as(rows)
+        scores = module.score(module.mlp(torch.cat([q, rows, q - rows, q * rows], 1))).squeeze(-1)
+        expected = torch.softmax(scores, 0)
+        torch.testing.assert_close(weights[i, : lengths[i]], expected)
+        assert (weights[i, lengths[i] :] == 0).all()
+        torch.testing.assert_close(pooled[i], expected @ rows if len(rows) else torch.zeros(4))
+
+
+def test_topk_positions_match_brute_force():
+    rng = np.random.default_rng(4)
+    b, length, k = 6, 40, 7
+    relevance = rng.standard_normal((b, length)).astype(np.float32)
+    lengths = np.array([40, 7, 3, 0, 1, 25])
+    mask = np.arange(length)[None, :] < lengths[:, None]
+    relevance[~mask] = 50.0  # padding must lose even with the largest score
+    positions, valid = topk_positions(torch.from_numpy(relevance), torch.from_numpy(mask), k)
+    assert positions.shape == (b, k) and valid.shape == (b, k)
+    for i in range(b):
+        candidates = np.flatnonzero(mask[i])
+        expected = candidates[np.argsort(-relevance[i, candidates], kind="stable")][:k]
+        n = min(k, lengths[i])
+        assert valid[i].tolist() == [True] * n + [False] * (k - n)
+        assert positions[i, :n].tolist() == expected.tolist()
+    short, short_valid = topk_positions(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool), k)
+    assert short.shape == (2, 3) and short_valid.all()
+    with pytest.raises(ValueError, match="k"):
+        topk_positions(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool), 0)
+
+
+def _history_ids(batch, feature):
+    jt = batch.sequence_features[feature]
+    return [ids.tolist() for ids in torch.split(jt.values(), jt.lengths().tolist())]
+
+
+@pytest.mark.parametrize("preset", ["sim_soft", "twin"])
+def test_in_model_gsu_selects_the_brute_force_top_k_of_the_history(preset):
+    cfg = ModelConfig.preset(preset, k=10)
+    torch.manual_seed(5)
+    model = build_model(cfg, SMALL_VOCAB)
+    batch = random_batch(cfg, batch_size=5, history_len=30, seed=6)
+    item_table = model.sequence_ec.embeddings["item"].weight.detach().double()
+    cat_table = model.sequence_ec.embeddings["category"].weight.detach().double()
+    embeddings = model.sequence_ec(batch.sequence_features)
+    target = behavior_values(embeddings["target_item"], embeddings["target_cat"])
+    with torch.no_grad():
+        behaviors, mask, similarity = model.interest_arch._select_from_history(target, embeddings, batch.history_scores)
+    attention = model.interest_arch.esu.attention
+    items, cats = _history_ids(batch, "hist_item"), _history_ids(batch, "hist_cat")
+    targets = batch.sequence_features["target_item"].values(), batch.sequence_features["target_cat"].values()
+    for i in range(5):
+        t = torch.cat([item_table[targets[0][i]], cat_table[targets[1][i]]])
+        hist = torch.cat([item_table[items[i]], cat_table[cats[i]]], dim=1)  # [n, E]
+        if preset == "sim_soft":
+            relevance = hist @ t
+        else:
+            relevance = torch.from_numpy(_hand_attention_scores(attention, t.float()[None], hist.float()[None], batch.history_scores[i : i + 1, : len(hist)])[0])
+        order = torch.argsort(relevance, descending=True, stable=True)[: cfg.k]
+        n = len(order)
+        assert mask[i].tolist() == [True] * n + [False] * (cfg.k - n)
+        torch.testing.assert_close(behaviors[i, :n].double(), hist[order], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(similarity[i, :n], batch.history_scores[i, order])
+        assert (similarity[i, n:] == 0).all()
+
+
+def test_gather_positions_on_2d_and_3d():
+    values = torch.arange(24.0).view(2, 4, 3)
+    positions = torch.tensor([[3, 0], [1, 1]])
+    assert gather_positions(values, positions).tolist() == [[values[0, 3].tolist(), values[0, 0].tolist()], [values[1, 1].tolist()] * 2]
+    assert gather_positions(values[..., 0], positions).tolist() == [[9.0, 0.0], [15.0, 15.0]]
