@@ -1,0 +1,261 @@
+"""``muse bench gsu``: the project's ``cosine_topk`` against the straightforward reference GSU, in one process on
+the same inputs, with two ceilings measured in the same run.
+
+For each table dtype (int8 as released, bfloat16) a random table of ``--table-gb`` (rows of D = 128, much
+larger than the CPU caches) is built, and for each history length L a batch whose gathered rows hold
+``--history-gb`` (B = history bytes / (L * row bytes)). Timed, best of ``--repeats`` (interleaved):
+
+- ``reference``: gather the rows, convert to float, normalise, batched matmul, top-k (the released code's way);
+- ``cosine_topk``: model/gsu.py;
+- ``index_select``: a bare gather of the same rows into a reused, pre-written buffer, ``chunk_rows`` at a time
+  (the real limit for random row gathers);
+- ``copy``: memcpy bandwidth between two pre-written buffers (so untouched pages do not inflate it).
+
+Everything runs with ``--threads`` torch threads (default 1, as in a DataLoader worker, where the GSU runs;
+on a loaded machine, multi-threaded small ops also stall on descheduled threads). Plus a shared-user case:
+every user has ``--samples-per-user`` samples (one history row, different targets, shuffled through the
+batch), as in Taobao-MM; there the bare gather reads each distinct history once.
+
+Printed: ms per batch, behaviors/s (B * L / time), peak extra resident memory (``VmHWM`` after a reset,
+Linux), ratios vs the reference and vs the bare gather, and whether both GSUs selected the same behaviors
+(top-k scores within 1e-5).
+"""
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from common.errors import UserError
+from common.io import path_manager
+from model.gsu import chunk_rows_for, cosine_topk
+from model.mm_table import INT8_SCALE, RowNorms, row_norms
+
+_GB = 1 << 30
+_COPY_BYTES = 256 << 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 10000, 100000], help="history lengths L")
+    parser.add_argument("--dtypes", nargs="+", default=["int8", "bfloat16"], choices=["int8", "bfloat16", "float32"])
+    parser.add_argument("--k", type=int, default=50, help="top-k")
+    parser.add_argument("--dim", type=int, default=128, help="multimodal embedding width D")
+    parser.add_argument("--table-gb", type=float, default=2.0, help="size of each table (default 2 GB)")
+    parser.add_argument("--history-gb", type=float, default=0.2,
+                        help="bytes of table rows one batch gathers (B = this / (L * row bytes)); default 0.2 GB")
+    parser.add_argument("--samples-per-user", type=int, default=11, help="shared-user case: samples per history row")
+    parser.add_argument("--shared-lengths", type=int, nargs="*", default=None,
+                        help="lengths for the shared-user case (default: the largest of --lengths)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each method (best is reported)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: the GSU runs in DataLoader workers, one thread each)")
+    parser.add_argument("--chunk-rows", type=int, default=None,
+                        help="rows per gather for cosine_topk and the bare gather (default: cosine_topk's, 4 MB of rows)")
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run (0.25 GB tables, L <= 10,000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+@dataclass
+class Row:
+    """One timed case. rate = behaviors per second (B * L / seconds)."""
+
+    dtype: str
+    length: int
+    batch: int
+    samples_per_user: int
+    method: str
+    ms_per_batch: float
+    behaviors_per_s: float
+    peak_extra_mb: Optional[float]
+    vs_reference: Optional[float] = None
+    vs_index_select: Optional[float] = None
+    agrees: Optional[bool] = None
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.table_gb, args.history_gb = min(args.table_gb, 0.25), min(args.history_gb, 0.02)
+        args.lengths = [length for length in args.lengths if length <= 10000] or [1000]
+    shared_lengths = args.shared_lengths if args.shared_lengths is not None else [max(args.lengths)]
+    generator = torch.Generator().manual_seed(args.seed)
+    copy_gbps = _copy_bandwidth(args.repeats)
+    print(f"threads {torch.get_num_threads()}, copy bandwidth (pre-written buffers): {copy_gbps:.2f} GB/s")
+    rows: List[Row] = []
+    for name in args.dtypes:
+        table, norms = _random_table(name, args.table_gb, args.dim, generator)
+        row_bytes = table.element_size() * args.dim
+        print(f"\n{name} table: {table.shape[0]:,} x {args.dim} ({table.numel() * table.element_size() / _GB:.2f} GB), "
+              f"copy ceiling {copy_gbps * 1e9 / row_bytes / 1e6:.1f} M rows/s")
+        cases = [(length, 1) for length in args.lengths] + [(length, args.samples_per_user) for length in shared_lengths]
+        for length, per_user in cases:
+            if args.k > length:
+                raise UserError(f"--k {args.k}: larger than --lengths {length}")
+            batch = max(per_user, int(args.history_gb * _GB // (length * row_bytes)) // per_user * per_user)
+            targets, history, distinct = _random_batch(table.shape[0], batch, length, per_user, generator)
+            rows += _compare(args, name, table, norms, targets, history, distinct, per_user)
+            _print(rows[-3:])
+        del table, norms
+    _print_summary(rows, copy_gbps)
+    if args.json:
+        _write_json(args.json, {"copy_gbps": copy_gbps, "threads": torch.get_num_threads(), "args": vars(args),
+                                "results": [asdict(r) for r in rows]})
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--k", args.k), ("--dim", args.dim), ("--repeats", args.repeats),
+                        ("--samples-per-user", args.samples_per_user), ("--chunk-rows", args.chunk_rows or 1)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if args.table_gb <= 0 or args.history_gb <= 0:
+        raise UserError("--table-gb/--history-gb: must be positive")
+    if any(length < 1 for length in args.lengths):
+        raise UserError(f"--lengths {args.lengths}: must be positive")
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
+
+
+def _random_table(name: str, gb: float, dim: int, generator: torch.Generator) -> Tuple[torch.Tensor, RowNorms]:
+    """A random table as ``prepare`` would write it (int8, row 0 zeros), converted as MMTable.load would."""
+    dtype = {"int8": torch.int8, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    n = max(2, int(gb * _GB) // (dim * torch.empty((), dtype=dtype).element_size()))
+    table = torch.empty(n, dim, dtype=dtype)
+    step = 1 << 18
+    for start in range(0, n, step):
+        chunk = torch.randint(-127, 128, (min(step, n - start), dim), dtype=torch.int8, generator=generator)
+        table[start:start + chunk.shape[0]] = chunk if dtype == torch.int8 else (chunk.float() / INT8_SCALE).to(dtype)
+    table[0] = 0
+    return table, row_norms(table)
+
+
+def _random_batch(n: int, batch: int, length: int, per_user: int,
+                  generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(targets [B], history [B, L], distinct histories [U, L]): uniform random item ids in [1, n), so every
+    gather misses the caches; ``per_user`` samples (shuffled through the batch) share each history row."""
+    users = torch.randint(1, n, (batch // per_user, length), generator=generator)
+    order = torch.randperm(batch, generator=generator) if per_user > 1 else torch.arange(batch)
+    history = users.repeat_interleave(per_user, dim=0)[order]
+    return torch.randint(1, n, (batch,), generator=generator), history, users
+
+
+def reference_topk(table: torch.Tensor, target_ids: torch.Tensor, history_ids: torch.Tensor,
+                   k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward GSU: gather [B, L, D], to float, normalise, batched matmul, top-k. (scores, positions)."""
+    batch, length = history_ids.shape
+    scale = 1.0 / INT8_SCALE if table.dtype == torch.int8 else 1.0
+    rows = table.index_select(0, history_ids.reshape(-1)).view(batch, length, -1).float() * scale
+    rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    target = table.index_select(0, target_ids).float() * scale
+    target = target / target.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = torch.bmm(rows, target[:, :, None]).squeeze(-1).masked_fill(history_ids == 0, float("-inf"))
+    return torch.topk(scores, k, dim=1)
+
+
+def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: RowNorms, targets: torch.Tensor,
+             history: torch.Tensor, distinct: torch.Tensor, per_user: int) -> List[Row]:
+    """Time the three methods on one batch. The bare gather reads each distinct history once (the floor of
+    any exact GSU that shares them; with one sample per user, every row of the batch)."""
+    batch, length = history.shape
+    chunk = chunk_rows_for(table, args.chunk_rows)
+    buffer = torch.zeros(chunk, table.shape[1], dtype=table.dtype)
+    flat = distinct.reshape(-1)
+
+    def gather() -> None:
+        for start in range(0, flat.shape[0], chunk):
+            ids = flat[start:start + chunk]
+            torch.index_select(table, 0, ids, out=buffer[: ids.shape[0]])
+
+    methods: Dict[str, Callable[[], object]] = {
+        "reference": lambda: reference_topk(table, targets, history, args.k),
+        "cosine_topk": lambda: cosine_topk(table, targets, history, args.k, norms=norms, chunk_rows=chunk),
+        "index_select": gather,
+    }
+    best = {m: float("inf") for m in methods}
+    peaks: Dict[str, Optional[float]] = {}
+    outputs: Dict[str, object] = {}
+    for m, fn in methods.items():  # first (untimed) run of each: warm-up and peak memory
+        outputs[m], peaks[m] = _peak_extra_mb(fn)
+    for _ in range(args.repeats):
+        for m, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            best[m] = min(best[m], time.perf_counter() - start)
+    ref_scores = outputs["reference"][0]
+    ours_scores = outputs["cosine_topk"][0]
+    agrees = bool(torch.allclose(ours_scores, ref_scores, atol=1e-5, rtol=0))
+    behaviors = batch * length
+    out = []
+    for m in methods:
+        out.append(Row(name, length, batch, per_user, m, best[m] * 1e3, behaviors / best[m], peaks[m],
+                       vs_reference=best["reference"] / best[m], vs_index_select=best["index_select"] / best[m],
+                       agrees=agrees if m == "cosine_topk" else None))
+    return out
+
+
+def _peak_extra_mb(fn: Callable[[], object]) -> Tuple[object, Optional[float]]:
+    """(fn(), peak resident memory above the current one in MB); None where /proc cannot reset the peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kb("VmRSS")
+        result = fn()
+        return result, (_status_kb("VmHWM") - base) / 1024
+    except OSError:
+        return fn(), None
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status: no {field}")
+
+
+def _copy_bandwidth(repeats: int) -> float:
+    """GB/s of a memcpy between two pre-written buffers of _COPY_BYTES (bytes copied per second)."""
+    src = torch.ones(_COPY_BYTES, dtype=torch.uint8)
+    dst = torch.zeros(_COPY_BYTES, dtype=torch.uint8)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(max(3, repeats)):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return _COPY_BYTES / best / 1e9
+
+
+def _print(rows: List[Row]) -> None:
+    for r in rows:
+        shared = f", {r.samples_per_user} samples/user" if r.samples_per_user > 1 else ""
+        peak = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:8.1f} MB"
+        extra = ""
+        if r.method == "cosine_topk":
+            extra = f"  x{r.vs_reference:.1f} vs reference, {r.vs_index_select:.2f} of index_select, " \
+                    f"same top-k: {'yes' if r.agrees else 'NO'}"
+        print(f"  {r.dtype:8s} L={r.length:<7d} B={r.batch:<5d}{shared:18s} {r.method:12s} {r.ms_per_batch:9.1f} ms"
+              f"  {r.behaviors_per_s / 1e6:8.2f} M behaviors/s  peak +{peak}{extra}")
+
+
+def _print_summary(rows: List[Row], copy_gbps: float) -> None:
+    print("\nsummary (cosine_topk):")
+    for r in rows:
+        if r.method == "cosine_topk":
+            shared = f" ({r.samples_per_user}/user)" if r.samples_per_user > 1 else ""
+            print(f"  {r.dtype:8s} L={r.length:<7d}{shared:10s} x{r.vs_reference:6.1f} vs reference   "
+                  f"{r.vs_index_select:5.2f} of bare index_select   {r.behaviors_per_s / 1e6:7.2f} M behaviors/s")
+
+
+def _write_json(path: str, payload: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with path_manager.open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(path_manager.get_local_path(tmp), path_manager.get_local_path(path))
+    print(f"wrote {path}")

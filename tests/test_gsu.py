@@ -1,0 +1,237 @@
+"""cosine_topk (model/gsu.py) against a float64 brute force: dtypes, padding, ties, short histories, zero rows,
+chunk boundaries, shared histories, bad arguments."""
+
+import pytest
+import torch
+
+from model.gsu import cosine_topk, pair_cosine
+from model.mm_table import row_norms
+
+DTYPES = (torch.int8, torch.bfloat16, torch.float32)
+
+
+def random_table(n: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.int8:
+        table = torch.randint(-127, 128, (n, d), dtype=torch.int8, generator=g)
+    else:
+        table = torch.randn(n, d, generator=g).to(dtype)
+    table[0] = 0
+    return table
+
+
+def random_history(batch: int, length: int, n: int, seed: int) -> torch.Tensor:
+    """Left-padded histories of random lengths (sample 0 full, one sample empty) with a few interior zeros."""
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.randint(1, n, (batch, length), generator=g)
+    starts = torch.randint(0, length, (batch,), generator=g)
+    starts[0] = 0
+    if batch > 1:
+        starts[-1] = length
+    hist = hist * (torch.arange(length)[None, :] >= starts[:, None])
+    holes = torch.rand(batch, length, generator=g) < 0.05
+    return hist.masked_fill(holes, 0)
+
+
+def brute_force(table: torch.Tensor, target_ids: torch.Tensor, history_ids: torch.Tensor, k: int):
+    """float64 cosines on the float table (int8 / 127), sorted by (score desc, position desc), padding dropped."""
+    values = table.to(torch.float64) / (127.0 if table.dtype == torch.int8 else 1.0)
+    norm = (values * values).sum(1).sqrt()
+    out = []
+    for b in range(history_ids.shape[0]):
+        hist = history_ids[b]
+        dots = (values[hist] * values[target_ids[b]]).sum(1)
+        den = norm[hist] * norm[target_ids[b]]
+        cos = torch.where(den > 0, dots / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+        ranked = sorted(((float(cos[p]), p) for p in range(hist.shape[0]) if hist[p] != 0), key=lambda x: (-x[0], -x[1]))
+        out.append(ranked[:k])
+    return out
+
+
+def assert_matches(result, expected, k: int, atol: float = 1e-6) -> None:
+    scores, positions, valid = result
+    assert scores.dtype == torch.float32 and positions.dtype == torch.int64 and valid.dtype == torch.bool
+    assert scores.shape == positions.shape == valid.shape == (len(expected), k)
+    for b, ranked in enumerate(expected):
+        n = len(ranked)
+        assert valid[b].tolist() == [True] * n + [False] * (k - n), b
+        assert positions[b, :n].tolist() == [p for _, p in ranked], b
+        assert torch.allclose(scores[b, :n].double(), torch.tensor([s for s, _ in ranked], dtype=torch.float64), atol=atol, rtol=0)
+        assert not scores[b, n:].any() and not positions[b, n:].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_float64_brute_force(dtype, seed):
+    table = random_table(300, 16, dtype, seed)
+    hist = random_history(5, 257, 300, seed)
+    targets = torch.randint(0, 300, (5,), generator=torch.Generator().manual_seed(seed))
+    assert_matches(cosine_topk(table, targets, hist, 20, chunk_rows=64), brute_force(table, targets, hist, 20), 20)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_history_through_the_running_threshold(dtype):
+    """Many chunks after the top k is full: the dot-product filter must never drop a true top-k row."""
+    table = random_table(5000, 32, dtype, 3)
+    hist = random_history(3, 6000, 5000, 3)
+    targets = torch.tensor([1, 2, 3])
+    assert_matches(cosine_topk(table, targets, hist, 50, chunk_rows=512), brute_force(table, targets, hist, 50), 50)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_exact_ties_at_the_running_threshold(dtype):
+    """Rows of +-1 all have the same norm, so the filter bound is tight and cosines take only D + 1 values:
+    thousands of rows tie with the k-th best, and only the most recent of them may be kept."""
+    g = torch.Generator().manual_seed(12)
+    table = (torch.randint(0, 2, (500, 8), generator=g) * 2 - 1).to(dtype)
+    table[0] = 0
+    hist = random_history(3, 4000, 500, 12)
+    targets = torch.tensor([1, 2, 3])
+    assert_matches(cosine_topk(table, targets, hist, 50, chunk_rows=256), brute_force(table, targets, hist, 50), 50)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [1, 2, 5])
+def test_narrow_tables(dtype, width):
+    table = random_table(40, width, dtype, width)
+    hist = random_history(4, 30, 40, width)
+    targets = torch.tensor([1, 5, 0, 7])
+    assert_matches(cosine_topk(table, targets, hist, 9, chunk_rows=8), brute_force(table, targets, hist, 9), 9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_rank_the_more_recent_position_first(dtype):
+    table = random_table(20, 8, dtype, 4)
+    table[7] = table[3]  # a second item with the same content: same cosine as item 3
+    hist = torch.tensor([[3, 5, 3, 7, 9, 3, 5, 7, 0, 3]])
+    scores, positions, valid = cosine_topk(table, torch.tensor([11]), hist, 10, chunk_rows=3)
+    assert valid[0].tolist() == [True] * 9 + [False]
+    order = positions[0, :9].tolist()
+    same = [p for p in order if int(hist[0, p]) in (3, 7)]
+    assert same == [9, 7, 5, 3, 2, 0]  # equal scores: larger position first
+    assert sorted(order) == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    assert len({float(scores[0, order.index(p)]) for p in same}) == 1
+
+
+def test_k_larger_than_the_valid_history():
+    table = random_table(50, 8, torch.int8, 5)
+    hist = torch.zeros(2, 12, dtype=torch.int64)
+    hist[0, -3:] = torch.tensor([4, 9, 4])
+    scores, positions, valid = cosine_topk(table, torch.tensor([2, 3]), hist, 10)
+    assert valid[0].tolist() == [True] * 3 + [False] * 7
+    assert not valid[1].any() and not scores[1].any() and not positions[1].any()  # all padding: nothing selected
+    assert sorted(positions[0, :3].tolist()) == [9, 10, 11]
+    assert_matches((scores, positions, valid), brute_force(table, torch.tensor([2, 3]), hist, 10), 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_content_rows_have_cosine_zero(dtype):
+    table = random_table(30, 8, dtype, 6)
+    table[5] = 0  # a real item without an embedding
+    hist = torch.tensor([[5, 1, 2, 5], [0, 1, 2, 3]])
+    scores, positions, valid = cosine_topk(table, torch.tensor([1, 5]), hist, 4)
+    row0 = dict(zip(positions[0].tolist(), scores[0].tolist()))
+    assert valid[0].all() and row0[0] == 0.0 and row0[3] == 0.0
+    assert positions[0].tolist().index(3) < positions[0].tolist().index(0)  # tie at 0: more recent first
+    # A zero target: every cosine is 0, so the most recent behaviors win.
+    assert scores[1, :3].tolist() == [0.0, 0.0, 0.0] and positions[1, :3].tolist() == [3, 2, 1] and not valid[1, 3]
+    assert not torch.isnan(scores).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunk_size_never_changes_the_result(dtype):
+    table = random_table(200, 12, dtype, 7)
+    hist = random_history(4, 131, 200, 7)
+    targets = torch.tensor([3, 4, 5, 6])
+    expected = cosine_topk(table, targets, hist, 17, chunk_rows=1 << 15)
+    for chunk in (1, 7, 17, 64, 130, 131, 132):
+        for got, want in zip(cosine_topk(table, targets, hist, 17, chunk_rows=chunk), expected):
+            assert torch.equal(got, want), chunk
+    assert_matches(expected, brute_force(table, targets, hist, 17), 17)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [40, 3000])
+def test_shared_histories_equal_the_per_sample_path(dtype, length):
+    """Samples of one user share a history row: scoring it once for all their targets changes nothing."""
+    table = random_table(400, 16, dtype, 8)
+    users = random_history(3, length, 400, 8)
+    user_of_sample = torch.tensor([0, 1, 0, 2, 0, 1, 1, 0, 2, 0, 0, 1])
+    hist = users[user_of_sample].clone()
+    hist[11, -1] = 0 if hist[11, -1] != 0 else 5  # same probe positions as user 1 but a different row
+    targets = torch.randint(0, 400, (12,), generator=torch.Generator().manual_seed(8))
+    shared = cosine_topk(table, targets, hist, 20, chunk_rows=256)
+    alone = cosine_topk(table, targets, hist, 20, chunk_rows=256, share_histories=False)
+    for a, b in zip(shared, alone):
+        assert torch.equal(a, b)
+    singles = [cosine_topk(table, targets[i:i + 1], hist[i:i + 1], 20) for i in range(12)]
+    for i, single in enumerate(singles):
+        for a, b in zip(single, shared):
+            assert torch.equal(a[0], b[i]), i
+
+
+def test_precomputed_norms_and_in_place_changes():
+    table = random_table(100, 8, torch.int8, 9)
+    hist = random_history(3, 50, 100, 9)
+    targets = torch.tensor([1, 2, 3])
+    plain = cosine_topk(table, targets, hist, 5)
+    given = cosine_topk(table, targets, hist, 5, norms=row_norms(table))
+    assert all(torch.equal(a, b) for a, b in zip(plain, given))
+    table[hist[0, -1]] = table[1]  # the newest behavior of sample 0 becomes identical to its target
+    scores, positions, _ = cosine_topk(table, targets, hist, 5)
+    assert positions[0, 0] == 49 and scores[0, 0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_scores_equal_pair_cosine_bit_for_bit():
+    for dtype in DTYPES:
+        table = random_table(100, 16, dtype, 10)
+        hist = random_history(2, 60, 100, 10)
+        targets = torch.tensor([4, 8])
+        scores, positions, valid = cosine_topk(table, targets, hist, 10)
+        items = hist.gather(1, positions)[valid]
+        again = pair_cosine(table, row_norms(table), items, targets[:, None].expand_as(positions)[valid])
+        assert torch.equal(scores[valid], again)
+
+
+def test_int8_means_value_over_127():
+    table = random_table(80, 16, torch.int8, 11)
+    hist = random_history(3, 40, 80, 11)
+    targets = torch.tensor([1, 2, 3])
+    a = cosine_topk(table, targets, hist, 8)
+    b = cosine_topk(table.to(torch.float32) / 127, targets, hist, 8)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert torch.allclose(a[0], b[0], atol=1e-6)
+
+
+GOOD = dict(table=torch.zeros(10, 4, dtype=torch.int8), target_ids=torch.tensor([1, 2]),
+            history_ids=torch.tensor([[1, 2, 3], [0, 4, 5]]), k=2)
+
+
+@pytest.mark.parametrize("change, argument", [
+    ({"table": torch.zeros(10, dtype=torch.int8)}, "table"),
+    ({"table": torch.zeros(10, 4, 2, dtype=torch.int8)}, "table"),
+    ({"table": torch.zeros(10, 0, dtype=torch.int8)}, "table"),
+    ({"table": torch.zeros(10, 4, dtype=torch.int32)}, "table"),
+    ({"target_ids": torch.tensor([1, 10])}, "target_ids"),
+    ({"target_ids": torch.tensor([-1, 2])}, "target_ids"),
+    ({"history_ids": torch.tensor([[1, 2, 3], [0, 4, 10]])}, "history_ids"),
+    ({"history_ids": torch.tensor([[1, -2, 3], [0, 4, 5]])}, "history_ids"),
+    ({"history_ids": torch.tensor([1, 2, 3])}, "history_ids"),
+    ({"history_ids": torch.tensor([[1, 2, 3]])}, "history_ids"),
+    ({"target_ids": torch.tensor([1.0, 2.0])}, "target_ids"),
+    ({"k": 0}, "k"),
+    ({"k": -3}, "k"),
+    ({"k": 4}, "k"),
+    ({"k": 2.0}, "k"),
+    ({"target_ids": torch.zeros(0, dtype=torch.int64), "history_ids": torch.zeros(0, 3, dtype=torch.int64)}, "target_ids"),
+])
+def test_bad_arguments_raise_value_error_naming_them(change, argument):
+    with pytest.raises(ValueError, match=argument):
+        cosine_topk(**{**GOOD, **change})
+
+
+def test_bad_norms_and_chunk_rows():
+    with pytest.raises(ValueError, match="norms"):
+        cosine_topk(**GOOD, norms=row_norms(torch.zeros(11, 4, dtype=torch.int8)))
+    with pytest.raises(ValueError, match="chunk_rows"):
+        cosine_topk(**GOOD, chunk_rows=0)
