@@ -1,0 +1,1 @@
+"""TorchX components of the muse jobs (``torchx_components/muse.py``: train, evaluate, export, plan)."""

@@ -1,0 +1,127 @@
+"""``muse bench train``: MUSE training samples/s on 1 and 2 CPU ranks, and the fraction of step time
+the trainer waits for data (the GSU runs in the data workers, ahead of the step).
+
+Shapes: the Taobao-MM one (batch 1000 per rank, L = 1,000, K = 50, ID dim 16) and L = 100,000 with a
+smaller batch. Each point is one real ``muse train`` job launched through torchx on a synthetic dataset
+of that history length (built once, cached under --runs-dir). Throughput and data wait are measured
+between the first and the last loss record, so start-up, the pipeline's fill and evaluation are left out.
+"""
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, List
+
+from tabulate import tabulate
+
+from common.errors import UserError
+from datapipes.prepare import PrepareConfig, prepare
+from datapipes.synth import SynthConfig, synthesize
+from training.metrics import read_metrics
+
+
+@dataclass(frozen=True)
+class Shape:
+    seq_len: int
+    batch_size: int
+    steps: int
+    synth: SynthConfig
+    shard_rows: int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="batch per rank at L=1,000 (default 1000)")
+    parser.add_argument("--steps", type=int, default=25, help="steps per run at L=1,000 (default 25)")
+    parser.add_argument("--long-batch-size", type=int, default=16, help="batch per rank at L=100,000 (default 16)")
+    parser.add_argument("--long-steps", type=int, default=15, help="steps per run at L=100,000 (default 15)")
+    parser.add_argument("--skip-long", action="store_true", help="only the L=1,000 shape")
+    parser.add_argument("--num-workers", type=int, default=1, help="data workers per rank (default 1)")
+    parser.add_argument("--threads-per-rank", type=int, default=0,
+                        help="intra-op threads per rank (default: cores // (ranks x (1 + workers)), at least 1: "
+                             "the data workers get cores too, and oversubscribed OpenMP threads spin)")
+    parser.add_argument("--runs-dir", default=os.path.join("runs", "bench"), help="datasets and runs (default runs/bench)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+
+
+def _shapes(args: argparse.Namespace) -> List[Shape]:
+    shapes = [Shape(1000, args.batch_size, args.steps,
+                    SynthConfig(users=2000, items=10000, samples=40000, seq_len=1000, seed=0), 4000)]
+    if not args.skip_long:
+        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps,
+                            SynthConfig(users=64, items=20000, samples=320, seq_len=100_000, seed=0), 64))
+    return shapes
+
+
+def _dataset(shape: Shape, runs_dir: str) -> str:
+    root = os.path.join(runs_dir, f"data-L{shape.seq_len}")
+    prepared = os.path.join(root, "prepared")
+    if not os.path.exists(os.path.join(prepared, "metadata.json")):
+        print(f"building the L={shape.seq_len} dataset in {root} (once) ...", flush=True)
+        synthesize(shape.synth, os.path.join(root, "raw"), force=True)
+        prepare(PrepareConfig(raw=os.path.join(root, "raw"), out=prepared, shard_rows=shape.shard_rows, force=True))
+    return prepared
+
+
+def _steady_state(run_dir: str, global_batch: int) -> Dict[str, float]:
+    """samples/s and data-wait fraction between the first and the last loss record."""
+    records = read_metrics(run_dir, "train")
+    if len(records) < 2:
+        raise UserError(f"{run_dir}: fewer than two loss records; raise --steps")
+    first, last = records[0], records[-1]
+    seconds = last["elapsed_s"] - first["elapsed_s"]
+    return {
+        "samples_per_s": global_batch * (last["step"] - first["step"]) / seconds,
+        "data_wait_fraction": (last["data_wait_s"] - first["data_wait_s"]) / seconds,
+        "step_ms": 1000 * seconds / (last["step"] - first["step"]),
+    }
+
+
+def _threads(args: argparse.Namespace, world: int) -> int:
+    return args.threads_per_rank or max(1, (os.cpu_count() or 1) // (world * (1 + args.num_workers)))
+
+
+def run(args: argparse.Namespace) -> int:
+    from torchx_components import muse as components
+    from training.launch import launch
+
+    try:
+        ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--ranks {args.ranks}: expected comma-separated integers") from None
+    if not ranks or min(ranks) < 1:
+        raise UserError(f"--ranks {args.ranks}: rank counts must be >= 1")
+    for flag, minimum in (("batch_size", 1), ("steps", 2), ("long_batch_size", 1), ("long_steps", 2), ("num_workers", 0), ("threads_per_rank", 0)):
+        if getattr(args, flag) < minimum:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {getattr(args, flag)}")
+    results = []
+    for shape in _shapes(args):
+        data = _dataset(shape, args.runs_dir)
+        for world in ranks:
+            run_dir = os.path.join(args.runs_dir, f"muse-L{shape.seq_len}-{world}r")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log_every = max(1, shape.steps // 5)
+            app = components.train(
+                "--data", data, "--run", run_dir, "--model", "muse", "--batch-size", str(shape.batch_size),
+                "--steps", str(shape.steps), "--log-every", str(log_every), "--checkpoint-every", "0",
+                "--num-workers", str(args.num_workers), "--eval-batch-size", str(shape.batch_size),
+                nproc_per_node=world, cpu=world * _threads(args, world), max_restarts=0,
+            )
+            print(f"== MUSE L={shape.seq_len} batch {shape.batch_size}/rank on {world} rank(s)", flush=True)
+            if not launch(app, "local_cwd", log_dir=os.path.join(args.runs_dir, "torchx-logs")):
+                raise UserError(f"bench run {run_dir} failed (see the log above)")
+            results.append({"seq_len": shape.seq_len, "batch_per_rank": shape.batch_size, "ranks": world,
+                            "threads_per_rank": _threads(args, world), "k": 50,
+                            "id_dim": 16, **_steady_state(run_dir, shape.batch_size * world)})
+    print(tabulate([(r["seq_len"], r["batch_per_rank"], r["ranks"], f"{r['samples_per_s']:.0f}", f"{r['step_ms']:.0f}",
+                     f"{100 * r['data_wait_fraction']:.1f}%") for r in results],
+                   headers=("L", "batch/rank", "ranks", "samples/s", "step ms", "waiting for data")))
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"benchmark": "train", "results": results}, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,45 @@
+"""``muse compare --data DIR``: train every baseline and ablation on one dataset and print one table
+(model, GAUC, AUC, NE, samples/s), also written as JSON and markdown.
+
+Takes every ``muse train`` flag; ``--model`` defaults to all presets, ``--runs-dir`` to runs/compare.
+Runs already complete in ``--runs-dir`` are evaluated again only if their config changed.
+"""
+
+import argparse
+import json
+import os
+
+from cli import train as train_cli
+from common.errors import UserError
+from common.io import path_manager
+from model.config import ModelConfig
+from training.report import format_rows, run_row
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    train_cli.add_arguments(parser)
+    parser.set_defaults(model=",".join(ModelConfig.preset_names()), runs_dir=os.path.join("runs", "compare"))
+    parser.add_argument("--out", default=None, help="prefix of the .json and .md tables (default RUNS_DIR/comparison)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.run:
+        raise UserError("--run: compare writes one run per model under --runs-dir")
+    runs = train_cli.train_models(args, train_cli.model_names(args))
+    rows = [run_row(model, run_dir) for model, run_dir in runs.items()]
+    table = format_rows(rows)
+    print(table)
+    prefix = args.out or os.path.join(args.runs_dir, "comparison")
+    _write(f"{prefix}.json", json.dumps({"data": train_cli.resolve_data(args), "rows": rows}, indent=2))
+    _write(f"{prefix}.md", format_rows(rows, tablefmt="github") + "\n")
+    print(f"wrote {prefix}.json and {prefix}.md")
+    return 0
+
+
+def _write(path: str, text: str) -> None:
+    """Write ``path`` atomically (temp file, then replace)."""
+    path_manager.mkdirs(os.path.dirname(os.path.abspath(path)))
+    tmp = f"{path}.tmp"
+    with path_manager.open(tmp, "w") as f:
+        f.write(text)
+    os.replace(path_manager.get_local_path(tmp), path_manager.get_local_path(path))

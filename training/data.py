@@ -1,0 +1,84 @@
+"""The trainer's view of the data: the GSU stage as the reader's transform, an endless train stream
+whose position follows the step count, and the test split for evaluation.
+
+The reader (``datapipes.reader``) gives every rank the same number of batches per epoch, and its
+position is (epoch, batches consumed). The trainer's TrainPipelineSparseDist reads two batches ahead,
+so the reader's own counter runs ahead of the training step; the position of step ``s`` is therefore
+derived from ``s`` itself: epoch ``s // steps_per_epoch``, batch ``s % steps_per_epoch``.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from datapipes.batch import Batch
+from datapipes.prepared import PreparedDataset
+from datapipes.reader import ShardedLoader, make_dataloader
+from model.gsu import GsuStage
+from model.mm_table import MMTable
+from training.config import TrainConfig
+from training.distributed import DistEnv
+
+
+def gsu_stage(config: TrainConfig, dataset: PreparedDataset) -> GsuStage:
+    """The picklable RawBatch -> Batch transform (GSU in the data workers, ahead of the step)."""
+    return GsuStage(config.model, MMTable.load(dataset.root, expected_dim=dataset.metadata.mm_dim))
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the train stream stands after ``step`` steps."""
+
+    epoch: int
+    batch: int
+
+    @classmethod
+    def at_step(cls, step: int, steps_per_epoch: int) -> "DataPosition":
+        return cls(step // steps_per_epoch, step % steps_per_epoch)
+
+    def rescaled(self, old_steps_per_epoch: int, new_steps_per_epoch: int) -> "DataPosition":
+        """The same fraction of the epoch at another world size (whose epoch has a different length)."""
+        return DataPosition(self.epoch, self.batch * new_steps_per_epoch // old_steps_per_epoch)
+
+
+class TrainStream:
+    """Endless iterator of ``Batch`` for this rank, epoch after epoch, timing how long ``next`` waits."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv, dataset: PreparedDataset) -> None:
+        self.loader: ShardedLoader = make_dataloader(
+            config.data, "train", env.rank, env.world_size, config.batch_size,
+            transform=gsu_stage(config, dataset), num_workers=config.num_workers, shuffle=True,
+            seed=config.seed, max_seq_len=config.max_seq_len, drop_last=True,
+        )
+        self.steps_per_epoch = len(self.loader)
+        self.wait_seconds = 0.0
+        self._iter: Optional[Iterator[Batch]] = None
+
+    def seek(self, position: DataPosition) -> None:
+        """Continue from ``position`` (before the first ``next``)."""
+        self.loader.load_state_dict({"epoch": position.epoch, "batches_consumed": position.batch})
+
+    def __iter__(self) -> "TrainStream":
+        return self
+
+    def __next__(self) -> Batch:
+        start = time.perf_counter()
+        while True:
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            try:
+                batch = next(self._iter)
+                break
+            except StopIteration:
+                self._iter = None
+        self.wait_seconds += time.perf_counter() - start
+        return batch
+
+
+def test_loader(config: TrainConfig, env: DistEnv, dataset: PreparedDataset) -> ShardedLoader:
+    """This rank's part of the test split, every row once, in order."""
+    return make_dataloader(
+        config.data, "test", env.rank, env.world_size, config.eval_batch_size,
+        transform=gsu_stage(config, dataset), num_workers=config.num_workers, shuffle=False,
+        seed=config.seed, max_seq_len=config.max_seq_len, drop_last=False, drop_remainder=False,
+    )

@@ -1,0 +1,44 @@
+"""Result tables over runs: test AUC/GAUC (and NE, samples/s) per model, as text, markdown or JSON."""
+
+from typing import Any, Dict, List, Mapping
+
+from tabulate import tabulate
+
+from training.metrics import read_metrics
+
+COLUMNS = ("model", "gauc", "auc", "ne", "samples_per_s", "run")
+
+
+def run_row(model: str, run_dir: str) -> Dict[str, Any]:
+    """The newest evaluation and training summary of ``run_dir`` as one row (None where missing)."""
+    evals = read_metrics(run_dir, "eval")
+    summaries = read_metrics(run_dir, "train_summary")
+    ev = evals[-1] if evals else {}
+    summary = summaries[-1] if summaries else {}
+    return {
+        "model": model,
+        "gauc": ev.get("gauc"),
+        "auc": ev.get("auc"),
+        "ne": ev.get("ne"),
+        "samples_per_s": summary.get("samples_per_s"),
+        "run": run_dir,
+    }
+
+
+def format_rows(rows: List[Mapping[str, Any]], tablefmt: str = "simple") -> str:
+    """Rows as a table (``tablefmt`` "simple" for the terminal, "github" for markdown)."""
+    headers = ("model", "GAUC", "AUC", "NE", "samples/s", "run")
+    body = [
+        (r["model"], _num(r["gauc"], 4), _num(r["auc"], 4), _num(r["ne"], 4), _num(r["samples_per_s"], 0), r["run"])
+        for r in rows
+    ]
+    return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+
+def print_runs(runs: Mapping[str, str]) -> None:
+    """Print the table of ``{model: run_dir}``."""
+    print(format_rows([run_row(model, run_dir) for model, run_dir in runs.items()]))
+
+
+def _num(value: Any, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
