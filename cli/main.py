@@ -26,12 +26,19 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``muse CMD: error: ...``) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _load(name: str):
     return importlib.import_module(f"cli.{name.replace('-', '_')}")
 
 
 def build_parser(load_all: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="muse", description="MUSE lifelong user-interest CTR modeling on TorchRec")
+    parser = OneLineParser(prog="muse", description="MUSE lifelong user-interest CTR modeling on TorchRec")
     parser.add_argument("-v", "--verbose", action="store_true", help="show third-party logs and warnings")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
@@ -51,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = known.command
     rest = argv[argv.index(name) + 1:]
     module = _load(name)
-    parser = argparse.ArgumentParser(prog=f"muse {name}", description=SUBCOMMANDS[name])
+    parser = OneLineParser(prog=f"muse {name}", description=SUBCOMMANDS[name])
     parser.add_argument("-v", "--verbose", action="store_true", help="show third-party logs and warnings")
     module.add_arguments(parser)
     args = parser.parse_args(rest)

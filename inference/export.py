@@ -1,0 +1,135 @@
+"""``export_package``: a training run -> one self-contained torch.package for serving.
+
+The package holds
+- code: this project's ``model`` package, ``datapipes.batch``, ``inference.predictor`` and
+  ``inference.manifest`` (interned, so the serving process needs no copy of this project); torch,
+  torchrec, fbgemm_gpu and numpy stay extern (imported from the serving environment); ``common.io``
+  (iopath file access, imported by ``model.mm_table`` but never used by a table built from a tensor) is
+  mocked, so iopath is not needed at serving;
+- blobs (raw tensors, each with dtype, shape, size and sha256 in the manifest): ``weights.<name>`` of the
+  unsharded model, ``mm_table`` (the frozen multimodal table, int8), ``vocab.<space>.keys/index`` (raw
+  hashed id -> index), ``items.category/city/province`` (attributes per item index);
+- ``muse/manifest.json``: format version, library versions, the model and training config, vocabulary
+  sizes, the run, checkpoint and dataset it came from, and the run's training metrics.
+The file is written under a temporary name and renamed when complete.
+"""
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+from torch.package import PackageExporter
+
+from datapipes.prepared import PreparedDataset
+from inference.atomic import atomic_file
+from inference.checkpoint import TrainedModel, load_trained_model, model_state
+from inference.item_side import collect_item_attributes
+from inference.manifest import BLOB_PACKAGE, ENTRY_MODULE, FORMAT_VERSION, MANIFEST_NAME, MANIFEST_PACKAGE, tensor_to_blob
+from inference.predictor import ID_SPACES
+
+INTERN = ["model", "model.**", "datapipes", "datapipes.batch", "inference", "inference.predictor", "inference.manifest",
+          "inference.loader", "common", "common.errors"]
+EXTERN = ["torch", "torch.**", "torchrec", "torchrec.**", "fbgemm_gpu", "fbgemm_gpu.**", "numpy", "numpy.**"]
+MOCK = ["common.io"]
+_DISTRIBUTIONS = ("torch", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "numpy", "muse-torchrec")
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    path: str
+    bytes: int
+    step: int
+    blobs: int
+    items_with_attributes: int
+
+
+def _versions() -> Dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in _DISTRIBUTIONS:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _vocab_tensors(dataset: PreparedDataset) -> Dict[str, torch.Tensor]:
+    """Per id space: raw ids sorted ascending (``keys``) and their vocabulary indices (``index``)."""
+    out = {}
+    for space in ID_SPACES:
+        ids = np.asarray(dataset.vocab(space).ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        out[f"vocab.{space}.keys"] = torch.from_numpy(ids[order].copy())
+        out[f"vocab.{space}.index"] = torch.from_numpy(order.astype(np.int64) + 1)
+    return out
+
+
+def _metrics_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Every evaluation record and the last training record of ``metrics.jsonl``."""
+    train = [r for r in records if r.get("kind") == "train"]
+    return {"eval": [r for r in records if r.get("kind") == "eval"], "last_train": train[-1] if train else None,
+            "records": len(records)}
+
+
+def collect_tensors(trained: TrainedModel) -> tuple[Dict[str, torch.Tensor], int]:
+    """(every blob of the package as a tensor, number of items with known attributes)."""
+    dataset = trained.dataset
+    tensors = {f"weights.{k}": v for k, v in model_state(trained.model).items()}
+    tensors["mm_table"] = torch.from_numpy(np.array(dataset.mm_table()))  # one read of the memory map
+    tensors.update(_vocab_tensors(dataset))
+    attrs = collect_item_attributes(dataset)
+    tensors["items.category"] = torch.from_numpy(attrs.category)
+    tensors["items.city"] = torch.from_numpy(attrs.city)
+    tensors["items.province"] = torch.from_numpy(attrs.province)
+    return tensors, attrs.items_seen
+
+
+def build_manifest(trained: TrainedModel, run_dir: str) -> Dict[str, Any]:
+    meta = trained.dataset.metadata
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "entry": f"{ENTRY_MODULE}.load",
+        "model": trained.config.model.to_dict(),
+        "train_config": trained.config.to_dict(),
+        "vocab_sizes": dict(meta.vocab_sizes),
+        "dataset": {"path": os.path.abspath(trained.dataset.root), "max_seq_len": meta.max_seq_len,
+                    "recent_len": meta.recent_len, "mm_dim": meta.mm_dim, "mm_dtype": meta.mm_dtype, "sources": meta.sources},
+        "run": {"dir": os.path.abspath(run_dir), "step": trained.checkpoint.step, "checkpoint": trained.checkpoint.path,
+                "checkpoint_meta": trained.checkpoint.meta},
+        "metrics": _metrics_summary(trained.metrics),
+        "blobs": {},
+    }
+
+
+def write_package(out: str, manifest: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> int:
+    """Write the package atomically; fills ``manifest["blobs"]``; returns the file size in bytes."""
+    with atomic_file(out, flag="--out") as tmp:
+        with PackageExporter(tmp) as exporter:
+            exporter.intern(INTERN)
+            exporter.extern(EXTERN)
+            exporter.mock(MOCK)
+            exporter.save_module(ENTRY_MODULE)
+            for name, tensor in tensors.items():
+                data, entry = tensor_to_blob(tensor)
+                exporter.save_binary(BLOB_PACKAGE, name, data)
+                manifest["blobs"][name] = entry
+            exporter.save_text(MANIFEST_PACKAGE, MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True))
+        size = os.path.getsize(tmp)
+    return size
+
+
+def export_package(run_dir: str, out: str, data_dir: str | None = None) -> ExportSummary:
+    """Export the newest complete checkpoint of ``run_dir`` to the package file ``out``."""
+    trained = load_trained_model(run_dir, data_dir)
+    tensors, items_seen = collect_tensors(trained)
+    manifest = build_manifest(trained, run_dir)
+    size = write_package(out, manifest, tensors)
+    return ExportSummary(os.path.abspath(out), size, trained.checkpoint.step, len(tensors), items_seen)

@@ -1,0 +1,75 @@
+"""Load an exported package in this project: check it byte for byte first, then run its entry.
+
+``verify_package`` reads the package as a plain zip archive (no package code runs): the manifest must be
+there and every blob it lists must be present with the recorded size and sha256 (zip's own CRC-32 is
+checked on the way). Any failure is one ``DataError`` naming the file and the blob. Only then is the
+package opened with ``torch.package.PackageImporter`` and its entry (``inference.predictor.load``) run.
+A torch.package executes the code it holds: load packages from trusted sources only.
+"""
+
+import hashlib
+import os
+import zipfile
+from typing import Any, Dict
+
+from torch.package import PackageImporter
+
+from common.errors import DataError, UserError
+from common.io import path_manager
+from inference.manifest import (BLOB_PACKAGE, ENTRY_MODULE, MANIFEST_NAME, MANIFEST_PACKAGE, PackageIntegrityError,
+                                check_digest, parse_manifest)
+
+
+def _local(path: str) -> str:
+    if not path_manager.exists(path):
+        raise UserError(f"--package {path}: no such file")
+    local = path_manager.get_local_path(path)
+    if os.path.isdir(local):
+        raise UserError(f"--package {path}: is a directory, expected a .pt package file")
+    return local
+
+
+def _stream_digest(archive: zipfile.ZipFile, record: str, piece: int = 16 << 20) -> tuple[int, str]:
+    """(size, sha256 hex) of one archive member, read in pieces (zip's CRC-32 is checked at the end)."""
+    digest, size = hashlib.sha256(), 0
+    with archive.open(record) as f:
+        while chunk := f.read(piece):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def verify_package(path: str) -> Dict[str, Any]:
+    """The manifest of the package at ``path`` after checking every blob; ``DataError`` if anything differs."""
+    local = _local(path)
+    try:
+        with zipfile.ZipFile(local) as archive:
+            records = {name.split("/", 1)[1]: name for name in archive.namelist() if "/" in name}
+            manifest_record = records.get(f"{MANIFEST_PACKAGE}/{MANIFEST_NAME}")
+            if manifest_record is None:
+                raise DataError(f"{path}: (package): no {MANIFEST_PACKAGE}/{MANIFEST_NAME}; not a muse package")
+            manifest = parse_manifest(archive.read(manifest_record).decode("utf-8"))
+            blob_dir = BLOB_PACKAGE.replace(".", "/")
+            for name, entry in manifest["blobs"].items():
+                record = records.get(f"{blob_dir}/{name}")
+                if record is None:
+                    raise DataError(f"{path}: blob {name}: missing (truncated or tampered package)")
+                size, digest = _stream_digest(archive, record)
+                check_digest(name, size, digest, entry)
+    except PackageIntegrityError as err:
+        raise DataError(f"{path}: {err}") from None
+    except (zipfile.BadZipFile, EOFError, OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: (package): not a complete package file, truncated or damaged ({err})") from None
+    return manifest
+
+
+def load_predictor(path: str) -> Any:
+    """The package's ``Predictor`` (see ``inference.predictor``) after ``verify_package``."""
+    verify_package(path)
+    try:
+        importer = PackageImporter(_local(path))
+        entry = importer.import_module(ENTRY_MODULE)
+    except (RuntimeError, ImportError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: (package): cannot be opened as a torch.package ({first})") from None
+    return entry.load(importer, verify=False)

@@ -1,0 +1,250 @@
+"""The packaged predictor: raw hashed ids in, click probabilities out. This module is the package's entry.
+
+It ships inside the torch.package (interned with ``model.*``, ``datapipes.batch`` and
+``inference.manifest``) and imports nothing but the standard library, torch, torchrec, fbgemm_gpu and
+those interned modules, so a process with only torch and torchrec installed runs it::
+
+    import torch
+    importer = torch.package.PackageImporter("model.pt")
+    predictor = importer.import_module("inference.predictor").load(importer)   # verifies every checksum
+    predictor.rank({"user_id": 123}, history_items, history_cats, candidate_items)
+
+Ids: every argument holds raw hashed ids of the release; each is mapped through the vocabulary of its id
+space (unknown ids and 0 -> index 0, the padding/unknown row). Histories are oldest first, newest last.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+
+from datapipes.batch import PROFILE_FIELDS, RawBatch
+from inference.manifest import (BLOB_PACKAGE, MANIFEST_NAME, MANIFEST_PACKAGE, PackageIntegrityError, decode_blob,
+                                parse_manifest)
+from model.config import ModelConfig
+from model.gsu import GsuStage, cosine_topk
+from model.mm_table import MMTable
+from model.muse import MuseModel, build_model
+
+IdsLike = Union[torch.Tensor, Sequence[int], Any]
+USER_FEATURES = ("user_id",) + PROFILE_FIELDS
+ID_SPACES = ("user", "item", "category") + PROFILE_FIELDS + ("item_city", "item_province")
+# Blobs never written after loading: their tensors share the package's bytes instead of copying them.
+FROZEN_BLOBS = ("mm_table",)
+# rank(): candidates x history positions per step for the in-model GSU variants (they read the whole history).
+_IN_MODEL_CHUNK = 1 << 21
+
+
+class VocabTable:
+    """Raw hashed id -> vocabulary index. keys: int64 [V] sorted raw ids; index: int64 [V] their indices."""
+
+    def __init__(self, keys: torch.Tensor, index: torch.Tensor) -> None:
+        self.keys, self.index = keys, index
+
+    def lookup(self, raw: torch.Tensor) -> torch.Tensor:
+        """int64 indices, same shape as ``raw``; 0 for unknown ids and for 0."""
+        raw = raw.to(torch.int64).contiguous()
+        if self.keys.numel() == 0:
+            return torch.zeros_like(raw)
+        pos = torch.searchsorted(self.keys, raw).clamp_max(self.keys.numel() - 1)
+        hit = (self.keys[pos] == raw) & (raw != 0)
+        return torch.where(hit, self.index[pos], torch.zeros((), dtype=torch.int64))
+
+
+@dataclass
+class ItemSide:
+    """Per item index: its category, city and province indices (int64 [V_item + 1] each; 0 = unknown)."""
+
+    category: torch.Tensor
+    city: torch.Tensor
+    province: torch.Tensor
+
+
+class Predictor:
+    """Scores (user, item) pairs with the exported model.
+
+    score(...):  one probability per row, each row with its own user and history.
+    rank(...):   one user and one history (up to 100,000 behaviors) against many candidate items: the GSU
+                 scores the history against all candidates in one pass (the history is gathered once),
+                 then the ESU and tower run on the candidates as one batch.
+    score_indices(raw): a ``RawBatch`` already in vocabulary indices (a prepared dataset's rows).
+    """
+
+    def __init__(self, config: ModelConfig, model: MuseModel, mm_table: MMTable, vocabs: Mapping[str, VocabTable],
+                 items: ItemSide, manifest: Mapping[str, Any]) -> None:
+        self.config = config
+        self.model = model.eval()
+        self.stage = GsuStage(config, mm_table)
+        self.vocabs = dict(vocabs)
+        self.items = items
+        self.manifest = dict(manifest)
+
+    # ---- raw ids -> indices ----
+
+    def _map(self, space: str, raw: IdsLike) -> torch.Tensor:
+        return self.vocabs[space].lookup(torch.as_tensor(raw, dtype=torch.int64))
+
+    def _item_attributes(self, items: torch.Tensor, category: Optional[IdsLike], city: Optional[IdsLike],
+                         province: Optional[IdsLike]) -> tuple:
+        """Category, city, province indices of item indices: from the caller's raw ids when given, else
+        from the item attributes seen in the training data."""
+        cat = self._map("category", category) if category is not None else self.items.category[items]
+        cit = self._map("item_city", city) if city is not None else self.items.city[items]
+        prov = self._map("item_province", province) if province is not None else self.items.province[items]
+        return cat, cit, prov
+
+    # ---- scoring ----
+
+    @torch.no_grad()
+    def score_indices(self, raw: RawBatch) -> torch.Tensor:
+        """float32 [B] click probabilities of a ``RawBatch`` in vocabulary indices."""
+        return torch.sigmoid(self.model(self.stage(raw)))
+
+    @torch.no_grad()
+    def score(self, user_id: IdsLike, profile: IdsLike, target_item: IdsLike, history_items: IdsLike,
+              history_cats: IdsLike, target_cat: Optional[IdsLike] = None, item_city: Optional[IdsLike] = None,
+              item_province: Optional[IdsLike] = None) -> torch.Tensor:
+        """float32 [B] click probabilities of B (user, target item) rows, all in raw hashed ids.
+
+        user_id [B]; profile [B, 5] (profile_1..profile_5); target_item [B]; history_items / history_cats
+        [B, L] left-padded with 0, newest at L-1. target_cat, item_city, item_province [B]: the target's
+        attributes (default: as seen in the training data).
+        """
+        user = self._map("user", user_id).reshape(-1)
+        b = user.shape[0]
+        prof = torch.as_tensor(profile, dtype=torch.int64).reshape(b, len(PROFILE_FIELDS))
+        prof = torch.stack([self._map(f, prof[:, i]) for i, f in enumerate(PROFILE_FIELDS)], dim=1)
+        target = self._map("item", target_item).reshape(b)
+        hist_items = self._map("item", history_items).reshape(b, -1)
+        hist_cats = self._map("category", history_cats).reshape(b, -1)
+        if hist_items.shape != hist_cats.shape:
+            raise ValueError(f"history_cats: shape {tuple(hist_cats.shape)} differs from history_items {tuple(hist_items.shape)}")
+        cat, city, prov = self._item_attributes(target, target_cat, item_city, item_province)
+        raw = RawBatch(labels=torch.zeros(b), user_id=user, profile=prof, target_item=target, target_cat=cat.reshape(b),
+                       item_city=city.reshape(b), item_province=prov.reshape(b), history_items=hist_items, history_cats=hist_cats)
+        return self.score_indices(raw)
+
+    @torch.no_grad()
+    def rank(self, user_features: Mapping[str, int], history_item_ids: IdsLike, history_category_ids: IdsLike,
+             candidate_item_ids: IdsLike) -> torch.Tensor:
+        """float32 [C] click probability of each candidate for one user.
+
+        user_features: {"user_id": raw id, "profile_1".."profile_5": raw ids}; missing keys are unknown (0).
+        history_item_ids, history_category_ids: [L] raw ids, oldest first (L up to 100,000 and beyond).
+        candidate_item_ids: [C] raw ids; their category/city/province come from the training data.
+        Equal to ``score`` of the C rows (same user, same history, each candidate as the target).
+        """
+        unknown = sorted(set(user_features) - set(USER_FEATURES))
+        if unknown:
+            raise ValueError(f"user_features: unknown key(s) {', '.join(unknown)} (expected {', '.join(USER_FEATURES)})")
+        cand = self._map("item", candidate_item_ids).reshape(-1)
+        c = cand.shape[0]
+        if c == 0:
+            return torch.zeros(0)
+        items = self._map("item", history_item_ids).reshape(-1)
+        cats = self._map("category", history_category_ids).reshape(-1)
+        if items.shape != cats.shape:
+            raise ValueError(f"history_category_ids: length {cats.shape[0]} differs from history_item_ids {items.shape[0]}")
+        user = self._map("user", [user_features.get("user_id", 0)])
+        prof = torch.cat([self._map(f, [user_features.get(f, 0)]) for f in PROFILE_FIELDS])
+        cand_cat, cand_city, cand_prov = self._item_attributes(cand, None, None, None)
+        if self.config.uses_history:
+            return self._rank_whole_history(user, prof, cand, cand_cat, cand_city, cand_prov, items, cats)
+        keep = self._compact_positions(cand, cand_cat, items, cats)
+        hist_items, hist_cats = _left_padded(items, keep), _left_padded(cats, keep)
+        raw = RawBatch(labels=torch.zeros(c), user_id=user.expand(c), profile=prof[None, :].expand(c, -1), target_item=cand,
+                       target_cat=cand_cat, item_city=cand_city, item_province=cand_prov,
+                       history_items=hist_items, history_cats=hist_cats)
+        return self.score_indices(raw)
+
+    def _compact_positions(self, cand: torch.Tensor, cand_cat: torch.Tensor, items: torch.Tensor,
+                           cats: torch.Tensor) -> torch.Tensor:
+        """Per candidate, the only history positions the GSU stage can read: the ``recent_len`` most recent
+        real behaviors plus the GSU's K picks, computed once for all candidates without any [C, L] tensor
+        (the multimodal top-K scores the shared history against all candidates in one ``cosine_topk``).
+        Returns int64 [C, W] positions (W <= recent_len + K), ascending, -1 padding on the left.
+
+        The stage run on these few positions selects exactly what it selects on the whole history: the
+        recent window is the same, and the K best (score, position) of a superset of the top K are the top K.
+        """
+        cfg = self.config
+        c = cand.shape[0]
+        real_pos = torch.nonzero(items != 0).reshape(-1)
+        recent = real_pos[-cfg.recent_len:] if cfg.recent_len else real_pos[:0]
+        picks = torch.full((c, 0), -1, dtype=torch.int64)
+        if cfg.gsu == "multimodal" and real_pos.numel():
+            k = min(cfg.k, items.shape[0])
+            table, norms = self.stage.mm_table.table, self.stage.mm_table.norms
+            _, positions, valid = cosine_topk(table, cand, items[None, :].expand(c, -1), k, norms=norms,
+                                              chunk_rows=self.stage.chunk_rows)
+            picks = torch.where(valid, positions, torch.full((), -1))
+        elif cfg.gsu == "category" and real_pos.numel():
+            picks = torch.full((c, cfg.k), -1, dtype=torch.int64)
+            for value in torch.unique(cand_cat).tolist():
+                if value == 0:
+                    continue
+                same = torch.nonzero((cats == value) & (items != 0)).reshape(-1)[-cfg.k:]
+                rows = torch.nonzero(cand_cat == value).reshape(-1)
+                picks[rows, : same.numel()] = same
+        merged = torch.cat([recent[None, :].expand(c, -1), picks], dim=1)
+        merged = torch.sort(merged, dim=1).values
+        # drop duplicates (a recent behavior also picked by the GSU) by marking repeats -1, then re-sort
+        repeat = torch.zeros_like(merged, dtype=torch.bool)
+        repeat[:, 1:] = merged[:, 1:] == merged[:, :-1]
+        return torch.sort(torch.where(repeat, torch.full((), -1), merged), dim=1).values
+
+    def _rank_whole_history(self, user, prof, cand, cand_cat, cand_city, cand_prov, items, cats) -> torch.Tensor:
+        """SIM-soft / TWIN select inside the model from the whole history: candidates in groups of
+        ``_IN_MODEL_CHUNK / L`` rows, each with the full history (a broadcast view, never copied)."""
+        c, length = cand.shape[0], items.shape[0]
+        step = max(1, _IN_MODEL_CHUNK // max(1, length))
+        out = []
+        for s in range(0, c, step):
+            n = min(step, c - s)
+            raw = RawBatch(labels=torch.zeros(n), user_id=user.expand(n), profile=prof[None, :].expand(n, -1),
+                           target_item=cand[s:s + n], target_cat=cand_cat[s:s + n], item_city=cand_city[s:s + n],
+                           item_province=cand_prov[s:s + n], history_items=items[None, :].expand(n, -1),
+                           history_cats=cats[None, :].expand(n, -1))
+            out.append(self.score_indices(raw))
+        return torch.cat(out)
+
+
+def _left_padded(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """values [L] at positions [C, W] (-1 = padding) -> int64 [C, W], 0 at padding (left), order kept."""
+    return torch.where(positions >= 0, values[positions.clamp_min(0)], torch.zeros((), dtype=torch.int64))
+
+
+# ---- the package entry ----
+
+
+def load(importer: Any, verify: bool = True) -> Predictor:
+    """Build the ``Predictor`` held by a ``torch.package.PackageImporter``.
+
+    With ``verify`` (the default) every blob's size and sha256 are checked against the manifest first;
+    a mismatch raises ``PackageIntegrityError`` naming the blob.
+    """
+    try:
+        manifest = parse_manifest(importer.load_text(MANIFEST_PACKAGE, MANIFEST_NAME))
+    except (RuntimeError, OSError, KeyError) as err:
+        raise PackageIntegrityError(f"{MANIFEST_NAME}: missing or unreadable ({str(err).splitlines()[0] if str(err) else err!r})") from None
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, entry in manifest["blobs"].items():
+        try:
+            data = importer.load_binary(BLOB_PACKAGE, name)
+        except (RuntimeError, OSError, KeyError) as err:
+            raise PackageIntegrityError(f"blob {name}: missing or unreadable (truncated or damaged package)") from None
+        tensors[name] = decode_blob(name, data, entry, verify=verify, writable=name not in FROZEN_BLOBS)
+        del data
+    return from_tensors(manifest, tensors)
+
+
+def from_tensors(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Predictor:
+    """The ``Predictor`` of a manifest and its decoded blobs (``weights.*``, ``mm_table``, ``vocab.*``, ``items.*``)."""
+    config = ModelConfig.from_dict(dict(manifest["model"]))
+    vocab_sizes = {k: int(v) for k, v in manifest["vocab_sizes"].items()}
+    model = build_model(config, vocab_sizes, device="cpu")
+    prefix = "weights."
+    model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    vocabs = {space: VocabTable(tensors[f"vocab.{space}.keys"], tensors[f"vocab.{space}.index"]) for space in ID_SPACES}
+    items = ItemSide(tensors["items.category"], tensors["items.city"], tensors["items.province"])
+    return Predictor(config, model, MMTable(tensors["mm_table"]), vocabs, items, manifest)
