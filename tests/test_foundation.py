@@ -60,6 +60,6 @@ def test_every_benchmark_is_implemented(name):
 
 
 def test_unknown_flag_is_one_line_and_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "plan", "--no-such-flag"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "plan", "--preset", "taobao-mm-p90", "--no-such-flag"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "--no-such-flag" in proc.stderr and "Traceback" not in proc.stderr
