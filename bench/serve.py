@@ -35,7 +35,7 @@ from tabulate import tabulate
 from common.errors import UserError
 from datapipes.prepared import PreparedDataset
 from datapipes.reader import make_dataloader
-from inference.atomic import atomic_file
+from common.atomic import write_text_atomic
 from inference.export import export_package
 from inference.loader import load_predictor
 from inference.predict import RawIds
@@ -179,7 +179,5 @@ def run(args: argparse.Namespace) -> int:
                      f"{result['candidates_per_s']:,.0f}", result["threads"]]],
                    headers=["model", "candidates", "history", "requests", "p50 ms", "p99 ms", "mean ms", "candidates/s", "threads"]))
     if args.json:
-        with atomic_file(args.json, flag="--json") as tmp:
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=2)
+        write_text_atomic(args.json, json.dumps(result, indent=2), flag="--json")
     return 0

@@ -16,6 +16,7 @@ from typing import Dict, List
 
 from tabulate import tabulate
 
+from common.atomic import write_text_atomic
 from common.errors import UserError
 from datapipes.prepare import PrepareConfig, prepare
 from datapipes.synth import SynthConfig, synthesize
@@ -119,9 +120,6 @@ def run(args: argparse.Namespace) -> int:
                      f"{100 * r['data_wait_fraction']:.1f}%") for r in results],
                    headers=("L", "batch/rank", "ranks", "samples/s", "step ms", "waiting for data")))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"benchmark": "train", "results": results}, f, indent=2)
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps({"benchmark": "train", "results": results}, indent=2), flag="--json")
         print(f"wrote {args.json}")
     return 0

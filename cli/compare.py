@@ -10,8 +10,8 @@ import json
 import os
 
 from cli import train as train_cli
+from common.atomic import write_text_atomic
 from common.errors import UserError
-from common.io import path_manager
 from model.config import ModelConfig
 from training.report import format_rows, run_row
 
@@ -30,16 +30,8 @@ def run(args: argparse.Namespace) -> int:
     table = format_rows(rows)
     print(table)
     prefix = args.out or os.path.join(args.runs_dir, "comparison")
-    _write(f"{prefix}.json", json.dumps({"data": train_cli.resolve_data(args), "rows": rows}, indent=2))
-    _write(f"{prefix}.md", format_rows(rows, tablefmt="github") + "\n")
+    write_text_atomic(f"{prefix}.json", json.dumps({"data": train_cli.resolve_data(args), "rows": rows}, indent=2), "--out", make_parent=True)
+    write_text_atomic(f"{prefix}.md", format_rows(rows, tablefmt="github") + "\n", "--out", make_parent=True)
     print(f"wrote {prefix}.json and {prefix}.md")
     return 0
 
-
-def _write(path: str, text: str) -> None:
-    """Write ``path`` atomically (temp file, then replace)."""
-    path_manager.mkdirs(os.path.dirname(os.path.abspath(path)))
-    tmp = f"{path}.tmp"
-    with path_manager.open(tmp, "w") as f:
-        f.write(text)
-    os.replace(path_manager.get_local_path(tmp), path_manager.get_local_path(path))

@@ -12,11 +12,12 @@ from capacity.embedding import OPTIMIZERS
 from capacity.extras import MM_DTYPE_BYTES, MM_PLACEMENTS
 from capacity.plan import Workload, plan_capacity
 from capacity.scale import PRESETS, from_prepared, preset
+from common.atomic import write_text_atomic
 from common.errors import UserError
-from inference.atomic import atomic_file
 from model.config import ModelConfig
 from model.gsu import DEFAULT_CHUNK_ROWS
-from sharding.constraints import parse_constraints
+from model.tables import ID_SPACES
+from sharding.constraints import parse_constraints, with_fused_defaults
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UserError(f"--id-dim: {err}") from err
     try:
-        constraints = parse_constraints(args.shard)
+        constraints = with_fused_defaults(parse_constraints(args.shard), ID_SPACES)
     except ValueError as err:
         raise UserError(f"--shard: {err}") from err
     scale = from_prepared(args.data) if args.data else preset(args.preset)
@@ -71,12 +72,6 @@ def run(args: argparse.Namespace) -> int:
     report = plan_capacity(workload, scale, cluster, constraints, args.hbm_reserve)
     print(report.to_text())
     if args.json:
-        _write_json(args.json, report.to_dict())
+        write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2), flag="--json")
     return 0 if report.fits else 1
 
-
-def _write_json(path: str, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically."""
-    with atomic_file(path, flag="--json") as tmp:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)

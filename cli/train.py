@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 from common.errors import UserError
 from datapipes.prepared import PreparedDataset
 from model.config import ModelConfig
-from training.config import EMBEDDING_OPTIMIZERS, RESUMABLE_FIELDS, TrainConfig, resolve_run_config
+from training.config import EMBEDDING_OPTIMIZERS, RESUMABLE_FIELDS, TrainConfig, check_device_support, resolve_run_config
 from training.distributed import under_launcher
 
 DEFAULT_MODELS = ("muse", "din")
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hp.add_argument("--embedding-lr", type=float, default=_DEFAULTS["embedding_lr"], help="learning rate of the ID tables (default %(default)s)")
     hp.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="seed of init, data order and RNGs (default %(default)s)")
     hp.add_argument("--shard", action="append", default=[], metavar="TABLE=TYPE[:KERNEL]",
-                    help="planner constraint for one table, e.g. item=row_wise (repeatable)")
+                    help="planner constraint for one table, e.g. item=row_wise (repeatable); unnamed tables are never data_parallel, and a table allowed data_parallel with another type may not resume at another world size")
     ops = parser.add_argument_group("operations (may change on resume)")
     ops.add_argument("--checkpoint-every", type=int, default=None, help=f"steps between checkpoints (default {_DEFAULTS['checkpoint_every']})")
     ops.add_argument("--keep-checkpoints", type=int, default=None, help=f"complete checkpoints kept (default {_DEFAULTS['keep_checkpoints']})")
@@ -132,7 +132,9 @@ def train_models(args: argparse.Namespace, names: Sequence[str]) -> Dict[str, st
     planned = []
     for name in names:
         run_dir = args.run or os.path.join(args.runs_dir, name)
-        planned.append((name, run_dir, resolve_run_config(run_dir, build_config(args, data, name), args.resume, explicit)))
+        config = resolve_run_config(run_dir, build_config(args, data, name), args.resume, explicit)
+        check_device_support(config, _device_type())
+        planned.append((name, run_dir, config))
     runs: Dict[str, str] = {}
     for name, run_dir, config in planned:
         app = components.train(*config_args(config, run_dir, args.resume, explicit), nnodes=args.nnodes,
@@ -150,5 +152,14 @@ def _run_rank(args: argparse.Namespace) -> int:
     names = model_names(args)
     if len(names) != 1 or not args.run or not args.data:
         raise UserError("under torchrun, muse train needs --data, --run and one --model")
-    train(build_config(args, args.data, names[0]), args.run, resume=args.resume, explicit=explicit_fields(args))
+    config = build_config(args, args.data, names[0])
+    check_device_support(config, _device_type())
+    train(config, args.run, resume=args.resume, explicit=explicit_fields(args))
     return 0
+
+
+def _device_type() -> str:
+    """Where the ranks compute: "cuda" when this machine has a CUDA device (as training.distributed picks)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

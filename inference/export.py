@@ -8,7 +8,8 @@ The package holds
   mocked, so iopath is not needed at serving;
 - blobs (raw tensors, each with dtype, shape, size and sha256 in the manifest): ``weights.<name>`` of the
   unsharded model, ``mm_table`` (the frozen multimodal table, int8), ``vocab.<space>.keys/index`` (raw
-  hashed id -> index), ``items.category/city/province`` (attributes per item index);
+  hashed id -> index), ``items.category/city/province`` (attributes per item index, from the dataset's
+  ``item_attributes.parquet``);
 - ``muse/manifest.json``: format version, library versions, the model and training config, vocabulary
   sizes, the run, checkpoint and dataset it came from, and the run's training metrics.
 The file is written under a temporary name and renamed when complete.
@@ -26,10 +27,9 @@ import numpy as np
 import torch
 from torch.package import PackageExporter
 
+from common.atomic import atomic_file
 from datapipes.prepared import PreparedDataset
-from inference.atomic import atomic_file
 from inference.checkpoint import TrainedModel, load_trained_model, model_state
-from inference.item_side import collect_item_attributes
 from inference.manifest import BLOB_PACKAGE, ENTRY_MODULE, FORMAT_VERSION, MANIFEST_NAME, MANIFEST_PACKAGE, tensor_to_blob
 from inference.predictor import ID_SPACES
 
@@ -78,16 +78,17 @@ def _metrics_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def collect_tensors(trained: TrainedModel) -> tuple[Dict[str, torch.Tensor], int]:
-    """(every blob of the package as a tensor, number of items with known attributes)."""
+    """(every blob of the package as a tensor, number of items with at least one known attribute)."""
     dataset = trained.dataset
     tensors = {f"weights.{k}": v for k, v in model_state(trained.model).items()}
     tensors["mm_table"] = torch.from_numpy(np.array(dataset.mm_table()))  # one read of the memory map
     tensors.update(_vocab_tensors(dataset))
-    attrs = collect_item_attributes(dataset)
-    tensors["items.category"] = torch.from_numpy(attrs.category)
-    tensors["items.city"] = torch.from_numpy(attrs.city)
-    tensors["items.province"] = torch.from_numpy(attrs.province)
-    return tensors, attrs.items_seen
+    attrs = {k: np.array(v, dtype=np.int64) for k, v in dataset.item_attributes().items()}  # writable copies
+    tensors["items.category"] = torch.from_numpy(attrs["category"])
+    tensors["items.city"] = torch.from_numpy(attrs["item_city"])
+    tensors["items.province"] = torch.from_numpy(attrs["item_province"])
+    known = (attrs["category"] != 0) | (attrs["item_city"] != 0) | (attrs["item_province"] != 0)
+    return tensors, int(known[1:].sum())
 
 
 def build_manifest(trained: TrainedModel, run_dir: str) -> Dict[str, Any]:

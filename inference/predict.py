@@ -12,7 +12,7 @@ from common.errors import UserError
 from datapipes.batch import PROFILE_FIELDS, RawBatch
 from datapipes.prepared import PreparedDataset
 from datapipes.reader import make_dataloader
-from inference.atomic import atomic_file
+from common.atomic import atomic_file
 from inference.loader import load_predictor
 
 OUTPUT_SCHEMA = pa.schema([("row", pa.int64()), ("user_id", pa.int64()), ("item_id", pa.int64()),

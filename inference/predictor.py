@@ -87,7 +87,7 @@ class Predictor:
     def _item_attributes(self, items: torch.Tensor, category: Optional[IdsLike], city: Optional[IdsLike],
                          province: Optional[IdsLike]) -> tuple:
         """Category, city, province indices of item indices: from the caller's raw ids when given, else
-        from the item attributes seen in the training data."""
+        from the dataset's item attributes (``item_features``, packaged at export)."""
         cat = self._map("category", category) if category is not None else self.items.category[items]
         cit = self._map("item_city", city) if city is not None else self.items.city[items]
         prov = self._map("item_province", province) if province is not None else self.items.province[items]
@@ -108,7 +108,7 @@ class Predictor:
 
         user_id [B]; profile [B, 5] (profile_1..profile_5); target_item [B]; history_items / history_cats
         [B, L] left-padded with 0, newest at L-1. target_cat, item_city, item_province [B]: the target's
-        attributes (default: as seen in the training data).
+        attributes (default: the dataset's item attributes).
         """
         user = self._map("user", user_id).reshape(-1)
         b = user.shape[0]

@@ -3,10 +3,19 @@ the planner may choose for a table.
 
 Text form (the ``--shard`` flag, repeatable): ``TABLE=TYPE[,TYPE...][:KERNEL[,KERNEL...]]``, e.g.
 ``item=row_wise``, ``user=table_wise,row_wise:fused``.
+
+By default (``with_fused_defaults``) every ID table is kept off ``data_parallel``: a sharded table has a
+fused kernel and is trained by the in-backward embedding optimizer, a data-parallel one would be a
+replicated dense parameter trained by the dense optimizer. Left to itself the planner makes small
+tables data-parallel at some world sizes and not at others, so a table's optimizer (and the state
+keys of a checkpoint) would depend on the world size and a checkpoint could not be resumed at
+another one. A user constraint that allows ``data_parallel`` for a table is kept as given; a table
+the planner may make data-parallel at one world size and shard at another cannot be resumed
+across those world sizes (the trainer refuses it with a one-line error).
 """
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Mapping, Tuple
 
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -14,6 +23,11 @@ from torchrec.distributed.types import ShardingType
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 COMPUTE_KERNELS = tuple(k.value for k in EmbeddingComputeKernel)
+# Every type whose kernel is fused (the planner keeps those a sharder does not offer on the device);
+# grid_shard is left out as TorchRec's planner only uses it when asked for by name.
+FUSED_SHARDING_TYPES = tuple(
+    t for t in SHARDING_TYPES if t not in (ShardingType.DATA_PARALLEL.value, ShardingType.GRID_SHARD.value)
+)
 
 
 @dataclass(frozen=True)
@@ -54,3 +68,15 @@ def _split(text: str) -> Tuple[str, ...]:
 def parse_constraints(texts: Iterable[str]) -> Dict[str, TableConstraint]:
     return dict(parse_constraint(t) for t in texts)
 
+
+
+def with_fused_defaults(constraints: Mapping[str, TableConstraint], tables: Iterable[str]) -> Dict[str, TableConstraint]:
+    """``constraints`` plus, for each of ``tables`` whose sharding types are not given, the types in
+    ``FUSED_SHARDING_TYPES`` (its compute kernels, if given, are kept): no table becomes
+    data-parallel unless a constraint names ``data_parallel``."""
+    out = dict(constraints)
+    for table in tables:
+        given = out.get(table, TableConstraint())
+        if not given.sharding_types:
+            out[table] = TableConstraint(FUSED_SHARDING_TYPES, given.compute_kernels)
+    return out

@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from model.config import ModelConfig
 from model.muse import build_model
 from model.train_module import MuseTrain
-from sharding.constraints import TableConstraint, parse_constraint, parse_constraints
+from sharding.constraints import FUSED_SHARDING_TYPES, TableConstraint, parse_constraint, parse_constraints, with_fused_defaults
 from sharding.planner import format_plan, make_planner, plan_table, table_shapes
 from sharding.sharders import RowWiseCpuEmbeddingBagCollectionSharder, make_sharders
 from sharding.topology import GIB, ClusterSpec, make_topology
@@ -122,3 +122,39 @@ def test_row_wise_ebc_override_equals_unsharded():
     mp.spawn(_row_wise_rank, args=(2, _free_port(), results), nprocs=2)
     assert sorted(results.keys()) == [0, 1]
     assert max(results.values()) < 1e-6  # pooled sums in another order: equal up to float rounding
+
+
+# Vocabulary of the tests' prepared dataset (tests/conftest.py): small profile tables.
+FIXTURE_VOCAB = {"user": 196, "item": 1607, "category": 16, "profile_1": 9, "profile_2": 3, "profile_3": 148,
+                 "profile_4": 34, "profile_5": 12, "item_city": 300, "item_province": 34}
+
+
+def _plan_types(world_size: int, constraints, batch_size: int = 256) -> dict:
+    from training.config import TrainConfig
+    from training.optim import attach_embedding_optimizer
+
+    module = MuseTrain(build_model(ModelConfig.preset("muse"), FIXTURE_VOCAB, device="meta"))
+    attach_embedding_optimizer(module, TrainConfig(data="unused"))
+    planner = make_planner(make_topology(ClusterSpec(world_size, world_size)), constraints(module), batch_size=batch_size)
+    plan = planner.plan(module, make_sharders())
+    return {r.table: r.sharding_type for r in plan_table(plan, world_size, table_shapes(module))}
+
+
+def test_fused_defaults_keep_every_table_off_data_parallel_at_any_world_size():
+    free = _plan_types(2, lambda m: None)
+    assert "data_parallel" in free.values(), "premise: left alone, the planner replicates small tables at 2 ranks"
+    assert "data_parallel" not in _plan_types(1, lambda m: None).values()
+    for world_size in (1, 2):
+        types = _plan_types(world_size, lambda m: with_fused_defaults({}, table_shapes(m)))
+        assert set(types) == set(FIXTURE_VOCAB) and "data_parallel" not in types.values(), (world_size, types)
+    user = parse_constraints(["profile_2=data_parallel", "item=:fused"])
+    types = _plan_types(2, lambda m: with_fused_defaults(user, table_shapes(m)))
+    assert types["profile_2"] == "data_parallel" and types["item"] != "data_parallel"
+
+
+def test_with_fused_defaults_keeps_user_types_and_kernels():
+    out = with_fused_defaults(parse_constraints(["item=row_wise", "user=:fused"]), ["item", "user", "category"])
+    assert out["item"] == TableConstraint(("row_wise",), ())
+    assert out["user"] == TableConstraint(FUSED_SHARDING_TYPES, ("fused",))
+    assert out["category"] == TableConstraint(FUSED_SHARDING_TYPES, ())
+    assert "data_parallel" not in FUSED_SHARDING_TYPES

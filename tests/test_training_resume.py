@@ -120,3 +120,29 @@ def test_two_rank_checkpoint_resumes_on_one_rank(prepared_dataset, uninterrupted
     assert final.step == STEPS and final.world_size == 1
     trained = read_metrics(run, "train")
     assert trained[-1]["step"] == STEPS and torch.isfinite(torch.tensor(trained[-1]["loss"]))
+
+
+def test_checkpoint_resumes_on_one_rank_where_the_free_planner_would_replicate_tables(prepared_dataset, tmp_path):
+    """At 2 x 256 the planner, left alone, makes the small profile tables data_parallel (dense AdamW)
+    while at 1 rank it shards them (fused row-wise Adagrad): tests/test_sharding.py checks that premise.
+    Every table must have fused optimizer state in the 2-rank checkpoint, and training resumes on 1 rank."""
+    import torch.distributed.checkpoint as dcp
+
+    from model.tables import ID_SPACES
+
+    run = str(tmp_path / "run")
+    flags = ["--model", "muse", "--batch-size", "256", "--checkpoint-every", "2", "--num-workers", "1",
+             "--log-every", "1", "--eval-batch-size", "256"]
+    out = _finish(_torchrun(2, "train", "--data", prepared_dataset, "--run", run, *flags, "--steps", "2"))
+    assert "data_parallel" not in out.split("sharding plan")[1].split("test ")[0], out[-3000:]
+    written = latest_checkpoint(run)
+    assert written.step == 2 and written.world_size == 2 and written.meta["data_parallel_tables"] == []
+    keys = dcp.FileSystemReader(written.path).read_metadata().state_dict_metadata
+    for table in ID_SPACES:
+        assert any(k.startswith("optim.state.embedding.") and f".{table}." in k and k.endswith(".momentum1") for k in keys), table
+
+    out = _finish(_torchrun(1, "train", "--data", prepared_dataset, "--run", run, *flags, "--steps", "4"))
+    assert "(step 2, written by 2 rank(s))" in out, out[-3000:]
+    final = latest_checkpoint(run)
+    assert final.step == 4 and final.world_size == 1
+    assert [r["step"] for r in read_metrics(run, "train")][-2:] == [3, 4]

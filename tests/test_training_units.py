@@ -153,3 +153,27 @@ def test_cli_refuses_a_run_dir_with_another_config(prepared_dataset, tmp_path, c
     assert muse_main(["train", "--data", prepared_dataset, "--model", "din", "--run", run, "--dense-lr", "0.01"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different config (dense_lr)" in err[0] and "--resume" in err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for CPU-only machines")
+def test_cli_refuses_adam_on_cpu_before_launching(prepared_dataset, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    argv = ["train", "--data", prepared_dataset, "--model", "din", "--run", run, "--embedding-optimizer", "adam"]
+    assert muse_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--embedding-optimizer adam" in err[0] and "CPU" in err[0]
+    assert not os.path.exists(run)
+
+
+def test_resume_refuses_a_table_whose_optimizer_changed():
+    from training.checkpoint import CheckpointInfo
+    from training.loop import _check_same_optimizers
+
+    class Plan:
+        data_parallel_tables = ["profile_1"]
+
+    same = CheckpointInfo("RUN/checkpoints/step-00000002", 2, {"world_size": 2, "data_parallel_tables": ["profile_1"]})
+    _check_same_optimizers(same, Plan())
+    other = CheckpointInfo("RUN/checkpoints/step-00000002", 2, {"world_size": 2, "data_parallel_tables": ["profile_2"]})
+    with pytest.raises(UserError, match="profile_1, profile_2"):
+        _check_same_optimizers(other, Plan())

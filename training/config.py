@@ -7,10 +7,10 @@ restarted by torchrun picks up where the job stopped).
 """
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, Iterable, Optional, Tuple
 
+from common.atomic import write_text_atomic
 from common.errors import UserError
 from common.io import path_manager
 from model.config import ModelConfig
@@ -37,7 +37,10 @@ class TrainConfig:
     seed:               seeds model init, data order and every RNG; CPU runs are deterministic.
     checkpoint_every:   steps between checkpoints (0 = only at the end).
     keep_checkpoints:   complete checkpoints kept (older ones are deleted).
-    shard:              per-table planner constraints, ``TABLE=TYPE[,TYPE][:KERNEL]`` (see sharding.constraints).
+    shard:              per-table planner constraints, ``TABLE=TYPE[,TYPE][:KERNEL]`` (see sharding.constraints);
+                        tables not named are never data_parallel. A table allowed both data_parallel and
+                        another type may be planned differently at another world size, and a checkpoint
+                        is then not resumable there.
     num_workers:        DataLoader workers per rank (the GSU runs in them).
     log_every:          steps between train-loss records in ``metrics.jsonl``.
     eval_batch_size:    samples per rank per evaluation batch.
@@ -109,6 +112,16 @@ class TrainConfig:
         return tuple(k for k in mine if k not in RESUMABLE_FIELDS and mine[k] != theirs[k])
 
 
+def check_device_support(config: TrainConfig, device_type: str) -> None:
+    """UserError when ``config`` cannot train on ``device_type`` ("cpu" or "cuda"): fbgemm's fused CPU
+    kernels implement row-wise Adagrad only."""
+    if device_type == "cpu" and config.embedding_optimizer != "rowwise_adagrad":
+        raise UserError(
+            f"--embedding-optimizer {config.embedding_optimizer}: not supported on CPU (fbgemm's fused CPU kernels "
+            "support rowwise_adagrad only); use a CUDA machine or --embedding-optimizer rowwise_adagrad"
+        )
+
+
 def config_path(run_dir: str) -> str:
     return f"{run_dir.rstrip('/')}/config.json"
 
@@ -133,11 +146,7 @@ def save_config(run_dir: str, config: TrainConfig) -> None:
         with path_manager.open(path, "r") as f:
             if f.read() == text:
                 return
-    path_manager.mkdirs(run_dir)
-    tmp = f"{path}.tmp"
-    with path_manager.open(tmp, "w") as f:
-        f.write(text)
-    os.replace(path_manager.get_local_path(tmp), path_manager.get_local_path(path))
+    write_text_atomic(path, text, flag="--run", make_parent=True)
 
 
 def resolve_run_config(run_dir: str, config: TrainConfig, resume: bool, explicit: Iterable[str] = RESUMABLE_FIELDS) -> TrainConfig:

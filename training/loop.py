@@ -103,11 +103,26 @@ def _agreed_latest(env: DistEnv, run_dir: str) -> Optional[CheckpointInfo]:
     return box[0]
 
 
+def _check_same_optimizers(checkpoint: CheckpointInfo, model: ShardedModel) -> None:
+    """UserError when a table is data-parallel (dense optimizer) in the checkpoint's plan and sharded
+    (fused optimizer) in this one, or the reverse: its optimizer state cannot be carried over."""
+    saved = checkpoint.meta.get("data_parallel_tables")
+    if saved is None or sorted(saved) == model.data_parallel_tables:
+        return
+    changed = sorted(set(saved) ^ set(model.data_parallel_tables))
+    raise UserError(
+        f"--shard: table(s) {', '.join(changed)} data_parallel in {checkpoint.path} ({checkpoint.world_size} rank(s)) "
+        "but not in this plan, or the reverse; resume at the checkpoint's world size or constrain those tables "
+        "to one sharding type"
+    )
+
+
 def _resume(env: DistEnv, run_dir: str, model: ShardedModel, stream: TrainStream, checkpoints: CheckpointManager) -> int:
     """Load the newest complete checkpoint, if any, and position the stream; returns the step reached."""
     latest = _agreed_latest(env, run_dir)
     if latest is None:
         return 0
+    _check_same_optimizers(latest, model)
     model.optimizer.init_state()
     state = model.checkpoint_state()
     rank_state = checkpoints.load(latest, state)
@@ -166,7 +181,7 @@ def _save(config: TrainConfig, model: ShardedModel, stream: TrainStream, checkpo
         model.checkpoint_state(),
         {"rng": _rng_state()},
         meta={"steps_per_epoch": stream.steps_per_epoch, "epoch": position.epoch, "batch": position.batch,
-              "seed": config.seed, "model": config.model.name},
+              "seed": config.seed, "model": config.model.name, "data_parallel_tables": model.data_parallel_tables},
     )
 
 

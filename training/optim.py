@@ -2,10 +2,11 @@
 
 The embedding optimizer is attached to the tables before sharding (``apply_optimizer_in_backward``);
 every table the planner shards (table-, row-, column-wise: fused kernels) updates its rows inside the
-backward kernel and is exposed as ``dmp.fused_optimizer``. A table the planner makes data-parallel
-(tiny ones) becomes a plain replicated parameter under DDP: it has no in-backward optimizer and is
-trained by the dense AdamW with the other dense parameters. ``CombinedOptimizer`` steps and
-checkpoints both as one.
+backward kernel and is exposed as ``dmp.fused_optimizer``. The planner is kept off data_parallel
+(``sharding.constraints.with_fused_defaults``), so every ID table is trained this way at any world size.
+Only a table the user constrains to ``--shard TABLE=data_parallel`` becomes a plain replicated
+parameter under DDP: it has no in-backward optimizer and is trained by the dense AdamW with the other
+dense parameters. ``CombinedOptimizer`` steps and checkpoints both as one.
 """
 
 import torch

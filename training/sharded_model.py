@@ -7,11 +7,12 @@ from typing import Any, Dict, List, Mapping
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingType
 from torchrec.optim.keyed import CombinedOptimizer
 
 from model.muse import build_model
 from model.train_module import MuseTrain
-from sharding.constraints import parse_constraints
+from sharding.constraints import parse_constraints, with_fused_defaults
 from sharding.planner import PlanRow, format_plan, make_planner, plan_table, table_shapes
 from sharding.sharders import make_sharders
 from sharding.topology import detect_cluster, make_topology
@@ -27,6 +28,11 @@ class ShardedModel:
     dmp: DistributedModelParallel
     optimizer: CombinedOptimizer
     plan_rows: List[PlanRow]
+
+    @property
+    def data_parallel_tables(self) -> List[str]:
+        """Tables the plan replicates (trained by the dense optimizer, not the fused one), sorted."""
+        return sorted(r.table for r in self.plan_rows if r.sharding_type == ShardingType.DATA_PARALLEL.value)
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's dense buffers (BatchNorm running statistics of the Dice units).
@@ -56,7 +62,8 @@ def build_sharded_model(config: TrainConfig, env: DistEnv, vocab_sizes: Mapping[
     attach_embedding_optimizer(module, config)
     sharders = make_sharders()
     topology = make_topology(detect_cluster(env.world_size, env.local_world_size, env.device))
-    planner = make_planner(topology, parse_constraints(config.shard), batch_size=config.batch_size)
+    constraints = with_fused_defaults(parse_constraints(config.shard), table_shapes(module))
+    planner = make_planner(topology, constraints, batch_size=config.batch_size)
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     rows = plan_table(plan, env.world_size, table_shapes(module))
     dmp = DistributedModelParallel(module, device=env.device, plan=plan, sharders=sharders)
