@@ -7,8 +7,8 @@ larger than the CPU caches) is built, and for each history length L a batch whos
 
 - ``reference``: gather the rows, convert to float, normalise, batched matmul, top-k (the released code's way);
 - ``cosine_topk``: model/gsu.py;
-- ``index_select``: a bare gather of the same rows into a reused, pre-written buffer, ``chunk_rows`` at a time
-  (the real limit for random row gathers);
+- ``index_select``: a bare gather of the same rows into a reused, pre-written buffer, as many rows at a time as
+  ``cosine_topk`` gathers at once (``gather_rows_for``: an L2-sized block), the real limit for random row gathers;
 - ``copy``: memcpy bandwidth between two pre-written buffers (so untouched pages do not inflate it).
 
 Everything runs with ``--threads`` torch threads (default 1, as in a DataLoader worker, where the GSU runs;
@@ -17,8 +17,8 @@ every user has ``--samples-per-user`` samples (one history row, different target
 batch), as in Taobao-MM; there the bare gather reads each distinct history once.
 
 Printed: ms per batch, behaviors/s (B * L / time), peak extra resident memory (``VmHWM`` after a reset,
-Linux), ratios vs the reference and vs the bare gather, and whether both GSUs selected the same behaviors
-(top-k scores within 1e-5).
+Linux), ratios vs the reference and vs the bare gather, whether both GSUs selected the same behaviors
+(top-k scores within 1e-5), and the system load average before and after (the CPUs may be shared).
 """
 
 import argparse
@@ -32,7 +32,7 @@ import torch
 
 from common.errors import UserError
 from common.io import path_manager
-from model.gsu import chunk_rows_for, cosine_topk
+from model.gsu import chunk_rows_for, cosine_topk, gather_rows_for
 from model.mm_table import INT8_SCALE, RowNorms, row_norms
 
 _GB = 1 << 30
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: the GSU runs in DataLoader workers, one thread each)")
     parser.add_argument("--chunk-rows", type=int, default=None,
-                        help="rows per gather for cosine_topk and the bare gather (default: cosine_topk's, 4 MB of rows)")
+                        help="history positions cosine_topk filters per step (default: its DEFAULT_CHUNK_ROWS)")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run (0.25 GB tables, L <= 10,000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -85,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
         args.lengths = [length for length in args.lengths if length <= 10000] or [1000]
     shared_lengths = args.shared_lengths if args.shared_lengths is not None else [max(args.lengths)]
     generator = torch.Generator().manual_seed(args.seed)
+    load_before = _load_average()
     copy_gbps = _copy_bandwidth(args.repeats)
-    print(f"threads {torch.get_num_threads()}, copy bandwidth (pre-written buffers): {copy_gbps:.2f} GB/s")
+    print(f"threads {torch.get_num_threads()}, copy bandwidth (pre-written buffers): {copy_gbps:.2f} GB/s, "
+          f"load average {load_before}")
     rows: List[Row] = []
     for name in args.dtypes:
         table, norms = _random_table(name, args.table_gb, args.dim, generator)
@@ -102,10 +104,13 @@ def run(args: argparse.Namespace) -> int:
             rows += _compare(args, name, table, norms, targets, history, distinct, per_user)
             _print(rows[-3:])
         del table, norms
+    load_after = _load_average()
     _print_summary(rows, copy_gbps)
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}, on {os.cpu_count()} CPUs")
     if args.json:
         _write_json(args.json, {"copy_gbps": copy_gbps, "threads": torch.get_num_threads(), "args": vars(args),
-                                "results": [asdict(r) for r in rows]})
+                                "load_average_before": load_before, "load_average_after": load_after,
+                                "cpus": os.cpu_count(), "results": [asdict(r) for r in rows]})
     return 0
 
 
@@ -164,12 +169,13 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
     any exact GSU that shares them; with one sample per user, every row of the batch)."""
     batch, length = history.shape
     chunk = chunk_rows_for(table, args.chunk_rows)
-    buffer = torch.zeros(chunk, table.shape[1], dtype=table.dtype)
+    step = gather_rows_for(table, chunk)
+    buffer = torch.zeros(step, table.shape[1], dtype=table.dtype)
     flat = distinct.reshape(-1)
 
     def gather() -> None:
-        for start in range(0, flat.shape[0], chunk):
-            ids = flat[start:start + chunk]
+        for start in range(0, flat.shape[0], step):
+            ids = flat[start:start + step]
             torch.index_select(table, 0, ids, out=buffer[: ids.shape[0]])
 
     methods: Dict[str, Callable[[], object]] = {
@@ -209,6 +215,14 @@ def _peak_extra_mb(fn: Callable[[], object]) -> Tuple[object, Optional[float]]:
         return result, (_status_kb("VmHWM") - base) / 1024
     except OSError:
         return fn(), None
+
+
+def _load_average() -> Optional[List[float]]:
+    """The system's 1, 5 and 15 minute load averages (other processes share the CPUs); None where unknown."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _status_kb(field: str) -> int:

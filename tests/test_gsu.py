@@ -79,6 +79,20 @@ def test_long_history_through_the_running_threshold(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_default_sizes_gather_long_pieces_in_several_blocks(dtype):
+    """D = 128 and the default chunk: pieces longer than one gather (model.gsu_inputs.GATHER_BYTES of rows) are
+    gathered and filtered block by block, for packed single histories and for a shared one."""
+    table = random_table(3000, 128, dtype, 13)
+    users = random_history(3, 9000, 3000, 13)
+    hist = users[torch.tensor([0, 1, 2, 1, 1])]
+    targets = torch.tensor([5, 6, 7, 8, 9])
+    assert_matches(cosine_topk(table, targets, hist, 30), brute_force(table, targets, hist, 30), 30)
+    hist[2, 4000] = 3000  # outside the table, deep inside a long piece
+    with pytest.raises(ValueError, match="history_ids"):
+        cosine_topk(table, targets, hist, 30)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_many_exact_ties_at_the_running_threshold(dtype):
     """Rows of +-1 all have the same norm, so the filter bound is tight and cosines take only D + 1 values:
     thousands of rows tie with the k-th best, and only the most recent of them may be kept."""

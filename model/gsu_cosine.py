@@ -1,0 +1,52 @@
+"""Exact cosines of given (behavior, target) pairs, computed exactly as ``cosine_topk`` scores them, so a pair
+gets the same float32 score wherever it occurs (top-k, recent behaviors, whole-history scores)."""
+
+from typing import Optional
+
+import torch
+
+from model.gsu_inputs import chunk_rows_for
+from model.mm_table import RowNorms
+
+
+def exact_dots(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float64 [...] dot products over the last dim of ``rows`` and ``targets`` (broadcastable, table dtype), one
+    pair at a time with the same operations wherever the pair occurs, so equal pairs always get equal scores.
+    int8 and bf16 are summed in float32: exact for int8 (integer sums below 2**24), and bf16 products are exact
+    in float32 so only the sum rounds (~1e-7 relative); float32 tables are multiplied and summed in float64."""
+    work = torch.float64 if rows.dtype == torch.float32 else torch.float32
+    return (rows.to(work) * targets.to(work)).sum(-1).double()
+
+
+def cosines(dots: torch.Tensor, sq_items: torch.Tensor, sq_targets: torch.Tensor) -> torch.Tensor:
+    """float32 [n] = fl32(dot / sqrt(|r|^2 |t|^2)) computed in float64; dots float64 [n]. A zero row has dot 0 and
+    gets +0.0 (the clamp only keeps 0 / 0 away, genuine products are far above it; + 0.0 turns -0.0 into +0.0,
+    so every zero score has the same rank key)."""
+    return (dots / (sq_items.double() * sq_targets.double()).clamp_min(1e-300).sqrt()).to(torch.float32) + 0.0
+
+
+def pair_cosine(table: torch.Tensor, norms: RowNorms, item_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """float32 [n] cosine(table[item_ids[i]], table[target_ids[i]]), bit-identical to the score ``cosine_topk``
+    gives the same pair; 0 where either row is zero. item_ids, target_ids: int64 [n]."""
+    items, targets = table.index_select(0, item_ids), table.index_select(0, target_ids)
+    return cosines(exact_dots(items, targets), norms.sq_norm.index_select(0, item_ids),
+                   norms.sq_norm.index_select(0, target_ids))
+
+
+def history_cosines(table: torch.Tensor, norms: RowNorms, target_ids: torch.Tensor, history_ids: torch.Tensor,
+                    chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """float32 [B, L]: cosine of every history position with its sample's target (0 at padding), computed
+    about ``chunk_rows`` behaviors at a time. target_ids int64 [B]; history_ids int64 [B, L]."""
+    chunk_rows = chunk_rows_for(table, chunk_rows)
+    batch, length = history_ids.shape
+    out = torch.zeros(batch, length, dtype=torch.float32)
+    rows = max(1, chunk_rows // max(1, length))
+    cols = min(length, chunk_rows)
+    for b0 in range(0, batch, rows):
+        for s in range(0, length, max(1, cols)):
+            hist = history_ids[b0:b0 + rows, s:s + cols]
+            mask = hist != 0
+            if bool(mask.any()):
+                targets = target_ids[b0:b0 + rows, None].expand_as(hist)[mask]
+                out[b0:b0 + rows, s:s + cols][mask] = pair_cosine(table, norms, hist[mask], targets)
+    return out

@@ -1,0 +1,161 @@
+"""The prefilter of ``cosine_topk``: dot products of gathered history rows with their targets in the table's
+own precision, and the smallest such dot a row needs to possibly reach a sample's running k-th score.
+
+The filter dot is exact for int8 (int8 x int8 -> int32 with ``torch._int_mm``) and within the _FILTER_*
+allowances for bf16/float32 (a matmul in the table's dtype, float32 accumulation). Rows are gathered
+``gather_rows`` at a time into one reused buffer that stays in L2 (``model.gsu_inputs.GATHER_BYTES``), and
+each gathered block is multiplied at once, before the next gather evicts it; only the dot products
+(a few bytes per row and target) are kept for the whole piece. Blocks of several short histories (shorter
+than one gather) are gathered whole and multiplied in one op: there the per-op cost dominates.
+"""
+
+import math
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from model.gsu_inputs import gather, gather_rows_for
+from model.mm_table import RowNorms
+
+_INT32_MIN, _INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
+# Rounding allowances of the float filters (see thresholds): bf16 output rounding is <= 2**-8 relative,
+# float32 accumulation over D <= 128 terms is far below 2**-10 of |t| |r|.
+_FILTER_REL = 2.0 ** -6
+_FILTER_ABS = 2.0 ** -10
+_SCORE_SLACK = 2.0 ** -20  # float64 rounding of the norms and the division, far below float32's
+
+
+class FilterDots:
+    """Filter dot products and thresholds for the targets of one ``cosine_topk`` call.
+
+    table [N, D], norms its RowNorms, target_ids int64 [B]; chunk_rows bounds the rows of one call of
+    ``shared``/``packed`` (and so the scratch memory: chunk_rows x columns dot products).
+    """
+
+    def __init__(self, table: torch.Tensor, norms: RowNorms, target_ids: torch.Tensor, chunk_rows: int):
+        self.table = table
+        self.norms = norms
+        self.exact_int = table.dtype == torch.int8
+        self.targets = table.index_select(0, target_ids)  # [B, D], table dtype
+        self.sq_t = norms.sq_norm.index_select(0, target_ids).double()  # [B]
+        self.inv_t = [1.0 / math.sqrt(v) if v > 0 else 0.0 for v in self.sq_t.tolist()]
+        self.inv_min, self.inv_max = 1.0 / norms.max_norm, 1.0 / norms.min_norm
+        # _int_mm is wrong for D = 1 on CPU (torch 2.13): float32 is exact there and used instead.
+        self.int_mm = self.exact_int and table.shape[1] > 1
+        self.dot_dtype = torch.int32 if self.exact_int else table.dtype
+        self.gather_rows = gather_rows_for(table, chunk_rows)
+        self.buffer = torch.empty(self.gather_rows, table.shape[1], dtype=table.dtype)
+        self._scratch = torch.empty(0, dtype=self.dot_dtype)
+        self._block = torch.empty(0, table.shape[1], dtype=table.dtype)
+        self._columns: Dict[Tuple[int, ...], torch.Tensor] = {}
+
+    def columns(self, samples: List[int]) -> torch.Tensor:
+        """Targets of ``samples`` as a contiguous [D, G'] matrix, G' = G or (int8, G > 1) G rounded up to a multiple
+        of 8 with zero columns, which _int_mm runs much faster. Cached: a sample's columns are reused per piece."""
+        key = tuple(samples)
+        if key not in self._columns:
+            columns = self.targets[samples].t()
+            if self.int_mm and len(samples) > 1 and len(samples) % 8:
+                columns = torch.nn.functional.pad(columns, (0, 8 - len(samples) % 8))
+            self._columns[key] = columns.contiguous()
+        return self._columns[key]
+
+    def shared(self, ids: torch.Tensor, samples: List[int]) -> torch.Tensor:
+        """[R, G] filter dots of the rows ``ids`` [R] (one history) with the targets of all G ``samples``."""
+        columns = self.columns(samples)
+        out = self.scratch(ids.shape[0] * columns.shape[1]).view(ids.shape[0], columns.shape[1])
+        self._dots_into(ids, columns, out)
+        return out[:, : len(samples)]
+
+    def packed(self, ids: torch.Tensor, samples: List[int], width: int) -> torch.Tensor:
+        """[nb, width] filter dots of nb = len(samples) histories of ``width`` rows each (ids [nb * width],
+        history i at i * width...), each with its own sample's target."""
+        nb = len(samples)
+        if nb == 1:
+            return self.shared(ids, samples).view(1, width)
+        out = self.scratch(nb * width).view(nb, width)
+        if width >= self.gather_rows:  # each history fills whole gathers
+            for h, sample in enumerate(samples):
+                self._dots_into(ids[h * width:(h + 1) * width], self.columns([sample]), out[h].view(width, 1))
+            return out
+        # Short histories: one gather and one product for the whole block (fewer, larger ops win here).
+        block = gather(self.table, ids, self._block_buffer(ids.shape[0]))
+        if self.exact_int:  # one matmul against all nb targets (fast), keep history i x target i
+            full = self._mm(block, self.columns(samples), None).view(nb, width, -1)
+            out.copy_(torch.diagonal(full[:, :, :nb], dim1=0, dim2=2).t())
+        else:
+            torch.bmm(block.view(nb, width, -1), self.targets[samples][:, :, None], out=out[:, :, None])
+        return out
+
+    def _block_buffer(self, rows: int) -> torch.Tensor:
+        """A reused [>= rows, D] buffer for whole packed blocks (at most chunk_rows rows)."""
+        if self._block.shape[0] < rows:
+            self._block = torch.empty(rows, self.table.shape[1], dtype=self.table.dtype)
+        return self._block
+
+    def scratch(self, size: int) -> torch.Tensor:
+        """A reused flat buffer of at least ``size`` dot products (grown as needed, never shrunk)."""
+        if self._scratch.numel() < size:
+            self._scratch = torch.empty(size, dtype=self.dot_dtype)
+        return self._scratch[:size]
+
+    def _dots_into(self, ids: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
+        """out [R, G'] = rows ``ids`` [R] x columns [D, G'], gathered ``gather_rows`` at a time."""
+        if ids.shape[0] <= self.gather_rows:
+            self._mm(gather(self.table, ids, self.buffer), columns, out)
+            return
+        try:
+            for part, part_out in zip(ids.split(self.gather_rows), out.split(self.gather_rows)):
+                self._mm(torch.index_select(self.table, 0, part, out=self.buffer[: part.shape[0]]), columns, part_out)
+        except IndexError:
+            gather(self.table, ids)  # raises the ValueError naming history_ids
+
+    def _mm(self, rows: torch.Tensor, columns: torch.Tensor, out) -> torch.Tensor:
+        """rows [R, D] x columns [D, G'] in the filter's precision, into ``out`` [R, G'] when given."""
+        if self.int_mm:
+            return torch._int_mm(rows, columns) if out is None else torch._int_mm(rows, columns, out=out)
+        if self.exact_int:
+            result = torch.mm(rows.to(torch.float32), columns.to(torch.float32)).to(torch.int32)
+            return result if out is None else out.copy_(result)
+        return torch.mm(rows, columns) if out is None else torch.mm(rows, columns, out=out)
+
+    def thresholds(self, taus: List[float], samples: List[int]) -> List[float]:
+        """Per sample, the smallest filter dot a row needs for its exact score to possibly reach tau.
+
+        score = fl32(d / (|r| |t|)) >= tau implies d * inv_r * inv_t >= tau' = tau - slack, and inv_r = 1 / |r|
+        lies in [inv_min, inv_max] for non-zero rows, so d >= tau' / (inv_max * inv_t) when tau' > 0 and
+        d >= tau' / (inv_min * inv_t) otherwise (a zero row has d = 0 and score 0, consistent with both).
+        """
+        out = []
+        for tau, sample in zip(taus, samples):
+            if tau == -math.inf:
+                out.append(-math.inf)
+                continue
+            low = tau - abs(tau) * _SCORE_SLACK - 1e-40
+            inv_t = self.inv_t[sample]
+            if inv_t == 0.0:  # a zero target scores 0 against every row: all rows or none
+                out.append(-math.inf if low <= 0 else math.inf)
+                continue
+            need = low / ((self.inv_max if low > 0 else self.inv_min) * inv_t)
+            if not self.exact_int:
+                need -= _FILTER_ABS / (inv_t * self.inv_min)
+                need = need / (1 + _FILTER_REL) if need >= 0 else need / (1 - _FILTER_REL)
+            out.append(need)
+        return out
+
+    def threshold_tensor(self, needs: List[float]) -> torch.Tensor:
+        """[G] thresholds in a dtype the filter dots compare with exactly, rounded down (int32 for int8, float32
+        otherwise)."""
+        if self.exact_int:
+            return torch.tensor([_INT32_MIN if n == -math.inf else _INT32_MAX if n == math.inf
+                                 else max(_INT32_MIN, min(_INT32_MAX, math.floor(n) - 1)) for n in needs], dtype=torch.int32)
+        return torch.tensor([_float32_at_most(n) for n in needs], dtype=torch.float32)
+
+
+def _float32_at_most(value: float) -> float:
+    """The largest float32 <= value (value may be +-inf)."""
+    rounded = np.float32(value)
+    if float(rounded) > value:
+        rounded = np.nextafter(rounded, np.float32(-np.inf))
+    return float(rounded)

@@ -1,0 +1,213 @@
+"""``cosine_topk``: exact cosine top-K of each sample's target item against its whole behavior history in the
+frozen multimodal table.
+
+The history is streamed in pieces of positions, newest first, so memory stays bounded by the piece whatever
+L is (no float [B, L, D] tensor ever exists). Per piece the rows are gathered a few hundred KB at a time and
+their dot products with the target taken at once in the table's own precision (``model.gsu_filter``);
+only rows whose dot could still reach the running K-th best cosine are kept: the bound uses the smallest
+norm of any table row, so no row that belongs in the top K is dropped. Those few candidates get their
+cosine (dot / sqrt(|r|^2 |t|^2) in float64 from the stored squared norms, rounded to float32) and are merged
+into the running top K once per piece (``model.gsu_ranking``): equal scores rank the larger (more recent)
+position first, deterministically.
+
+Samples of a batch that share a history (the same user, ~11 samples per user in Taobao-MM) are detected
+(identical rows) and that history is fetched and scored once for all of their targets.
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from model.gsu_cosine import exact_dots
+from model.gsu_filter import FilterDots
+from model.gsu_inputs import check_inputs, chunk_rows_for, gather, norms_for
+from model.gsu_ranking import Candidates, RunningTopK
+from model.mm_table import RowNorms
+
+# Most single-sample histories scored together in one block.
+MAX_PACKED = 16
+# Most samples scored together against one shared history (a larger group is split, bounding the dot
+# products kept per piece to chunk_rows x MAX_SHARED).
+MAX_SHARED = 64
+
+
+def cosine_topk(
+    table: torch.Tensor,
+    target_ids: torch.Tensor,
+    history_ids: torch.Tensor,
+    k: int,
+    norms: Optional[RowNorms] = None,
+    chunk_rows: Optional[int] = None,
+    share_histories: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` history behaviors of each sample by cosine with its target in ``table``.
+
+    table:       [N, D] float32, bfloat16 or int8 (int8 stands for value / 127); row 0 is padding.
+    target_ids:  int64 [B] rows of ``table``.
+    history_ids: int64 [B, L] rows of ``table``, 0 = padding (never selected); any L.
+    k:           1 <= k <= L.
+    norms:       optional precomputed ``RowNorms`` of ``table`` (``MMTable.norms``); computed once per table
+                 tensor and cached otherwise.
+    chunk_rows:  history positions filtered per step (default DEFAULT_CHUNK_ROWS); memory stays within a few
+                 times ``chunk_rows * (4 * targets per block + 32)`` bytes plus one L2-sized gather buffer,
+                 whatever B and L.
+    share_histories: score identical history rows once for all their samples.
+
+    Returns ``scores`` float32 [B, k]: cosine as on the float table, descending among valid slots (ties:
+    larger position first); ``positions`` int64 [B, k]: indices into L; ``valid`` bool [B, k]: False where
+    the sample has fewer than k non-padding behaviors (those slots come last, with score 0 and position 0).
+    A zero content row has cosine 0.
+    """
+    check_inputs(table, target_ids, history_ids, k)
+    chunk_rows = chunk_rows_for(table, chunk_rows)
+    norms = norms_for(table, norms)
+    batch, length = history_ids.shape
+    filters = FilterDots(table, norms, target_ids, chunk_rows)
+    state = RunningTopK(batch, k)
+    groups = history_groups(history_ids) if share_histories else [[b] for b in range(batch)]
+    for start, end in pieces(length, k, chunk_rows):
+        width = end - start
+        found = Candidates()
+        for block in blocks(groups, width, chunk_rows):
+            rows = [members[0] for members in block]
+            if len(rows) == 1:
+                ids = history_ids[rows[0], start:end]
+            else:
+                ids = history_ids[torch.tensor(rows), start:end].reshape(-1)
+            if not bool(ids.any()):
+                continue
+            _filter_block(filters, state, ids, block, start, width, found)
+            if found.size >= chunk_rows:  # keep memory bounded by the chunk, whatever the batch size
+                found.merge_into(norms, filters.sq_t, state)
+                found = Candidates()
+        found.merge_into(norms, filters.sq_t, state)
+    return state.result()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Work decomposition: shared histories, pieces of positions, blocks of histories.
+
+
+def history_groups(history_ids: torch.Tensor) -> List[List[int]]:
+    """Sample indices grouped by identical history rows (each group's first sample is its representative),
+    groups of at most MAX_SHARED samples."""
+    batch, length = history_ids.shape
+    if batch == 1:
+        return [[0]]
+    probe = torch.unique(torch.cat([torch.linspace(0, length - 1, 24).long(), torch.arange(max(0, length - 8), length)]))
+    _, inverse = torch.unique(history_ids[:, probe], dim=0, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    groups: List[List[int]] = []
+    for members in torch.split(order, torch.bincount(inverse).tolist()):
+        pending = members.tolist()
+        while pending:  # equal probes are only a hint: confirm on the whole row, split any mismatch off
+            rep, same, rest = pending[0], [pending[0]], []
+            for m in pending[1:]:
+                (same if torch.equal(history_ids[m], history_ids[rep]) else rest).append(m)
+            groups += [same[i:i + MAX_SHARED] for i in range(0, len(same), MAX_SHARED)]
+            pending = rest
+    return groups
+
+
+def pieces(length: int, k: int, chunk_rows: int) -> List[Tuple[int, int]]:
+    """Position ranges, newest first, growing 4x from a short first piece (enough to fill the top k and set a
+    threshold) up to ``chunk_rows``, so the threshold is already tight when the long pieces come."""
+    out: List[Tuple[int, int]] = []
+    size, end = min(chunk_rows, max(8 * k, 256)), length
+    while end > 0:
+        out.append((max(0, end - size), end))
+        end -= size
+        size = min(chunk_rows, size * 4)
+    return out
+
+
+def blocks(groups: List[List[int]], width: int, chunk_rows: int) -> List[List[List[int]]]:
+    """The groups of one piece, in blocks: single-sample histories packed up to ``chunk_rows`` gathered rows
+    (and MAX_PACKED histories), a history shared by several samples alone in its block."""
+    out: List[List[List[int]]] = []
+    packed: List[List[int]] = []
+    limit = max(1, min(MAX_PACKED, chunk_rows // max(1, width)))
+    for members in groups:
+        if len(members) > 1:
+            out.append([members])
+            continue
+        packed.append(members)
+        if len(packed) == limit:
+            out.append(packed)
+            packed = []
+    if packed:
+        out.append(packed)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Filtering one block.
+
+
+def _filter_block(filters: FilterDots, state: RunningTopK, ids: torch.Tensor, block: List[List[int]], start: int,
+                  width: int, found: Candidates) -> None:
+    """Filter one block: add the rows whose exact score could reach their sample's running k-th to ``found``.
+
+    block: either nb packed single-sample histories (ids [nb * width], history i at i * width...) or one
+           history shared by the G samples of ``block[0]`` (ids [width]).
+    ids: int64 the table rows of the block; start: position of the block's first column in L.
+    """
+    packed = len(block) > 1 or len(block[0]) == 1
+    samples = [members[0] for members in block] if packed else block[0]
+    taus = [state.tau[s] for s in samples]
+    if not filters.exact_int and max(taus) == -math.inf:
+        # Nothing to filter against yet (every row is a candidate): score the block directly.
+        _add_all(filters, ids, samples, packed, start, width, found)
+        return
+    needs = filters.thresholds(taus, samples)
+    need = filters.threshold_tensor(needs)
+    if packed:
+        dots = filters.packed(ids, samples, width)  # [nb, width]
+        local = (dots >= need[:, None]).view(-1).nonzero().squeeze(1)  # ascending: grouped by history
+        if local.numel() == 0:
+            return
+        columns = local // width if len(samples) > 1 else torch.zeros_like(local)
+        d = dots.view(-1).index_select(0, local)
+        within = local - columns * width if len(samples) > 1 else local
+    else:
+        dots = filters.shared(ids, samples)  # [width, G]
+        hits = (dots >= need[None, :]).t().nonzero()  # (column, row), column-major: grouped by sample
+        if hits.shape[0] == 0:
+            return
+        columns, local = hits[:, 0], hits[:, 1]
+        d = dots[local, columns]
+        within = local
+    cand_ids = ids.index_select(0, local)
+    if min(needs) <= 0:  # padding rows (dot 0) can pass a threshold <= 0: drop them
+        real = cand_ids != 0
+        if not bool(real.all()):
+            columns, d, within, cand_ids = columns[real], d[real], within[real], cand_ids[real]
+            if columns.numel() == 0:
+                return
+    if filters.exact_int:
+        exact = d.double()
+    else:  # the few candidates' rows again (the gather buffer has moved on), dotted exactly
+        targets = filters.targets.index_select(0, torch.tensor(samples).index_select(0, columns))
+        exact = exact_dots(gather(filters.table, cand_ids), targets)
+    found.add(samples, columns, within + start, cand_ids, exact)
+
+
+def _add_all(filters: FilterDots, ids: torch.Tensor, samples: List[int], packed: bool, start: int, width: int,
+             found: Candidates) -> None:
+    """Every non-padding row of a block is a candidate: exact dots of the whole block at once (while the block's
+    samples have fewer than k behaviors so far: usually only the short first piece)."""
+    rows = gather(filters.table, ids)
+    targets = filters.targets[samples]  # [G, D]
+    if packed:  # history i against target i: [nb, width]
+        dots = exact_dots(rows.view(len(samples), width, -1), targets[:, None, :])
+        flat_ids = ids
+    else:  # one history against every target: [G, width]
+        dots = exact_dots(rows[None, :, :], targets[:, None, :])
+        flat_ids = ids.repeat(len(samples))
+    columns = torch.arange(len(samples)).repeat_interleave(width)
+    within = torch.arange(width).repeat(len(samples))
+    real = flat_ids != 0
+    if not bool(real.any()):
+        return
+    found.add(samples, columns[real], within[real] + start, flat_ids[real], dots.reshape(-1)[real])
