@@ -6,7 +6,7 @@ larger than the CPU caches) is built, and for each history length L a batch whos
 ``--history-gb`` (B = history bytes / (L * row bytes)). Timed, best of ``--repeats`` (interleaved):
 
 - ``reference``: gather the rows, convert to float, normalise, batched matmul, top-k (the released code's way);
-- ``cosine_topk``: model/gsu.py;
+- ``cosine_topk``: model/gsu.py (for bf16, prefiltering on the table's int8 shadow unless ``--no-int8-filter``);
 - ``index_select``: a bare gather of the same rows into a reused, pre-written buffer, as many rows at a time as
   ``cosine_topk`` gathers at once (``gather_rows_for``: an L2-sized block), the real limit for random row gathers;
 - ``copy``: memcpy bandwidth between two pre-written buffers (so untouched pages do not inflate it).
@@ -33,6 +33,7 @@ import torch
 from common.errors import UserError
 from common.io import path_manager
 from model.gsu import chunk_rows_for, cosine_topk, gather_rows_for
+from model.gsu_shadow import FilterShadow, filter_shadow
 from model.mm_table import INT8_SCALE, RowNorms, row_norms
 
 _GB = 1 << 30
@@ -56,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-rows", type=int, default=None,
                         help="history positions cosine_topk filters per step (default: its DEFAULT_CHUNK_ROWS)")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run (0.25 GB tables, L <= 10,000)")
+    parser.add_argument("--int8-filter", action=argparse.BooleanOptionalAction, default=True,
+                        help="bf16/float32 tables: cosine_topk prefilters on the table's int8 shadow (default on; "
+                             "built once per table, before timing, as MMTable does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -95,15 +99,20 @@ def run(args: argparse.Namespace) -> int:
         row_bytes = table.element_size() * args.dim
         print(f"\n{name} table: {table.shape[0]:,} x {args.dim} ({table.numel() * table.element_size() / _GB:.2f} GB), "
               f"copy ceiling {copy_gbps * 1e9 / row_bytes / 1e6:.1f} M rows/s")
+        shadow = None
+        if table.dtype != torch.int8 and args.int8_filter:
+            start = time.perf_counter()
+            shadow = filter_shadow(table, norms.sq_norm)
+            print(f"int8 filter shadow: {shadow.rows.numel() / _GB:.2f} GB, built in {time.perf_counter() - start:.1f} s")
         cases = [(length, 1) for length in args.lengths] + [(length, args.samples_per_user) for length in shared_lengths]
         for length, per_user in cases:
             if args.k > length:
                 raise UserError(f"--k {args.k}: larger than --lengths {length}")
             batch = max(per_user, int(args.history_gb * _GB // (length * row_bytes)) // per_user * per_user)
             targets, history, distinct = _random_batch(table.shape[0], batch, length, per_user, generator)
-            rows += _compare(args, name, table, norms, targets, history, distinct, per_user)
+            rows += _compare(args, name, table, norms, shadow, targets, history, distinct, per_user)
             _print(rows[-3:])
-        del table, norms
+        del table, norms, shadow
     load_after = _load_average()
     _print_summary(rows, copy_gbps)
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}, on {os.cpu_count()} CPUs")
@@ -163,10 +172,12 @@ def reference_topk(table: torch.Tensor, target_ids: torch.Tensor, history_ids: t
     return torch.topk(scores, k, dim=1)
 
 
-def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: RowNorms, targets: torch.Tensor,
-             history: torch.Tensor, distinct: torch.Tensor, per_user: int) -> List[Row]:
+def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: RowNorms,
+             shadow: Optional[FilterShadow], targets: torch.Tensor, history: torch.Tensor, distinct: torch.Tensor,
+             per_user: int) -> List[Row]:
     """Time the three methods on one batch. The bare gather reads each distinct history once (the floor of
-    any exact GSU that shares them; with one sample per user, every row of the batch)."""
+    any exact GSU that shares them; with one sample per user, every row of the batch), always of the table's
+    own rows (with the int8 shadow, ``cosine_topk``'s filter reads half the bytes of a bf16 row)."""
     batch, length = history.shape
     chunk = chunk_rows_for(table, args.chunk_rows)
     step = gather_rows_for(table, chunk)
@@ -180,7 +191,8 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
 
     methods: Dict[str, Callable[[], object]] = {
         "reference": lambda: reference_topk(table, targets, history, args.k),
-        "cosine_topk": lambda: cosine_topk(table, targets, history, args.k, norms=norms, chunk_rows=chunk),
+        "cosine_topk": lambda: cosine_topk(table, targets, history, args.k, norms=norms, chunk_rows=chunk,
+                                           shadow=shadow, int8_filter=shadow is not None),
         "index_select": gather,
     }
     best = {m: float("inf") for m in methods}

@@ -2,9 +2,10 @@
 a user's whole behavior history in the frozen multimodal table, ``model.gsu_topk``) and ``GsuStage`` (the
 input-pipeline stage ``RawBatch -> Batch``, ``model.gsu_stage``), plus the pair cosines they share.
 
-Modules: ``gsu_inputs`` (argument checks, work sizes, norms cache), ``gsu_filter`` (prefilter dot products
-and thresholds), ``gsu_ranking`` (running top-k keys), ``gsu_cosine`` (exact pair cosines), ``gsu_topk``
-(the streaming top-k), ``gsu_stage`` (the pipeline stage).
+Modules: ``gsu_inputs`` (argument checks, work sizes, norms and shadow caches), ``gsu_shadow`` (the int8
+filter shadow of bf16/float32 tables), ``gsu_filter`` (prefilter dot products and thresholds), ``gsu_ranking``
+(running top-k keys), ``gsu_cosine`` (exact pair cosines), ``gsu_topk`` (the streaming top-k), ``gsu_stage``
+(the pipeline stage).
 """
 
 from model.gsu_cosine import history_cosines, pair_cosine

@@ -1,21 +1,24 @@
 """The prefilter of ``cosine_topk``: dot products of gathered history rows with their targets in the table's
 own precision, and the smallest such dot a row needs to possibly reach a sample's running k-th score.
 
-The filter dot is exact for int8 (int8 x int8 -> int32 with ``torch._int_mm``) and within the _FILTER_*
-allowances for bf16/float32 (a matmul in the table's dtype, float32 accumulation). Rows are gathered
-``gather_rows`` at a time into one reused buffer that stays in L2 (``model.gsu_inputs.GATHER_BYTES``), and
+The filter dot is exact for int8 (int8 x int8 -> int32 with ``torch._int_mm``). For bf16/float32 tables it is
+either the int32 dot of the rows' int8 shadow with the target quantized the same way (``model.gsu_shadow``,
+the default: half the bytes gathered of a bf16 row), within the quantization bound derived in
+``_shadow_need``, or a matmul in the table's dtype (float32 accumulation), within the _FILTER_* allowances.
+Rows are gathered ``gather_rows`` at a time into one reused buffer that stays in L2 (``model.gsu_inputs.GATHER_BYTES``), and
 each gathered block is multiplied at once, before the next gather evicts it; only the dot products
 (a few bytes per row and target) are kept for the whole piece. Blocks of several short histories (shorter
 than one gather) are gathered whole and multiplied in one op: there the per-op cost dominates.
 """
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from model.gsu_inputs import gather, gather_rows_for
+from model.gsu_shadow import FilterShadow
 from model.mm_table import RowNorms
 
 _INT32_MIN, _INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
@@ -24,30 +27,38 @@ _INT32_MIN, _INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).
 _FILTER_REL = 2.0 ** -6
 _FILTER_ABS = 2.0 ** -10
 _SCORE_SLACK = 2.0 ** -20  # float64 rounding of the norms and the division, far below float32's
+# Margin on a shadow threshold for the float64 arithmetic that computes it (its terms are below 2**24).
+_SHADOW_MARGIN = 1e-9
 
 
 class FilterDots:
     """Filter dot products and thresholds for the targets of one ``cosine_topk`` call.
 
-    table [N, D], norms its RowNorms, target_ids int64 [B]; chunk_rows bounds the rows of one call of
+    table [N, D], norms its RowNorms, target_ids int64 [B]; shadow: the int8 ``FilterShadow`` of a bf16/float32
+    table to filter on, or None (filter on the table itself); chunk_rows bounds the rows of one call of
     ``shared``/``packed`` (and so the scratch memory: chunk_rows x columns dot products).
     """
 
-    def __init__(self, table: torch.Tensor, norms: RowNorms, target_ids: torch.Tensor, chunk_rows: int):
+    def __init__(self, table: torch.Tensor, norms: RowNorms, target_ids: torch.Tensor, chunk_rows: int,
+                 shadow: Optional[FilterShadow] = None):
         self.table = table
         self.norms = norms
-        self.exact_int = table.dtype == torch.int8
+        self.exact_int = table.dtype == torch.int8  # filter dots are the exact dots
+        self.shadow = None if self.exact_int else shadow
+        self.int_filter = self.exact_int or self.shadow is not None  # filter dots are int32
+        self.filter_table = table if self.shadow is None else self.shadow.rows  # the rows the filter gathers
         self.targets = table.index_select(0, target_ids)  # [B, D], table dtype
         self.sq_t = norms.sq_norm.index_select(0, target_ids).double()  # [B]
         self.inv_t = [1.0 / math.sqrt(v) if v > 0 else 0.0 for v in self.sq_t.tolist()]
         self.inv_min, self.inv_max = 1.0 / norms.max_norm, 1.0 / norms.min_norm
+        self.filter_targets = self.targets if self.shadow is None else self._quantized_targets()
         # _int_mm is wrong for D = 1 on CPU (torch 2.13): float32 is exact there and used instead.
-        self.int_mm = self.exact_int and table.shape[1] > 1
-        self.dot_dtype = torch.int32 if self.exact_int else table.dtype
-        self.gather_rows = gather_rows_for(table, chunk_rows)
-        self.buffer = torch.empty(self.gather_rows, table.shape[1], dtype=table.dtype)
+        self.int_mm = self.int_filter and table.shape[1] > 1
+        self.dot_dtype = torch.int32 if self.int_filter else table.dtype
+        self.gather_rows = gather_rows_for(self.filter_table, chunk_rows)
+        self.buffer = torch.empty(self.gather_rows, table.shape[1], dtype=self.filter_table.dtype)
         self._scratch = torch.empty(0, dtype=self.dot_dtype)
-        self._block = torch.empty(0, table.shape[1], dtype=table.dtype)
+        self._block = torch.empty(0, table.shape[1], dtype=self.filter_table.dtype)
         self._columns: Dict[Tuple[int, ...], torch.Tensor] = {}
 
     def columns(self, samples: List[int]) -> torch.Tensor:
@@ -55,7 +66,7 @@ class FilterDots:
         of 8 with zero columns, which _int_mm runs much faster. Cached: a sample's columns are reused per piece."""
         key = tuple(samples)
         if key not in self._columns:
-            columns = self.targets[samples].t()
+            columns = self.filter_targets[samples].t()
             if self.int_mm and len(samples) > 1 and len(samples) % 8:
                 columns = torch.nn.functional.pad(columns, (0, 8 - len(samples) % 8))
             self._columns[key] = columns.contiguous()
@@ -80,8 +91,8 @@ class FilterDots:
                 self._dots_into(ids[h * width:(h + 1) * width], self.columns([sample]), out[h].view(width, 1))
             return out
         # Short histories: one gather and one product for the whole block (fewer, larger ops win here).
-        block = gather(self.table, ids, self._block_buffer(ids.shape[0]))
-        if self.exact_int:  # one matmul against all nb targets (fast), keep history i x target i
+        block = gather(self.filter_table, ids, self._block_buffer(ids.shape[0]))
+        if self.int_filter:  # one matmul against all nb targets (fast), keep history i x target i
             full = self._mm(block, self.columns(samples), None).view(nb, width, -1)
             out.copy_(torch.diagonal(full[:, :, :nb], dim1=0, dim2=2).t())
         else:
@@ -91,7 +102,7 @@ class FilterDots:
     def _block_buffer(self, rows: int) -> torch.Tensor:
         """A reused [>= rows, D] buffer for whole packed blocks (at most chunk_rows rows)."""
         if self._block.shape[0] < rows:
-            self._block = torch.empty(rows, self.table.shape[1], dtype=self.table.dtype)
+            self._block = torch.empty(rows, self.table.shape[1], dtype=self.filter_table.dtype)
         return self._block
 
     def scratch(self, size: int) -> torch.Tensor:
@@ -103,11 +114,11 @@ class FilterDots:
     def _dots_into(self, ids: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
         """out [R, G'] = rows ``ids`` [R] x columns [D, G'], gathered ``gather_rows`` at a time."""
         if ids.shape[0] <= self.gather_rows:
-            self._mm(gather(self.table, ids, self.buffer), columns, out)
+            self._mm(gather(self.filter_table, ids, self.buffer), columns, out)
             return
         try:
             for part, part_out in zip(ids.split(self.gather_rows), out.split(self.gather_rows)):
-                self._mm(torch.index_select(self.table, 0, part, out=self.buffer[: part.shape[0]]), columns, part_out)
+                self._mm(torch.index_select(self.filter_table, 0, part, out=self.buffer[: part.shape[0]]), columns, part_out)
         except IndexError:
             gather(self.table, ids)  # raises the ValueError naming history_ids
 
@@ -115,7 +126,7 @@ class FilterDots:
         """rows [R, D] x columns [D, G'] in the filter's precision, into ``out`` [R, G'] when given."""
         if self.int_mm:
             return torch._int_mm(rows, columns) if out is None else torch._int_mm(rows, columns, out=out)
-        if self.exact_int:
+        if self.int_filter:
             result = torch.mm(rows.to(torch.float32), columns.to(torch.float32)).to(torch.int32)
             return result if out is None else out.copy_(result)
         return torch.mm(rows, columns) if out is None else torch.mm(rows, columns, out=out)
@@ -137,6 +148,9 @@ class FilterDots:
             if inv_t == 0.0:  # a zero target scores 0 against every row: all rows or none
                 out.append(-math.inf if low <= 0 else math.inf)
                 continue
+            if self.shadow is not None:
+                out.append(self._shadow_need(low, sample))
+                continue
             need = low / ((self.inv_max if low > 0 else self.inv_min) * inv_t)
             if not self.exact_int:
                 need -= _FILTER_ABS / (inv_t * self.inv_min)
@@ -147,10 +161,44 @@ class FilterDots:
     def threshold_tensor(self, needs: List[float]) -> torch.Tensor:
         """[G] thresholds in a dtype the filter dots compare with exactly, rounded down (int32 for int8, float32
         otherwise)."""
-        if self.exact_int:
+        if self.int_filter:
             return torch.tensor([_INT32_MIN if n == -math.inf else _INT32_MAX if n == math.inf
                                  else max(_INT32_MIN, min(_INT32_MAX, math.floor(n) - 1)) for n in needs], dtype=torch.int32)
         return torch.tensor([_float32_at_most(n) for n in needs], dtype=torch.float32)
+
+
+    def _quantized_targets(self) -> torch.Tensor:
+        """int8 [B, D] q_t = round(u_t), u_t = t * 127 / max|t| (float64), and per target the float64 constants of
+        ``_shadow_need``: |u_t|, ||u_t||_1 and |u_t - q_t|."""
+        values = self.targets.double()
+        peak = values.abs().amax(1, keepdim=True)
+        scaled = values * (127.0 / torch.where(peak > 0, peak, torch.ones_like(peak)))
+        quant = scaled.round().clamp(-127, 127)
+        self.u_norm = scaled.norm(dim=1).tolist()
+        self.u_l1 = scaled.abs().sum(1).tolist()
+        self.u_err = (scaled - quant).norm(dim=1).tolist()
+        return quant.to(torch.int8)
+
+    def _shadow_need(self, low: float, sample: int) -> float:
+        """The smallest shadow dot q_r . q_t a row r needs for its exact score to possibly reach tau (low: tau less
+        the score's float rounding, see thresholds), for a non-zero target t.
+
+        With u_r = r * C / |r| (|u_r| = C for every non-zero row, ``model.gsu_shadow``) and u_t = t * 127 / max|t|,
+        cos(r, t) = u_r . u_t / (C |u_t|) and, exactly,
+            u_r . u_t = q_r . q_t + q_r . (u_t - q_t) + (u_r - q_r) . u_t,
+        where |q_r . (u_t - q_t)| <= |q_r| |u_t - q_t| <= max_q_norm |u_t - q_t| (Cauchy-Schwarz) and
+        |(u_r - q_r) . u_t| <= max_err ||u_t||_1 (each |u_r - q_r| entry <= max_err). So cos >= low implies
+            q_r . q_t >= low C |u_t| - max_q_norm |u_t - q_t| - max_err ||u_t||_1.
+        The exact score sums the bf16 products in float32 (``exact_dots``): its dot differs from r . t by at most
+        (D - 1) 2**-24 sum|r_i t_i| <= D 2**-24 |r| |t|, so the cosine bound is lowered by 2 D 2**-24 first.
+        A zero row has q_r . q_t = 0 and score 0, consistent with the bound. The result is lowered by a margin
+        for its own float64 rounding, then rounded down to an int32 by ``threshold_tensor``.
+        """
+        shadow = self.shadow
+        low -= 2.0 * self.table.shape[1] * 2.0 ** -24
+        need = (low * shadow.norm * self.u_norm[sample] - shadow.max_q_norm * self.u_err[sample]
+                - shadow.max_err * self.u_l1[sample])
+        return need - abs(need) * _SHADOW_MARGIN - 1.0
 
 
 def _float32_at_most(value: float) -> float:

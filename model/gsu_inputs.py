@@ -1,10 +1,11 @@
-"""Argument checks, work sizes and the per-table normalisation cache of the GSU (``model.gsu_topk``)."""
+"""Argument checks, work sizes and the per-table normalisation and int8 filter shadow caches of the GSU (``model.gsu_topk``)."""
 
 import weakref
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from model.gsu_shadow import FilterShadow, filter_shadow
 from model.mm_table import TABLE_DTYPES, RowNorms, row_norms
 
 # History positions filtered per step (one threshold check, one candidate merge): the bound on per-step
@@ -77,6 +78,7 @@ def _describe(value: Any) -> str:
 
 
 _NORM_CACHE: Dict[int, Tuple[Any, Tuple, RowNorms]] = {}
+_SHADOW_CACHE: Dict[int, Tuple[Any, Tuple, FilterShadow]] = {}
 _NORM_CACHE_SIZE = 4
 
 
@@ -87,12 +89,31 @@ def norms_for(table: torch.Tensor, norms: Optional[RowNorms]) -> RowNorms:
         if not isinstance(norms, RowNorms) or norms.num_rows != table.shape[0]:
             raise ValueError(f"norms: expected RowNorms of {table.shape[0]} rows (row_norms(table))")
         return norms
+    return _cached(_NORM_CACHE, table, row_norms)
+
+
+def shadow_for(table: torch.Tensor, norms: RowNorms, shadow: Optional[FilterShadow],
+               int8_filter: bool) -> Optional[FilterShadow]:
+    """The int8 ``FilterShadow`` the filter of a bf16/float32 ``table`` reads (None for int8 tables or when
+    ``int8_filter`` is False): ``shadow`` if given (checked against the table), else built once per table tensor
+    (with the table's ``norms``) and cached like the norms (``norms_for``)."""
+    if table.dtype == torch.int8 or not int8_filter:
+        return None
+    if shadow is not None:
+        if not isinstance(shadow, FilterShadow) or tuple(shadow.rows.shape) != tuple(table.shape):
+            raise ValueError(f"shadow: expected the FilterShadow of a {tuple(table.shape)} table (filter_shadow(table))")
+        return shadow
+    return _cached(_SHADOW_CACHE, table, lambda t: filter_shadow(t, norms.sq_norm))
+
+
+def _cached(cache: Dict[int, Tuple[Any, Tuple, Any]], table: torch.Tensor, compute: Any) -> Any:
+    """compute(table), once per table tensor, again if the tensor is modified in place (its version changes)."""
     stamp = (table.data_ptr(), tuple(table.shape), table.stride(), table.dtype, table._version)
-    entry = _NORM_CACHE.get(id(table))
+    entry = cache.get(id(table))
     if entry is not None and entry[0]() is table and entry[1] == stamp:
         return entry[2]
-    computed = row_norms(table)
-    if len(_NORM_CACHE) >= _NORM_CACHE_SIZE:
-        _NORM_CACHE.pop(next(iter(_NORM_CACHE)))
-    _NORM_CACHE[id(table)] = (weakref.ref(table), stamp, computed)
+    computed = compute(table)
+    if len(cache) >= _NORM_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[id(table)] = (weakref.ref(table), stamp, computed)
     return computed

@@ -91,8 +91,10 @@ class GsuStage:
             return _Selection.empty(batch), torch.zeros(batch, k, dtype=torch.float32)
         if self.config.gsu == "multimodal":
             width = min(k, length)
+            mm = self.mm_table
             scores, positions, valid = cosine_topk(table, raw.target_item, raw.history_items, width, norms=norms,
-                                                   chunk_rows=self.chunk_rows)
+                                                   chunk_rows=self.chunk_rows, shadow=mm.shadow,
+                                                   int8_filter=mm.shadow is not None)
             scores = torch.where(valid, scores, torch.zeros((), dtype=torch.float32))
             return _Selection(positions, valid.sum(1)), _pad_to(scores, k)
         items, cats, target_cat = raw.history_items, raw.history_cats, raw.target_cat

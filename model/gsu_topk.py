@@ -3,7 +3,8 @@ frozen multimodal table.
 
 The history is streamed in pieces of positions, newest first, so memory stays bounded by the piece whatever
 L is (no float [B, L, D] tensor ever exists). Per piece the rows are gathered a few hundred KB at a time and
-their dot products with the target taken at once in the table's own precision (``model.gsu_filter``);
+their dot products with the target taken at once (``model.gsu_filter``): exact int32 for int8 tables, on the
+table's int8 shadow for bf16/float32 ones (``model.gsu_shadow``, with its quantization error bounded);
 only rows whose dot could still reach the running K-th best cosine are kept: the bound uses the smallest
 norm of any table row, so no row that belongs in the top K is dropped. Those few candidates get their
 cosine (dot / sqrt(|r|^2 |t|^2) in float64 from the stored squared norms, rounded to float32) and are merged
@@ -21,7 +22,8 @@ import torch
 
 from model.gsu_cosine import exact_dots
 from model.gsu_filter import FilterDots
-from model.gsu_inputs import check_inputs, chunk_rows_for, gather, norms_for
+from model.gsu_inputs import check_inputs, chunk_rows_for, gather, norms_for, shadow_for
+from model.gsu_shadow import FilterShadow
 from model.gsu_ranking import Candidates, RunningTopK
 from model.mm_table import RowNorms
 
@@ -40,6 +42,8 @@ def cosine_topk(
     norms: Optional[RowNorms] = None,
     chunk_rows: Optional[int] = None,
     share_histories: bool = True,
+    shadow: Optional[FilterShadow] = None,
+    int8_filter: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact top-``k`` history behaviors of each sample by cosine with its target in ``table``.
 
@@ -53,6 +57,10 @@ def cosine_topk(
                  times ``chunk_rows * (4 * targets per block + 32)`` bytes plus one L2-sized gather buffer,
                  whatever B and L.
     share_histories: score identical history rows once for all their samples.
+    shadow:      optional precomputed ``FilterShadow`` of a bf16/float32 ``table`` (``MMTable.shadow``); built once
+                 per table tensor and cached otherwise.
+    int8_filter: for bf16/float32 tables, prefilter on the int8 shadow (half the bytes of a bf16 row; the
+                 shadow costs N x D bytes) instead of the table's own rows. Results are the same either way.
 
     Returns ``scores`` float32 [B, k]: cosine as on the float table, descending among valid slots (ties:
     larger position first); ``positions`` int64 [B, k]: indices into L; ``valid`` bool [B, k]: False where
@@ -63,7 +71,7 @@ def cosine_topk(
     chunk_rows = chunk_rows_for(table, chunk_rows)
     norms = norms_for(table, norms)
     batch, length = history_ids.shape
-    filters = FilterDots(table, norms, target_ids, chunk_rows)
+    filters = FilterDots(table, norms, target_ids, chunk_rows, shadow_for(table, norms, shadow, int8_filter))
     state = RunningTopK(batch, k)
     groups = history_groups(history_ids) if share_histories else [[b] for b in range(batch)]
     for start, end in pieces(length, k, chunk_rows):

@@ -4,7 +4,9 @@
 (padding). The float table it stands for is ``value / 127``. ``MMTable.load`` memory-maps it (the pages are
 shared by DataLoader workers, never copied per worker), optionally converts it once to bfloat16 or float32
 (``value / 127``, in shared memory), and computes the per-row normalisation once (``RowNorms``), so that a
-cosine is a dot product divided by two stored norms. The table is a plain tensor, not an ``nn.Parameter``: it
+cosine is a dot product divided by two stored norms. A converted table also gets its int8 filter shadow once
+(``model.gsu_shadow``: N x D int8 in shared memory, half a bf16 table), which the GSU's prefilter reads instead
+of the wider rows; ``int8_filter=False`` skips it. The table is a plain tensor, not an ``nn.Parameter``: it
 never receives a gradient and has no optimizer state.
 """
 
@@ -19,6 +21,7 @@ import torch
 
 from common.errors import DataError, UserError
 from common.io import path_manager
+from model.gsu_shadow import FilterShadow, filter_shadow
 
 TABLE_DTYPES = {"int8": torch.int8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INT8_SCALE = 127.0
@@ -103,10 +106,13 @@ class MMTable:
     table: [N, D] int8 (memory-mapped ``mm_table.npy``; float value = int8 / 127), bfloat16 or float32
            (converted once, held in shared memory). Row 0 is the padding row (zeros).
     norms: ``RowNorms`` of ``table``.
+    shadow: the int8 ``FilterShadow`` of a bfloat16/float32 table (None for int8, or when ``int8_filter`` is
+            False): N x D int8 bytes, read by the GSU's prefilter (``cosine_topk(shadow=...)``).
     Pickles by path (int8) or through shared memory (converted tables), so DataLoader workers share it.
     """
 
-    def __init__(self, table: torch.Tensor, norms: Optional[RowNorms] = None, source: Optional[str] = None):
+    def __init__(self, table: torch.Tensor, norms: Optional[RowNorms] = None, source: Optional[str] = None,
+                 shadow: Optional[FilterShadow] = None, int8_filter: bool = True):
         if table.dim() != 2 or table.dtype not in TABLE_DTYPES.values():
             raise ValueError(f"table: expected a 2-D int8/bfloat16/float32 tensor, got {table.dtype} {tuple(table.shape)}")
         if table.requires_grad:
@@ -116,10 +122,17 @@ class MMTable:
         if self.norms.num_rows != table.shape[0]:
             raise ValueError(f"norms: {self.norms.num_rows} rows for a table of {table.shape[0]}")
         self.source = source
+        self.shadow: Optional[FilterShadow] = None
+        if table.dtype != torch.int8 and int8_filter:
+            self.shadow = shadow if shadow is not None else filter_shadow(table, self.norms.sq_norm).share_memory_()
+            if tuple(self.shadow.rows.shape) != tuple(table.shape):
+                raise ValueError(f"shadow: {tuple(self.shadow.rows.shape)} rows for a table of {tuple(table.shape)}")
 
     @classmethod
-    def load(cls, path: str, dtype: str = "int8", expected_dim: Optional[int] = None) -> "MMTable":
-        """Open ``path`` (a prepared dataset directory or an ``mm_table.npy``) as ``dtype`` (int8 | bfloat16 | float32)."""
+    def load(cls, path: str, dtype: str = "int8", expected_dim: Optional[int] = None,
+             int8_filter: bool = True) -> "MMTable":
+        """Open ``path`` (a prepared dataset directory or an ``mm_table.npy``) as ``dtype`` (int8 | bfloat16 | float32);
+        ``int8_filter``: build the int8 filter shadow of a converted table (see the class)."""
         if dtype not in TABLE_DTYPES:
             raise UserError(f"--mm-dtype {dtype}: must be one of {', '.join(TABLE_DTYPES)}")
         local = _npy_path(path)
@@ -131,7 +144,7 @@ class MMTable:
             chunk = raw[start:start + _NORM_CHUNK_ROWS]
             converted[start:start + chunk.shape[0]] = (chunk.to(torch.float32) / INT8_SCALE).to(converted.dtype)
         # bfloat16 rounding of value/127 changes the rows slightly: normalise what the GSU will read.
-        return cls(converted, row_norms(converted).share_memory_(), source=None)
+        return cls(converted, row_norms(converted).share_memory_(), source=None, int8_filter=int8_filter)
 
     @property
     def num_rows(self) -> int:
@@ -148,7 +161,7 @@ class MMTable:
     def __reduce__(self):
         if self.source is not None:
             return (_reopen, (self.source, self.norms))
-        return (MMTable, (self.table, self.norms, None))
+        return (MMTable, (self.table, self.norms, None, self.shadow, self.shadow is not None))
 
     def __repr__(self) -> str:
         return f"MMTable({self.num_rows} x {self.dim} {str(self.dtype).replace('torch.', '')}, source={self.source!r})"
