@@ -6,6 +6,8 @@ Exit status: 0 when the plan fits, 1 when it does not (the printed binding const
 
 import argparse
 import json
+import math
+import os
 
 from capacity.cluster import cluster_from_gib
 from capacity.embedding import OPTIMIZERS
@@ -53,19 +55,24 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--optimizer adam: fbgemm's fused CPU kernels support row-wise Adagrad only (use --compute-device cuda)")
     if not 0 <= args.hbm_reserve < 1:
         raise UserError(f"--hbm-reserve: must be in [0, 1) (got {args.hbm_reserve})")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UserError(f"--json {args.json}: its folder does not exist")
+    for flag in ("hbm_gb", "ddr_gb"):
+        if not math.isfinite(getattr(args, flag)):
+            raise UserError(f"--{flag.replace('_', '-')}: must be a finite number (got {getattr(args, flag)})")
+    if args.model not in ModelConfig.preset_names():
+        raise UserError(f"--model: unknown preset {args.model!r}; choose from {', '.join(ModelConfig.preset_names())}")
     try:
-        model = ModelConfig.preset(args.model)
+        model = ModelConfig.preset(args.model, **({} if args.id_dim is None else {"id_dim": args.id_dim}))
     except ValueError as err:
-        raise UserError(f"--model: {err}") from err
-    if args.id_dim is not None:
-        try:
-            model = model.with_overrides(id_dim=args.id_dim)
-        except ValueError as err:
-            raise UserError(f"--id-dim: {err}") from err
+        raise UserError(f"--id-dim: {err}") from err
     try:
         constraints = with_fused_defaults(parse_constraints(args.shard), ID_SPACES)
     except ValueError as err:
         raise UserError(f"--shard: {err}") from err
+    unknown = sorted(set(constraints) - set(ID_SPACES))
+    if unknown:
+        raise UserError(f"--shard: unknown table(s) {', '.join(unknown)}; tables are {', '.join(ID_SPACES)}")
     scale = from_prepared(args.data) if args.data else preset(args.preset)
     cluster = cluster_from_gib(args.nnodes, args.nproc_per_node, args.hbm_gb, args.ddr_gb, args.compute_device)
     workload = Workload(model, args.optimizer, args.batch_size, args.seq_len, args.mm_dtype, args.mm_placement, args.gsu_chunk)

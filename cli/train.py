@@ -99,6 +99,18 @@ def config_args(config: TrainConfig, run: str, resume: bool, explicit: Sequence[
     return out + (["--resume"] if resume else [])
 
 
+def check_split_sizes(config: TrainConfig, world_size: int) -> None:
+    """Refuse, before any rank starts, a job whose ranks would find no full train batch or no test row
+    (inside the ranks the same error would make torchrun restart the job)."""
+    splits = PreparedDataset.open(config.data).metadata.splits
+    per_rank = splits["train"].rows // world_size
+    if per_rank < config.batch_size:
+        raise UserError(f"--batch-size {config.batch_size}: larger than the {per_rank} train rows per rank of {config.data} "
+                        f"({world_size} ranks)")
+    if splits["test"].rows < world_size:
+        raise UserError(f"--nproc-per-node: {world_size} ranks, but the test split of {config.data} has {splits['test'].rows} rows")
+
+
 def resolve_data(args: argparse.Namespace) -> str:
     """--data, checked (local paths made absolute, so the run's config holds where it is); or the demo
     dataset (built on first use)."""
@@ -124,6 +136,8 @@ def train_models(args: argparse.Namespace, names: Sequence[str]) -> Dict[str, st
     from torchx_components import muse as components
     from training.launch import launch
 
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps} (leave it out to train --epochs passes)")
     for flag in ("nnodes", "nproc_per_node"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -134,6 +148,7 @@ def train_models(args: argparse.Namespace, names: Sequence[str]) -> Dict[str, st
         run_dir = args.run or os.path.join(args.runs_dir, name)
         config = resolve_run_config(run_dir, build_config(args, data, name), args.resume, explicit)
         check_device_support(config, _device_type())
+        check_split_sizes(config, args.nnodes * args.nproc_per_node)
         planned.append((name, run_dir, config))
     runs: Dict[str, str] = {}
     for name, run_dir, config in planned:

@@ -94,7 +94,12 @@ def _open_int8(local_path: str, expected_dim: Optional[int]) -> torch.Tensor:
         raise DataError(f"{local_path}: (file): width {array.shape[1]}, expected mm_dim {expected_dim}")
     if array.shape[0] < 1 or np.any(array[0]):
         raise DataError(f"{local_path}: (file): row 0 (padding) must exist and be all zeros")
-    # A read-only memory map: torch warns that the tensor is not writable; nothing ever writes to it.
+    return _from_numpy(array)
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory. A read-only memory map makes torch warn that the tensor is not
+    writable; nothing ever writes to the multimodal table."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
@@ -113,8 +118,10 @@ class MMTable:
 
     def __init__(self, table: torch.Tensor, norms: Optional[RowNorms] = None, source: Optional[str] = None,
                  shadow: Optional[FilterShadow] = None, int8_filter: bool = True):
-        if table.dim() != 2 or table.dtype not in TABLE_DTYPES.values():
-            raise ValueError(f"table: expected a 2-D int8/bfloat16/float32 tensor, got {table.dtype} {tuple(table.shape)}")
+        if isinstance(table, np.ndarray):
+            table = _from_numpy(table)
+        if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.dtype not in TABLE_DTYPES.values():
+            raise ValueError(f"table: expected a 2-D int8/bfloat16/float32 tensor or numpy array, got {getattr(table, 'dtype', type(table).__name__)} {tuple(getattr(table, 'shape', ()))}")
         if table.requires_grad:
             raise ValueError("table: the multimodal table is frozen; pass a tensor that does not require grad")
         self.table = table
