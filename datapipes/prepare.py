@@ -68,6 +68,24 @@ class PrepareConfig:
             raise UserError(f"--buckets: must be at least 1, got {self.buckets}")
         if not path_manager.isdir(self.raw):
             raise UserError(f"--raw {self.raw}: not a directory")
+        _check_out_spares_raw(self.raw, self.out)
+
+
+def _local(path: str) -> Optional[str]:
+    """Resolved local path (symlinks followed), or None for a non-local URI."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    return None if "://" in path else os.path.realpath(path)
+
+
+def _check_out_spares_raw(raw: str, out: str) -> None:
+    """``--out`` is replaced as a whole (``--force``), so it must not be ``--raw`` nor contain it.
+    An ``--out`` inside ``--raw`` is allowed: replacing it never touches the raw files."""
+    raw_path, out_path = _local(raw), _local(out)
+    if raw_path is None or out_path is None:
+        return
+    if os.path.commonpath([raw_path, out_path]) == out_path:
+        raise UserError(f"--out {out}: must not be --raw {raw} or contain it (it would be replaced)")
 
 
 @dataclass

@@ -79,6 +79,8 @@ class RawFile:
         for name, col in self.expected.items():
             if name not in schema.names:
                 raise DataError(f"{self.path}: {name}: column missing (expected {col.describe()})")
+            if schema.names.count(name) > 1:
+                raise DataError(f"{self.path}: {name}: duplicate column ({schema.names.count(name)} columns of that name)")
             actual = schema.field(name).type
             if not _type_matches(actual, col):
                 raise DataError(f"{self.path}: {name}: type {actual}, expected {col.describe()}")

@@ -43,6 +43,8 @@ def atomic_output_dir(out: str, force: bool = False, flag: str = "--out") -> Ite
     if "://" in out:
         raise UserError(f"{flag} {out}: must be a local directory (the output is renamed into place atomically)")
     out = os.path.abspath(out)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UserError(f"{flag} {out}: is a file (choose a directory path)")
     if os.path.exists(out) and not force:
         raise UserError(f"{flag} {out}: already exists (choose a new directory or pass --force)")
     parent, name = os.path.split(out)

@@ -88,6 +88,8 @@ CASES = {
                         S.HIST_ITEMS, "null"),
     "history lengths differ": (S.TRAIN_USER_FEATURES, lambda p: _rewrite(p, _set_column(S.HIST_CATS, _first_row_changed(lambda r: r[1:], pa.list_(pa.int64())))),
                                S.HIST_CATS, "entries"),
+    "duplicate column": (S.ITEM_FEATURES, lambda p: _rewrite(p, lambda t: t.append_column(S.CATEGORY, t.column(S.CATEGORY))),
+                         S.CATEGORY, "duplicate column"),
     "empty file": (S.ITEM_FEATURES, lambda p: _rewrite(p, lambda t: t.slice(0, 0)), "(file)", "empty"),
     "truncated": (S.TRAIN_USER_FEATURES, _truncate, "(file)", "parquet"),
     "not parquet": (S.SCL_EMBEDDINGS, _garbage, "(file)", "parquet"),
@@ -139,6 +141,34 @@ def test_cli_refuses_an_existing_output_and_bad_flags(raw_dataset, tmp_path, cap
     assert main(["synth", "--out", str(tmp_path / "z"), "--seq-len", "100001"]) == 2
     assert "--seq-len" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["exists"]
+
+
+@pytest.mark.parametrize("out_of", [lambda raw: raw, lambda raw: raw.parent, lambda raw: raw / "sub" / ".." / ".."])
+def test_cli_refuses_an_output_that_is_or_contains_the_raw_directory(raw_copy, capsys, out_of):
+    before = sorted(os.listdir(raw_copy))
+    out = out_of(raw_copy)
+    assert main(["prepare", "--raw", str(raw_copy), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and "--raw" in err, err
+    assert sorted(os.listdir(raw_copy)) == before and len(before) == len(S.RAW_FILES)
+
+
+def test_an_output_inside_the_raw_directory_is_allowed_and_spares_the_raw_files(raw_copy):
+    before = sorted(os.listdir(raw_copy))
+    out = raw_copy / "prepared"
+    prepare(PrepareConfig(raw=str(raw_copy), out=str(out), buckets=1))
+    prepare(PrepareConfig(raw=str(raw_copy), out=str(out), buckets=1, force=True))
+    assert sorted(os.listdir(raw_copy)) == sorted(before + ["prepared"])
+    assert (out / "metadata.json").exists()
+
+
+def test_cli_refuses_an_output_that_is_a_file_and_keeps_it(raw_dataset, tmp_path, capsys):
+    out = tmp_path / "afile"
+    out.write_text("keep me")
+    assert main(["prepare", "--raw", raw_dataset, "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}: is a file" in err, err
+    assert out.read_text() == "keep me" and os.listdir(tmp_path) == ["afile"]
 
 
 @pytest.mark.slow
