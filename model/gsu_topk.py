@@ -103,6 +103,8 @@ def history_groups(history_ids: torch.Tensor) -> List[List[int]]:
     batch, length = history_ids.shape
     if batch == 1:
         return [[0]]
+    if history_ids.stride(0) == 0:  # one history broadcast to every sample (serving's rank()): no comparison needed
+        return [list(range(s, min(s + MAX_SHARED, batch))) for s in range(0, batch, MAX_SHARED)]
     probe = torch.unique(torch.cat([torch.linspace(0, length - 1, 24).long(), torch.arange(max(0, length - 8), length)]))
     _, inverse = torch.unique(history_ids[:, probe], dim=0, return_inverse=True)
     order = torch.argsort(inverse, stable=True)

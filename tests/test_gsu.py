@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model.gsu import cosine_topk, pair_cosine
+from model.gsu_topk import MAX_SHARED, history_groups
 from model.mm_table import row_norms
 
 DTYPES = (torch.int8, torch.bfloat16, torch.float32)
@@ -182,6 +183,22 @@ def test_shared_histories_equal_the_per_sample_path(dtype, length):
     for i, single in enumerate(singles):
         for a, b in zip(single, shared):
             assert torch.equal(a[0], b[i]), i
+
+
+def test_a_broadcast_history_is_one_group_and_scores_like_per_sample():
+    """rank() passes one history expanded to every candidate (stride 0): grouped without row comparisons,
+    results equal to scoring each candidate alone."""
+    table = random_table(300, 16, torch.int8, 11)
+    history = random_history(1, 500, 300, 11)[0]
+    count = MAX_SHARED + 5
+    expanded = history[None, :].expand(count, -1)
+    groups = history_groups(expanded)
+    assert [len(g) for g in groups] == [MAX_SHARED, 5] and sorted(sum(groups, [])) == list(range(count))
+    targets = torch.randint(1, 300, (count,), generator=torch.Generator().manual_seed(11))
+    shared = cosine_topk(table, targets, expanded, 20)
+    alone = cosine_topk(table, targets, expanded.contiguous(), 20, share_histories=False)
+    for a, b in zip(shared, alone):
+        assert torch.equal(a, b)
 
 
 def test_precomputed_norms_and_in_place_changes():
