@@ -15,13 +15,16 @@ mid-way) is never loaded and is deleted by the next save.
 import json
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 
+from common.errors import DataError
 from common.io import path_manager
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -134,11 +137,19 @@ def _rmtree(path: str) -> None:
 
 def load_model_weights(checkpoint_path: str, model: torch.nn.Module) -> torch.nn.Module:
     """Load a training checkpoint's model weights into an unsharded ``MuseModel`` (one process, no
-    process group needed): the full tables are assembled from the shards. Returns ``model``."""
+    process group needed): the full tables are assembled from the shards; only tensors are read and the
+    optimizer state is skipped. Returns ``model``; DataError when the checkpoint does not fit it (e.g. a
+    model or vocabulary other than the run's)."""
     from model.train_module import MuseTrain
 
     wrapper = MuseTrain(model)
     state = {"model": wrapper.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint_path)
+    try:
+        with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=checkpoint_path)
+    except (CheckpointException, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{checkpoint_path}: (checkpoint): cannot be loaded into this model: {first}") from None
     wrapper.load_state_dict(state["model"])
     return model
