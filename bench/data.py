@@ -16,6 +16,7 @@ from typing import Dict, List
 
 from tabulate import tabulate
 
+from common.atomic import write_text_atomic
 from common.errors import UserError
 from datapipes.prepare import PrepareConfig, prepare
 from datapipes.reader import make_dataloader
@@ -79,6 +80,5 @@ def run(args: argparse.Namespace) -> int:
                "batches", "reader_batches_per_s", "reader_rows_per_s", "reader_history_mb_per_s"]
     print(tabulate([[r[c] for c in columns] for r in results], headers=columns))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "data", "results": results}, f, indent=1)
+        write_text_atomic(args.json, json.dumps({"benchmark": "data", "results": results}, indent=1), flag="--json")
     return 0

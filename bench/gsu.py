@@ -30,8 +30,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from common.atomic import write_text_atomic
 from common.errors import UserError
-from common.io import path_manager
 from model.gsu import chunk_rows_for, cosine_topk, gather_rows_for
 from model.gsu_shadow import FilterShadow, filter_shadow
 from model.mm_table import INT8_SCALE, RowNorms, row_norms
@@ -117,9 +117,10 @@ def run(args: argparse.Namespace) -> int:
     _print_summary(rows, copy_gbps)
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}, on {os.cpu_count()} CPUs")
     if args.json:
-        _write_json(args.json, {"copy_gbps": copy_gbps, "threads": torch.get_num_threads(), "args": vars(args),
-                                "load_average_before": load_before, "load_average_after": load_after,
-                                "cpus": os.cpu_count(), "results": [asdict(r) for r in rows]})
+        payload = {"copy_gbps": copy_gbps, "threads": torch.get_num_threads(), "args": vars(args),
+                   "load_average_before": load_before, "load_average_after": load_after,
+                   "cpus": os.cpu_count(), "results": [asdict(r) for r in rows]}
+        write_text_atomic(args.json, json.dumps(payload, indent=2), flag="--json")
     return 0
 
 
@@ -277,11 +278,3 @@ def _print_summary(rows: List[Row], copy_gbps: float) -> None:
             shared = f" ({r.samples_per_user}/user)" if r.samples_per_user > 1 else ""
             print(f"  {r.dtype:8s} L={r.length:<7d}{shared:10s} x{r.vs_reference:6.1f} vs reference   "
                   f"{r.vs_index_select:5.2f} of bare index_select   {r.behaviors_per_s / 1e6:7.2f} M behaviors/s")
-
-
-def _write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with path_manager.open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(path_manager.get_local_path(tmp), path_manager.get_local_path(path))
-    print(f"wrote {path}")
