@@ -7,8 +7,9 @@ the default: half the bytes gathered of a bf16 row), within the quantization bou
 ``_shadow_need``, or a matmul in the table's dtype (float32 accumulation), within the _FILTER_* allowances.
 Rows are gathered ``gather_rows`` at a time into one reused buffer that stays in L2 (``model.gsu_inputs.GATHER_BYTES``), and
 each gathered block is multiplied at once, before the next gather evicts it; only the dot products
-(a few bytes per row and target) are kept for the whole piece. Blocks of several short histories (shorter
-than one gather) are gathered whole and multiplied in one op: there the per-op cost dominates.
+(a few bytes per row and target) are kept for the whole piece. A block of several short histories is multiplied
+against all of its samples' targets in one product (the per-op cost dominates there), and the caller keeps each
+history's own columns.
 """
 
 import math
@@ -58,7 +59,6 @@ class FilterDots:
         self.gather_rows = gather_rows_for(self.filter_table, chunk_rows)
         self.buffer = torch.empty(self.gather_rows, table.shape[1], dtype=self.filter_table.dtype)
         self._scratch = torch.empty(0, dtype=self.dot_dtype)
-        self._block = torch.empty(0, table.shape[1], dtype=self.filter_table.dtype)
         self._columns: Dict[Tuple[int, ...], torch.Tensor] = {}
 
     def columns(self, samples: List[int]) -> torch.Tensor:
@@ -72,38 +72,15 @@ class FilterDots:
             self._columns[key] = columns.contiguous()
         return self._columns[key]
 
-    def shared(self, ids: torch.Tensor, samples: List[int]) -> torch.Tensor:
-        """[R, G] filter dots of the rows ``ids`` [R] (one history) with the targets of all G ``samples``."""
+    def block_dots(self, ids: torch.Tensor, samples: List[int]) -> torch.Tensor:
+        """[R, S] filter dots of the rows ``ids`` [R] (the histories of a block, one after another) with the targets
+        of the block's S ``samples``; the caller keeps the (row, sample) pairs where the row is in the sample's
+        history. Rows are gathered ``gather_rows`` at a time and each gather multiplied at once, before the next
+        evicts it from L2."""
         columns = self.columns(samples)
         out = self.scratch(ids.shape[0] * columns.shape[1]).view(ids.shape[0], columns.shape[1])
         self._dots_into(ids, columns, out)
         return out[:, : len(samples)]
-
-    def packed(self, ids: torch.Tensor, samples: List[int], width: int) -> torch.Tensor:
-        """[nb, width] filter dots of nb = len(samples) histories of ``width`` rows each (ids [nb * width],
-        history i at i * width...), each with its own sample's target."""
-        nb = len(samples)
-        if nb == 1:
-            return self.shared(ids, samples).view(1, width)
-        out = self.scratch(nb * width).view(nb, width)
-        if width >= self.gather_rows:  # each history fills whole gathers
-            for h, sample in enumerate(samples):
-                self._dots_into(ids[h * width:(h + 1) * width], self.columns([sample]), out[h].view(width, 1))
-            return out
-        # Short histories: one gather and one product for the whole block (fewer, larger ops win here).
-        block = gather(self.filter_table, ids, self._block_buffer(ids.shape[0]))
-        if self.int_filter:  # one matmul against all nb targets (fast), keep history i x target i
-            full = self._mm(block, self.columns(samples), None).view(nb, width, -1)
-            out.copy_(torch.diagonal(full[:, :, :nb], dim1=0, dim2=2).t())
-        else:
-            torch.bmm(block.view(nb, width, -1), self.targets[samples][:, :, None], out=out[:, :, None])
-        return out
-
-    def _block_buffer(self, rows: int) -> torch.Tensor:
-        """A reused [>= rows, D] buffer for whole packed blocks (at most chunk_rows rows)."""
-        if self._block.shape[0] < rows:
-            self._block = torch.empty(rows, self.table.shape[1], dtype=self.filter_table.dtype)
-        return self._block
 
     def scratch(self, size: int) -> torch.Tensor:
         """A reused flat buffer of at least ``size`` dot products (grown as needed, never shrunk)."""
@@ -116,9 +93,16 @@ class FilterDots:
         if ids.shape[0] <= self.gather_rows:
             self._mm(gather(self.filter_table, ids, self.buffer), columns, out)
             return
+        table, buffer, mm = self.filter_table, self.buffer, self._mm
         try:
+            if self.int_mm:  # the hot loop of long histories: as few ops per gather as possible
+                for part, part_out in zip(ids.split(self.gather_rows), out.split(self.gather_rows)):
+                    rows = part.shape[0]
+                    torch._int_mm(torch.index_select(table, 0, part, out=buffer if rows == buffer.shape[0] else buffer[:rows]),
+                                  columns, out=part_out)
+                return
             for part, part_out in zip(ids.split(self.gather_rows), out.split(self.gather_rows)):
-                self._mm(torch.index_select(self.filter_table, 0, part, out=self.buffer[: part.shape[0]]), columns, part_out)
+                mm(torch.index_select(table, 0, part, out=buffer[: part.shape[0]]), columns, part_out)
         except IndexError:
             gather(self.table, ids)  # raises the ValueError naming history_ids
 

@@ -27,11 +27,13 @@ from model.gsu_shadow import FilterShadow
 from model.gsu_ranking import Candidates, RunningTopK
 from model.mm_table import RowNorms
 
-# Most single-sample histories scored together in one block.
+# Most histories scored together in one block (short pieces: one gather and one product for all of them).
 MAX_PACKED = 16
-# Most samples scored together against one shared history (a larger group is split, bounding the dot
-# products kept per piece to chunk_rows x MAX_SHARED).
+# Most samples scored together against one shared history (a larger group is split), and most samples of a block.
 MAX_SHARED = 64
+# Most dot products of one block: a block multiplies every row by every sample's target of the block (and keeps
+# each history's own), so packing stops where that waste would cost more than the per-block overhead it saves.
+BLOCK_DOTS = 1 << 17
 
 
 def cosine_topk(
@@ -77,13 +79,10 @@ def cosine_topk(
     for start, end in pieces(length, k, chunk_rows):
         width = end - start
         found = Candidates()
-        for block in blocks(groups, width, chunk_rows):
-            rows = [members[0] for members in block]
-            if len(rows) == 1:
-                ids = history_ids[rows[0], start:end]
-            else:
-                ids = history_ids[torch.tensor(rows), start:end].reshape(-1)
-            if not bool(ids.any()):
+        for block in blocks(groups, width, chunk_rows, filters.gather_rows):
+            reps = [members[0] for members in block]
+            ids = history_ids[reps[0], start:end] if len(reps) == 1 else history_ids[torch.tensor(reps), start:end].reshape(-1)
+            if int(torch.count_nonzero(ids)) == 0:  # all padding (count_nonzero is ~4x faster than any())
                 continue
             _filter_block(filters, state, ids, block, start, width, found)
             if found.size >= chunk_rows:  # keep memory bounded by the chunk, whatever the batch size
@@ -106,17 +105,18 @@ def history_groups(history_ids: torch.Tensor) -> List[List[int]]:
     if history_ids.stride(0) == 0:  # one history broadcast to every sample (serving's rank()): no comparison needed
         return [list(range(s, min(s + MAX_SHARED, batch))) for s in range(0, batch, MAX_SHARED)]
     probe = torch.unique(torch.cat([torch.linspace(0, length - 1, 24).long(), torch.arange(max(0, length - 8), length)]))
-    _, inverse = torch.unique(history_ids[:, probe], dim=0, return_inverse=True)
-    order = torch.argsort(inverse, stable=True)
+    _, inverse, counts = torch.unique(history_ids[:, probe], dim=0, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True).tolist()
     groups: List[List[int]] = []
-    for members in torch.split(order, torch.bincount(inverse).tolist()):
-        pending = members.tolist()
-        while pending:  # equal probes are only a hint: confirm on the whole row, split any mismatch off
-            rep, same, rest = pending[0], [pending[0]], []
-            for m in pending[1:]:
+    start = 0
+    for count in counts.tolist():  # Python slices: torch.split into ~B pieces costs ~30 us a piece
+        members, start = order[start:start + count], start + count
+        while members:  # equal probes are only a hint: confirm on the whole row, split any mismatch off
+            rep, same, rest = members[0], [members[0]], []
+            for m in members[1:]:
                 (same if torch.equal(history_ids[m], history_ids[rep]) else rest).append(m)
             groups += [same[i:i + MAX_SHARED] for i in range(0, len(same), MAX_SHARED)]
-            pending = rest
+            members = rest
     return groups
 
 
@@ -132,22 +132,25 @@ def pieces(length: int, k: int, chunk_rows: int) -> List[Tuple[int, int]]:
     return out
 
 
-def blocks(groups: List[List[int]], width: int, chunk_rows: int) -> List[List[List[int]]]:
-    """The groups of one piece, in blocks: single-sample histories packed up to ``chunk_rows`` gathered rows
-    (and MAX_PACKED histories), a history shared by several samples alone in its block."""
+def blocks(groups: List[List[int]], width: int, chunk_rows: int, gather_rows: int) -> List[List[List[int]]]:
+    """The groups of one piece, in blocks. Histories of at least ``gather_rows`` rows: one group a block (each
+    gather is large enough to pay its own ops). Shorter ones: consecutive groups packed while the block holds at
+    most ``chunk_rows`` rows, MAX_PACKED histories, MAX_SHARED samples and BLOCK_DOTS dot products (rows x samples)."""
+    if width >= gather_rows:
+        return [[members] for members in groups]
     out: List[List[List[int]]] = []
-    packed: List[List[int]] = []
-    limit = max(1, min(MAX_PACKED, chunk_rows // max(1, width)))
+    block: List[List[int]] = []
+    samples = 0
     for members in groups:
-        if len(members) > 1:
-            out.append([members])
-            continue
-        packed.append(members)
-        if len(packed) == limit:
-            out.append(packed)
-            packed = []
-    if packed:
-        out.append(packed)
+        grown = samples + len(members)
+        if block and (len(block) == MAX_PACKED or (len(block) + 1) * width > chunk_rows or grown > MAX_SHARED
+                      or (len(block) + 1) * width * (grown + 7) > BLOCK_DOTS):
+            out.append(block)
+            block, grown = [], len(members)
+        block.append(members)
+        samples = grown
+    if block:
+        out.append(block)
     return out
 
 
@@ -159,40 +162,30 @@ def _filter_block(filters: FilterDots, state: RunningTopK, ids: torch.Tensor, bl
                   width: int, found: Candidates) -> None:
     """Filter one block: add the rows whose exact score could reach their sample's running k-th to ``found``.
 
-    block: either nb packed single-sample histories (ids [nb * width], history i at i * width...) or one
-           history shared by the G samples of ``block[0]`` (ids [width]).
-    ids: int64 the table rows of the block; start: position of the block's first column in L.
+    block: groups of samples, each group sharing one history; ids: int64 [len(block) * width] the table rows of the
+    block's histories, one after another (group i's at i * width...); start: position of column 0 in L.
     """
-    packed = len(block) > 1 or len(block[0]) == 1
-    samples = [members[0] for members in block] if packed else block[0]
+    samples = [s for members in block for s in members]
     taus = [state.tau[s] for s in samples]
     if not filters.exact_int and max(taus) == -math.inf:
         # Nothing to filter against yet (every row is a candidate): score the block directly.
-        _add_all(filters, ids, samples, packed, start, width, found)
+        _add_all(filters, ids, block, samples, start, width, found)
         return
     needs = filters.thresholds(taus, samples)
-    need = filters.threshold_tensor(needs)
-    if packed:
-        dots = filters.packed(ids, samples, width)  # [nb, width]
-        local = (dots >= need[:, None]).view(-1).nonzero().squeeze(1)  # ascending: grouped by history
-        if local.numel() == 0:
-            return
-        columns = local // width if len(samples) > 1 else torch.zeros_like(local)
-        d = dots.view(-1).index_select(0, local)
-        within = local - columns * width if len(samples) > 1 else local
-    else:
-        dots = filters.shared(ids, samples)  # [width, G]
-        hits = (dots >= need[None, :]).t().nonzero()  # (column, row), column-major: grouped by sample
-        if hits.shape[0] == 0:
-            return
-        columns, local = hits[:, 0], hits[:, 1]
-        d = dots[local, columns]
-        within = local
+    dots = filters.block_dots(ids, samples)  # [n * width, S]
+    group_of = _group_of(block)
+    per_sample = _own_rows(dots, group_of, len(block), width)  # [S, width]: each sample's own history's dots
+    hits = (per_sample >= filters.threshold_tensor(needs)[:, None]).nonzero()  # row-major: ascending samples
+    if hits.shape[0] == 0:
+        return
+    columns, within = hits[:, 0], hits[:, 1]
+    d = per_sample[columns, within]
+    local = within if len(block) == 1 else group_of.index_select(0, columns) * width + within
     cand_ids = ids.index_select(0, local)
     if min(needs) <= 0:  # padding rows (dot 0) can pass a threshold <= 0: drop them
         real = cand_ids != 0
         if not bool(real.all()):
-            columns, d, within, cand_ids = columns[real], d[real], within[real], cand_ids[real]
+            columns, within, d, cand_ids = columns[real], within[real], d[real], cand_ids[real]
             if columns.numel() == 0:
                 return
     if filters.exact_int:
@@ -203,21 +196,33 @@ def _filter_block(filters: FilterDots, state: RunningTopK, ids: torch.Tensor, bl
     found.add(samples, columns, within + start, cand_ids, exact)
 
 
-def _add_all(filters: FilterDots, ids: torch.Tensor, samples: List[int], packed: bool, start: int, width: int,
-             found: Candidates) -> None:
-    """Every non-padding row of a block is a candidate: exact dots of the whole block at once (while the block's
-    samples have fewer than k behaviors so far: usually only the short first piece)."""
+def _group_of(block: List[List[int]]) -> torch.Tensor:
+    """int64 [S]: the block's group (history) of each of its samples, in block order."""
+    return torch.tensor([i for i, members in enumerate(block) for _ in members])
+
+
+def _own_rows(dots: torch.Tensor, group_of: torch.Tensor, histories: int, width: int) -> torch.Tensor:
+    """[S, width] from dots [histories * width, S]: sample c's dots with the rows of its own history group_of[c]
+    (one indexing op; the other histories' products are never compared)."""
+    if histories == 1:
+        return dots.t()
+    return dots.view(histories, width, -1)[group_of, :, torch.arange(group_of.shape[0])]
+
+
+def _add_all(filters: FilterDots, ids: torch.Tensor, block: List[List[int]], samples: List[int], start: int,
+             width: int, found: Candidates) -> None:
+    """Every non-padding row of a block is a candidate of each sample of its group: exact dots of the whole block at
+    once (while the block's samples have fewer than k behaviors so far: usually only the short first piece)."""
     rows = gather(filters.table, ids)
-    targets = filters.targets[samples]  # [G, D]
-    if packed:  # history i against target i: [nb, width]
-        dots = exact_dots(rows.view(len(samples), width, -1), targets[:, None, :])
-        flat_ids = ids
-    else:  # one history against every target: [G, width]
-        dots = exact_dots(rows[None, :, :], targets[:, None, :])
-        flat_ids = ids.repeat(len(samples))
-    columns = torch.arange(len(samples)).repeat_interleave(width)
+    group_of = _group_of(block)
+    columns = torch.arange(len(samples)).repeat_interleave(width)  # every (sample, own row) pair, by sample
     within = torch.arange(width).repeat(len(samples))
-    real = flat_ids != 0
+    local = group_of.index_select(0, columns) * width + within
+    cand_ids = ids.index_select(0, local)
+    real = cand_ids != 0
     if not bool(real.any()):
         return
-    found.add(samples, columns[real], within[real] + start, flat_ids[real], dots.reshape(-1)[real])
+    columns, within, local, cand_ids = columns[real], within[real], local[real], cand_ids[real]
+    targets = filters.targets.index_select(0, torch.tensor(samples).index_select(0, columns))
+    exact = exact_dots(rows.index_select(0, local), targets)
+    found.add(samples, columns, within + start, cand_ids, exact)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.gsu import cosine_topk, pair_cosine
-from model.gsu_topk import MAX_SHARED, history_groups
+from model.gsu_topk import BLOCK_DOTS, MAX_PACKED, MAX_SHARED, blocks, history_groups
 from model.mm_table import row_norms
 
 DTYPES = (torch.int8, torch.bfloat16, torch.float32)
@@ -183,6 +183,25 @@ def test_shared_histories_equal_the_per_sample_path(dtype, length):
     for i, single in enumerate(singles):
         for a, b in zip(single, shared):
             assert torch.equal(a[0], b[i]), i
+    assert_matches(shared, brute_force(table, targets, hist, 20), 20, atol=1e-5)
+    if length == 40:  # short pieces pack shared groups and single samples into one block
+        packed = blocks(history_groups(hist), length, 256, 4096)
+        assert len(packed) == 1 and sorted(len(g) for g in packed[0]) == [1, 2, 3, 6]
+
+
+def test_blocks_respect_their_limits():
+    """Short histories are packed up to MAX_PACKED histories, MAX_SHARED samples, chunk_rows rows and BLOCK_DOTS
+    products; histories of a whole gather or more get a block each; no group is split or lost."""
+    singles = [[i] for i in range(40)]
+    assert [len(b) for b in blocks(singles, 100, 32768, 4096)] == [MAX_PACKED, MAX_PACKED, 40 - 2 * MAX_PACKED]
+    assert [len(b) for b in blocks(singles, 100, 250, 4096)] == [2] * 20  # chunk_rows: 2 x 100 rows
+    assert [len(b) for b in blocks(singles[:3], 4096, 32768, 4096)] == [1, 1, 1]
+    shared = [list(range(i * 30, i * 30 + 30)) for i in range(3)]
+    assert [len(b) for b in blocks(shared, 10, 32768, 4096)] == [2, 1]  # 60 samples, then 30
+    wide = blocks(singles, 4000, 32768, 4096)
+    for block in wide:
+        assert len(block) * 4000 * (len(block) + 7) <= BLOCK_DOTS or len(block) == 1
+    assert sum(wide, []) == singles
 
 
 def test_a_broadcast_history_is_one_group_and_scores_like_per_sample():
