@@ -15,6 +15,8 @@ Resume: ``state_dict()`` holds (epoch, batches consumed); ``load_state_dict`` ma
 iteration skip exactly those batches (whole buffers are skipped without reading).
 """
 
+import ctypes
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -32,6 +34,9 @@ from datapipes.shards import row_group_rows
 
 Piece = Tuple[int, int, int]  # (shard index, first row, end row) within one shard
 _BUFFER_BYTES = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+_MMAP_MAX = 32 << 20  # blocks up to this size come from the heap (glibc's documented largest threshold)
+_TRIM_BYTES = 1 << 30  # free heap kept before it is returned to the kernel
 
 
 def left_pad(offsets: np.ndarray, values: np.ndarray, length: int, rows: Optional[np.ndarray] = None) -> np.ndarray:
@@ -212,6 +217,7 @@ class _RankStream(IterableDataset):
         loader_worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
             torch.set_num_threads(1)  # workers run side by side with the trainer; no intra-op oversubscription
+            _keep_freed_memory()
         spec = self.spec
         ranges = spec.plan.worker_batches(workers)
         done, turn = resume_point([hi - lo for lo, hi in ranges], spec.consumed)
@@ -254,6 +260,20 @@ class _RankStream(IterableDataset):
             if pos >= hi:
                 break
         return pa.concat_tables(tables).combine_chunks()
+
+
+def _keep_freed_memory() -> None:
+    """In a data worker: let glibc's malloc keep freed blocks for reuse instead of returning them to the kernel.
+    Every batch allocates the same large arrays (at L = 100,000: 12.8 MB per padded history column, plus the GSU's
+    buffers); by default each comes from fresh mmap'd pages whose first-touch faults cost ~10x the copy itself
+    (25 ms vs 2-4 ms per column measured here). The worker's resident memory stays at its peak batch instead.
+    No-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def _identity(x):
@@ -301,17 +321,55 @@ class ShardedLoader:
     def __iter__(self) -> Iterator:
         if self.consumed >= len(self):
             self.epoch, self.consumed = self.epoch + 1, 0
-        spec = _StreamSpec(self.paths, self.plan(), self.epoch, self.rank, self.seed, self.shuffle, self.buffer_rows,
-                           self.max_seq_len, self.consumed, self.transform)
-        kwargs = {}
-        if self.num_workers > 0:
-            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
-        loader = DataLoader(_RankStream(spec), batch_size=None, num_workers=self.num_workers,
-                            collate_fn=_identity, **kwargs)
-        for batch in loader:
+        for batch in self._epoch(self.epoch, self.consumed):
             self.consumed += 1
             yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
+
+    def endless(self) -> Iterator:
+        """Batches epoch after epoch from the current position, for training; the same batches in the same order
+        as iterating epoch by epoch. With workers, the next epoch's workers are started early, so that their
+        start (fork, first shuffle buffer, first transform) overlaps the trainer's last steps of the current
+        epoch instead of stalling it at every boundary: once no more than ``prefetch_factor`` batches per worker
+        are left, or earlier, once the time the rest of the epoch should take (batches left x mean seconds
+        between batches) is within twice the time this stream took to deliver its first batch."""
+        if self.consumed >= len(self):
+            self.epoch, self.consumed = self.epoch + 1, 0
+        per_epoch, lead = len(self), self.prefetch_factor * self.num_workers
+        opened = time.perf_counter()
+        current, upcoming = self._epoch(self.epoch, self.consumed), None
+        startup: Optional[float] = None  # seconds from opening the stream to its first batch
+        previous, interval = None, None  # when the last batch arrived; mean seconds between batches
+        while True:
+            if upcoming is None and self.num_workers > 0:
+                left = per_epoch - self.consumed
+                if left <= lead or (interval is not None and left * interval <= 2 * startup):
+                    upcoming = self._epoch(self.epoch + 1, 0)
+            try:
+                batch = next(current)
+            except StopIteration:
+                self.epoch, self.consumed = self.epoch + 1, 0
+                current, upcoming = upcoming if upcoming is not None else self._epoch(self.epoch, 0), None
+                continue
+            now = time.perf_counter()
+            if startup is None:
+                startup = now - opened
+            elif previous is not None:
+                gap = now - previous
+                interval = gap if interval is None else 0.9 * interval + 0.1 * gap
+            previous = now
+            self.consumed += 1
+            yield batch
+
+    def _epoch(self, epoch: int, consumed: int) -> Iterator:
+        """The batches of ``epoch`` after the first ``consumed``; with workers they start loading now."""
+        spec = _StreamSpec(self.paths, self.plan(epoch), epoch, self.rank, self.seed, self.shuffle, self.buffer_rows,
+                           self.max_seq_len, consumed, self.transform)
+        kwargs = {}
+        if self.num_workers > 0:
+            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+        return iter(DataLoader(_RankStream(spec), batch_size=None, num_workers=self.num_workers,
+                               collate_fn=_identity, **kwargs))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.consumed = epoch, 0

@@ -157,3 +157,30 @@ def test_transform_runs_inside_the_worker_processes(prepared_dataset):
     assert os.getpid() not in pids and len(pids) == 2
     assert all(isinstance(b, RawBatch) for _, b in out)
     assert sum(b.batch_size for _, b in out) == PreparedDataset.open(prepared_dataset).metadata.splits["test"].rows
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_endless_stream_continues_across_epochs_and_starts_the_next_epoch_early(prepared_dataset, num_workers):
+    """endless() (the trainer's stream) yields exactly the epoch-by-epoch batches from a resumed position, and with
+    workers it starts the next epoch's loader while the current one still has its queued batches to deliver."""
+    def make():
+        return make_dataloader(prepared_dataset, "train", 1, 2, batch_size=40, num_workers=num_workers, seed=11)
+
+    reference = make()
+    epochs = [[_keys(b) for b in reference] for _ in range(3)]
+    per_epoch = len(epochs[0])
+    stream = make()
+    stream.load_state_dict({"epoch": 0, "batches_consumed": 5})
+    started = []
+    original = stream._epoch
+    stream._epoch = lambda epoch, consumed: started.append((epoch, stream.epoch, stream.consumed)) or original(epoch, consumed)
+    it = stream.endless()
+    got = [_keys(next(it)) for _ in range(2 * per_epoch)]
+    assert got == epochs[0][5:] + epochs[1] + epochs[2][:5]
+    assert stream.state_dict()["epoch"] == 2 and stream.state_dict()["batches_consumed"] == 5
+    lead = stream.prefetch_factor * num_workers
+    if num_workers:  # epoch e + 1 was started while epoch e still had at least `lead` batches to deliver
+        assert [(e, at) for e, at, _ in started] == [(0, 0), (1, 0), (2, 1)] and started[0][2] == 5
+        assert all(consumed <= per_epoch - lead for _, _, consumed in started[1:])
+    else:
+        assert started == [(0, 0, 5), (1, 1, 0), (2, 2, 0)]

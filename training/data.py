@@ -42,7 +42,8 @@ class DataPosition:
 
 
 class TrainStream:
-    """Endless iterator of ``Batch`` for this rank, epoch after epoch, timing how long ``next`` waits."""
+    """Endless iterator of ``Batch`` for this rank, epoch after epoch (the next epoch's workers start before the
+    current one ends: ``ShardedLoader.endless``), timing how long ``next`` waits."""
 
     def __init__(self, config: TrainConfig, env: DistEnv, dataset: PreparedDataset) -> None:
         self.loader: ShardedLoader = make_dataloader(
@@ -63,14 +64,9 @@ class TrainStream:
 
     def __next__(self) -> Batch:
         start = time.perf_counter()
-        while True:
-            if self._iter is None:
-                self._iter = iter(self.loader)
-            try:
-                batch = next(self._iter)
-                break
-            except StopIteration:
-                self._iter = None
+        if self._iter is None:
+            self._iter = self.loader.endless()
+        batch = next(self._iter)
         self.wait_seconds += time.perf_counter() - start
         return batch
 
