@@ -33,7 +33,7 @@ MAX_PACKED = 16
 MAX_SHARED = 64
 # Most dot products of one block: a block multiplies every row by every sample's target of the block (and keeps
 # each history's own), so packing stops where that waste would cost more than the per-block overhead it saves.
-BLOCK_DOTS = 1 << 17
+BLOCK_DOTS = 1 << 18
 
 
 def cosine_topk(
