@@ -120,6 +120,20 @@ def history_groups(history_ids: torch.Tensor) -> List[List[int]]:
     return groups
 
 
+def latest_occurrences(history: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 [L'] ascending positions of ``history`` [L] (int64 ids, 0 = padding) that ``cosine_topk`` with this
+    ``k`` can select: every non-padding position except those of an id with k newer occurrences. Those newer copies
+    have the same score and larger positions, so an older copy never enters the top k: ``cosine_topk`` on
+    ``history[positions]`` mapped back through ``positions`` gives exactly the result on the whole history.
+    Costs one sort of L ids, worth it when one history is scored against many targets (serving's rank())."""
+    order = torch.argsort(history, stable=True)  # grouped by id, ascending positions within an id
+    _, counts = torch.unique_consecutive(history.index_select(0, order), return_counts=True)
+    ends = torch.cumsum(counts, 0).repeat_interleave(counts)  # end (exclusive) of each entry's id group
+    keep = torch.zeros_like(history, dtype=torch.bool)
+    keep[order] = (ends - torch.arange(history.shape[0]) <= k) & (history.index_select(0, order) != 0)
+    return keep.nonzero().squeeze(1)
+
+
 def pieces(length: int, k: int, chunk_rows: int) -> List[Tuple[int, int]]:
     """Position ranges, newest first, growing 4x from a short first piece (enough to fill the top k and set a
     threshold) up to ``chunk_rows``, so the threshold is already tight when the long pieces come."""

@@ -4,7 +4,7 @@ chunk boundaries, shared histories, bad arguments."""
 import pytest
 import torch
 
-from model.gsu import cosine_topk, pair_cosine
+from model.gsu import cosine_topk, latest_occurrences, pair_cosine
 from model.gsu_topk import BLOCK_DOTS, MAX_PACKED, MAX_SHARED, blocks, history_groups
 from model.mm_table import row_norms
 
@@ -285,3 +285,25 @@ def test_bad_norms_and_chunk_rows():
         cosine_topk(**GOOD, norms=row_norms(torch.zeros(11, 4, dtype=torch.int8)))
     with pytest.raises(ValueError, match="chunk_rows"):
         cosine_topk(**GOOD, chunk_rows=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_latest_occurrences_keep_exactly_what_the_top_k_can_select(dtype):
+    """A history full of repeats (30 distinct items over 3,000 positions, padding, holes): the positions kept are
+    each id's k newest, and cosine_topk on them, mapped back, equals cosine_topk on the whole history."""
+    k = 7
+    table = random_table(60, 16, dtype, 12)
+    g = torch.Generator().manual_seed(12)
+    history = torch.randint(1, 31, (3000,), generator=g)
+    history[:200] = 0
+    history[torch.randint(200, 3000, (50,), generator=g)] = 0
+    kept = latest_occurrences(history, k)
+    for item in history.unique().tolist():
+        where = (history == item).nonzero().squeeze(1)
+        expected = [] if item == 0 else where[-k:].tolist()
+        assert [p for p in kept.tolist() if history[p] == item] == expected, item
+    targets = torch.randint(1, 60, (9,), generator=g)
+    whole = cosine_topk(table, targets, history[None, :].expand(9, -1), k)
+    pruned = cosine_topk(table, targets, history[kept][None, :].expand(9, -1), k)
+    assert torch.equal(whole[0], pruned[0]) and torch.equal(whole[2], pruned[2])
+    assert torch.equal(whole[1], kept[pruned[1]])
