@@ -16,7 +16,7 @@ from typing import Dict, List
 
 from tabulate import tabulate
 
-from common.atomic import write_text_atomic
+from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
 from datapipes.prepare import PrepareConfig, prepare
 from datapipes.reader import make_dataloader
@@ -64,6 +64,8 @@ def _measure(length: int, args: argparse.Namespace, workdir: str) -> Dict[str, f
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_path(args.json, "--json")
     try:
         lengths: List[int] = [int(x) for x in args.lengths.split(",") if x.strip()]
     except ValueError:

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from common.atomic import write_text_atomic
+from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
 from model.gsu import chunk_rows_for, cosine_topk, gather_rows_for
 from model.gsu_shadow import FilterShadow, filter_shadow
@@ -82,6 +82,8 @@ class Row:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_path(args.json, "--json")
     _check_args(args)
     torch.set_num_threads(args.threads)
     if args.quick:

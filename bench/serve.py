@@ -35,7 +35,7 @@ from tabulate import tabulate
 from common.errors import UserError
 from datapipes.prepared import PreparedDataset
 from datapipes.reader import make_dataloader
-from common.atomic import write_text_atomic
+from common.atomic import check_output_path, write_text_atomic
 from inference.export import export_package
 from inference.loader import load_predictor
 from inference.predict import RawIds
@@ -151,6 +151,8 @@ def measure(package: str, data_dir: Optional[str], candidates: int, history: int
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_path(args.json, "--json")
     for flag in ("candidates", "history"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag}: must be >= 1 (got {getattr(args, flag)})")

@@ -16,7 +16,7 @@ from typing import Dict, List
 
 from tabulate import tabulate
 
-from common.atomic import write_text_atomic
+from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
 from datapipes.prepare import PrepareConfig, prepare
 from datapipes.synth import SynthConfig, synthesize
@@ -85,6 +85,8 @@ def _threads(args: argparse.Namespace, world: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_path(args.json, "--json")
     from torchx_components import muse as components
     from training.launch import launch
 

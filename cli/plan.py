@@ -7,14 +7,13 @@ Exit status: 0 when the plan fits, 1 when it does not (the printed binding const
 import argparse
 import json
 import math
-import os
 
 from capacity.cluster import cluster_from_gib
 from capacity.embedding import OPTIMIZERS
 from capacity.extras import MM_DTYPE_BYTES, MM_PLACEMENTS
 from capacity.plan import Workload, plan_capacity
 from capacity.scale import PRESETS, from_prepared, preset
-from common.atomic import write_text_atomic
+from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
 from model.config import ModelConfig
 from model.gsu import DEFAULT_CHUNK_ROWS
@@ -55,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--optimizer adam: fbgemm's fused CPU kernels support row-wise Adagrad only (use --compute-device cuda)")
     if not 0 <= args.hbm_reserve < 1:
         raise UserError(f"--hbm-reserve: must be in [0, 1) (got {args.hbm_reserve})")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise UserError(f"--json {args.json}: its folder does not exist")
+    if args.json:
+        check_output_path(args.json, "--json")
     for flag in ("hbm_gb", "ddr_gb"):
         if not math.isfinite(getattr(args, flag)):
             raise UserError(f"--{flag.replace('_', '-')}: must be a finite number (got {getattr(args, flag)})")

@@ -25,6 +25,12 @@ def local_target(path: str, flag: str) -> str:
     return os.path.abspath(path)
 
 
+def check_output_path(path: str, flag: str) -> None:
+    """Before any work: UserError naming ``flag`` unless ``path`` is local and its folder exists."""
+    if not os.path.isdir(os.path.dirname(local_target(path, flag))):
+        raise UserError(f"{flag} {path}: its folder does not exist")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, flag: str = "--out", make_parent: bool = False) -> Iterator[str]:
     """Yield a temp file path next to ``path``; on success it is renamed to ``path``, on any exception

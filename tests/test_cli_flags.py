@@ -18,6 +18,10 @@ from model.gsu import GsuStage
         (["plan", "--preset", "taobao-mm-p90", "--shard", "nope=row_wise"], "nope"),
         (["plan", "--preset", "taobao-mm-p90", "--model", "nope"], "--model"),
         (["plan", "--preset", "taobao-mm-p90", "--json", "/no/such/folder/plan.json"], "--json"),
+        (["bench", "gsu", "--json", "/no/such/folder/gsu.json"], "--json"),
+        (["bench", "data", "--json", "/no/such/folder/data.json"], "--json"),
+        (["bench", "train", "--json", "/no/such/folder/train.json"], "--json"),
+        (["bench", "serve", "--json", "/no/such/folder/serve.json"], "--json"),
         (["train", "--steps", "0"], "--steps"),
     ],
 )
