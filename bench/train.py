@@ -2,7 +2,8 @@
 the trainer waits for data (the GSU runs in the data workers, ahead of the step).
 
 Shapes: the Taobao-MM one (batch 1000 per rank, L = 1,000, K = 50, ID dim 16) and L = 100,000 with a
-smaller batch. Each point is one real ``muse train`` job launched through torchx on a synthetic dataset
+smaller batch, the latter also with batches grouped by user (``muse train --group-users``: each user's samples
+together, so the GSU scores each history once for all of them). Each point is one real ``muse train`` job launched through torchx on a synthetic dataset
 of that history length (built once, cached under --runs-dir). Throughput and data wait are measured
 between the first and the last loss record, so start-up, the pipeline's fill and evaluation are left out.
 """
@@ -30,6 +31,7 @@ class Shape:
     steps: int
     synth: SynthConfig
     shard_rows: int
+    group_users: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +53,9 @@ def _shapes(args: argparse.Namespace) -> List[Shape]:
     shapes = [Shape(1000, args.batch_size, args.steps,
                     SynthConfig(users=2000, items=10000, samples=40000, seq_len=1000, seed=0), 4000)]
     if not args.skip_long:
-        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps,
-                            SynthConfig(users=64, items=20000, samples=320, seq_len=100_000, seed=0), 64))
+        long_data = SynthConfig(users=64, items=20000, samples=320, seq_len=100_000, seed=0)
+        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64))
+        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64, group_users=True))
     return shapes
 
 
@@ -103,24 +106,27 @@ def run(args: argparse.Namespace) -> int:
     for shape in _shapes(args):
         data = _dataset(shape, args.runs_dir)
         for world in ranks:
-            run_dir = os.path.join(args.runs_dir, f"muse-L{shape.seq_len}-{world}r")
+            run_dir = os.path.join(args.runs_dir, f"muse-L{shape.seq_len}-{world}r" + ("-by-user" if shape.group_users else ""))
             shutil.rmtree(run_dir, ignore_errors=True)
             log_every = max(1, shape.steps // 5)
             app = components.train(
                 "--data", data, "--run", run_dir, "--model", "muse", "--batch-size", str(shape.batch_size),
                 "--steps", str(shape.steps), "--log-every", str(log_every), "--checkpoint-every", "0",
                 "--num-workers", str(args.num_workers), "--eval-batch-size", str(shape.batch_size),
+                *(["--group-users"] if shape.group_users else []),
                 nproc_per_node=world, cpu=world * _threads(args, world), max_restarts=0,
             )
-            print(f"== MUSE L={shape.seq_len} batch {shape.batch_size}/rank on {world} rank(s)", flush=True)
+            print(f"== MUSE L={shape.seq_len} batch {shape.batch_size}/rank on {world} rank(s)"
+                  + (", batches grouped by user" if shape.group_users else ""), flush=True)
             if not launch(app, "local_cwd", log_dir=os.path.join(args.runs_dir, "torchx-logs")):
                 raise UserError(f"bench run {run_dir} failed (see the log above)")
             results.append({"seq_len": shape.seq_len, "batch_per_rank": shape.batch_size, "ranks": world,
+                            "batches": "by user" if shape.group_users else "shuffled",
                             "threads_per_rank": _threads(args, world), "k": 50,
                             "id_dim": 16, **_steady_state(run_dir, shape.batch_size * world)})
-    print(tabulate([(r["seq_len"], r["batch_per_rank"], r["ranks"], f"{r['samples_per_s']:.0f}", f"{r['step_ms']:.0f}",
-                     f"{100 * r['data_wait_fraction']:.1f}%") for r in results],
-                   headers=("L", "batch/rank", "ranks", "samples/s", "step ms", "waiting for data")))
+    print(tabulate([(r["seq_len"], r["batch_per_rank"], r["batches"], r["ranks"], f"{r['samples_per_s']:.0f}",
+                     f"{r['step_ms']:.0f}", f"{100 * r['data_wait_fraction']:.1f}%") for r in results],
+                   headers=("L", "batch/rank", "batches", "ranks", "samples/s", "step ms", "waiting for data")))
     if args.json:
         write_text_atomic(args.json, json.dumps({"benchmark": "train", "results": results}, indent=2), flag="--json")
         print(f"wrote {args.json}")

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="in-backward optimizer of the ID tables (default %(default)s)")
     hp.add_argument("--embedding-lr", type=float, default=_DEFAULTS["embedding_lr"], help="learning rate of the ID tables (default %(default)s)")
     hp.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="seed of init, data order and RNGs (default %(default)s)")
+    hp.add_argument("--group-users", action=argparse.BooleanOptionalAction, default=None,
+                    help="train batches keep each user's samples together, so the GSU scores each user's history once "
+                         "for all of them; batches are then correlated by user (default: off)")
     hp.add_argument("--shard", action="append", default=[], metavar="TABLE=TYPE[:KERNEL]",
                     help="planner constraint for one table, e.g. item=row_wise (repeatable); unnamed tables are never data_parallel, and a table allowed data_parallel with another type may not resume at another world size")
     ops = parser.add_argument_group("operations (may change on resume)")
@@ -94,6 +97,8 @@ def config_args(config: TrainConfig, run: str, resume: bool, explicit: Sequence[
         if name == "shard":
             for item in value:
                 out += ["--shard", item]
+        elif isinstance(value, bool):
+            out.append(f"--{'' if value else 'no-'}{name.replace('_', '-')}")
         elif value is not None and (name not in RESUMABLE_FIELDS or name in explicit):
             out += [f"--{name.replace('_', '-')}", str(value)]
     return out + (["--resume"] if resume else [])

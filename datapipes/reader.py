@@ -9,8 +9,9 @@ number of steps, which collective-based training needs):
   ``drop_remainder=False``).
 - A rank's range is cut into batches; DataLoader worker w streams a contiguous run of those batches,
   reading its rows into a shuffle buffer (bounded in bytes), permuting it with an RNG derived from
-  (seed, epoch, rank, worker, buffer index), and slicing batches. DataLoader interleaves workers round
-  robin, so the order is deterministic for a given (seed, world_size, batch_size, num_workers).
+  (seed, epoch, rank, worker, buffer index), and slicing batches (optionally keeping each user's rows
+  together: ``group_users``). DataLoader interleaves workers round robin, so the order is deterministic for
+  a given (seed, world_size, batch_size, num_workers).
 Resume: ``state_dict()`` holds (epoch, batches consumed); ``load_state_dict`` makes the next
 iteration skip exactly those batches (whole buffers are skipped without reading).
 """
@@ -205,6 +206,7 @@ class _StreamSpec:
     max_seq_len: Optional[int]
     consumed: int
     transform: Optional[Callable]
+    group_users: bool = False
 
 
 class _RankStream(IterableDataset):
@@ -237,7 +239,8 @@ class _RankStream(IterableDataset):
                 rows = RowBuffer(self._read_rows(reader, lo, hi))
                 order = np.arange(rows.num_rows)
                 if spec.shuffle:
-                    order = np.random.default_rng([spec.seed, spec.epoch, spec.rank, worker, k]).permutation(rows.num_rows)
+                    rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, worker, k])
+                    order = user_grouped_order(rows.scalars["user"], rng) if spec.group_users else rng.permutation(rows.num_rows)
                 for s in range(max(0, skip_rows - k * buf), rows.num_rows, bs):
                     picked = order[s:s + bs]
                     if picked.size < bs and spec.plan.drop_last:
@@ -260,6 +263,17 @@ class _RankStream(IterableDataset):
             if pos >= hi:
                 break
         return pa.concat_tables(tables).combine_chunks()
+
+
+def user_grouped_order(users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A shuffled row order of one buffer in which each user's rows are consecutive: users in random order, each
+    user's rows in random order. users: [n] the rows' user ids. Batches cut from it hold few users with several
+    samples each, so the GSU fetches and scores each user's history once for all of them (``cosine_topk``'s
+    shared histories), at the price of batches correlated by user."""
+    shuffled = rng.permutation(users.size)
+    _, user_of = np.unique(users[shuffled], return_inverse=True)
+    rank = rng.permutation(int(user_of.max()) + 1 if users.size else 0)[user_of]
+    return shuffled[np.argsort(rank, kind="stable")]
 
 
 def _keep_freed_memory() -> None:
@@ -287,7 +301,7 @@ class ShardedLoader:
     def __init__(self, dataset_dir: str, split: str, rank: int, world_size: int, batch_size: int,
                  transform: Optional[Callable] = None, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
                  max_seq_len: Optional[int] = None, drop_last: bool = False, drop_remainder: bool = True,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, group_users: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
         if num_workers < 0:
@@ -301,7 +315,7 @@ class ShardedLoader:
         self.split, self.rank, self.world_size = split, rank, world_size
         self.batch_size, self.transform, self.num_workers = batch_size, transform, num_workers
         self.shuffle, self.seed, self.drop_last, self.drop_remainder = shuffle, seed, drop_last, drop_remainder
-        self.max_seq_len, self.prefetch_factor = max_seq_len, prefetch_factor
+        self.max_seq_len, self.prefetch_factor, self.group_users = max_seq_len, prefetch_factor, group_users
         self.paths = self.dataset.shards(split)
         self.shard_rows = self.dataset.shard_rows(split)
         longest = min(self.dataset.metadata.max_seq_len, max_seq_len or self.dataset.metadata.max_seq_len)
@@ -364,7 +378,7 @@ class ShardedLoader:
     def _epoch(self, epoch: int, consumed: int) -> Iterator:
         """The batches of ``epoch`` after the first ``consumed``; with workers they start loading now."""
         spec = _StreamSpec(self.paths, self.plan(epoch), epoch, self.rank, self.seed, self.shuffle, self.buffer_rows,
-                           self.max_seq_len, consumed, self.transform)
+                           self.max_seq_len, consumed, self.transform, self.group_users)
         kwargs = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
@@ -391,9 +405,11 @@ class ShardedLoader:
 
 def make_dataloader(dataset_dir: str, split: str, rank: int, world_size: int, batch_size: int,
                     transform: Optional[Callable] = None, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
-                    max_seq_len: Optional[int] = None, drop_last: bool = False, drop_remainder: bool = True) -> ShardedLoader:
+                    max_seq_len: Optional[int] = None, drop_last: bool = False, drop_remainder: bool = True,
+                    group_users: bool = False) -> ShardedLoader:
     """Rank ``rank`` of ``world_size``'s loader over ``split`` (see the module docstring). Yields
-    ``transform(RawBatch)`` (run inside the DataLoader workers; must be picklable) or ``RawBatch``."""
+    ``transform(RawBatch)`` (run inside the DataLoader workers; must be picklable) or ``RawBatch``. With
+    ``shuffle`` and ``group_users``, each shuffle buffer keeps every user's rows together (``user_grouped_order``)."""
     return ShardedLoader(dataset_dir, split, rank, world_size, batch_size, transform=transform,
                          num_workers=num_workers, shuffle=shuffle, seed=seed, max_seq_len=max_seq_len,
-                         drop_last=drop_last, drop_remainder=drop_remainder)
+                         drop_last=drop_last, drop_remainder=drop_remainder, group_users=group_users)

@@ -10,7 +10,7 @@ import torch
 from common.errors import UserError
 from datapipes.batch import RawBatch
 from datapipes.prepared import PreparedDataset
-from datapipes.reader import left_pad, resume_point, make_dataloader
+from datapipes.reader import left_pad, resume_point, make_dataloader, user_grouped_order
 
 
 def _keys(batch):
@@ -184,3 +184,29 @@ def test_endless_stream_continues_across_epochs_and_starts_the_next_epoch_early(
         assert all(consumed <= per_epoch - lead for _, _, consumed in started[1:])
     else:
         assert started == [(0, 0, 5), (1, 1, 0), (2, 2, 0)]
+
+
+def test_user_grouped_order_keeps_each_users_rows_together_in_random_order():
+    users = np.array([5, 3, 5, 9, 3, 5, 9, 1, 3, 5])
+    order = user_grouped_order(users, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(users.size))
+    runs = [users[order][0]] + [u for prev, u in zip(users[order], users[order][1:]) if u != prev]
+    assert sorted(runs) == [1, 3, 5, 9]  # every user appears as one run
+    orders = {tuple(user_grouped_order(users, np.random.default_rng(seed)).tolist()) for seed in range(8)}
+    assert len(orders) > 1 and tuple(user_grouped_order(users, np.random.default_rng(0)).tolist()) in orders
+
+
+def test_group_users_batches_hold_each_users_samples_together(prepared_dataset):
+    """group_users reorders each shuffle buffer only: same rows per epoch, each user's rows consecutive, so batches
+    hold far fewer distinct users than shuffled ones."""
+    def epoch(group_users):
+        loader = make_dataloader(prepared_dataset, "train", 0, 1, batch_size=64, seed=5, group_users=group_users)
+        return list(loader)
+
+    grouped, shuffled = epoch(True), epoch(False)
+    assert sorted(k for b in grouped for k in _keys(b)) == sorted(k for b in shuffled for k in _keys(b))
+    stream = torch.cat([b.user_id for b in grouped]).tolist()
+    runs = [stream[0]] + [u for prev, u in zip(stream, stream[1:]) if u != prev]
+    assert len(runs) == len(set(stream))  # one run per user (the split fits one shuffle buffer here)
+    distinct = lambda batches: sum(len(set(b.user_id.tolist())) for b in batches)
+    assert distinct(grouped) < distinct(shuffled) / 2

@@ -37,6 +37,21 @@ def test_config_round_trip_and_validation():
             TrainConfig(data="d", **bad)
 
 
+@pytest.mark.parametrize("group_users", [False, True])
+def test_launcher_arguments_rebuild_the_config_on_the_ranks(group_users):
+    """The launcher passes a config to its ranks as `muse train` flags (booleans as --flag / --no-flag)."""
+    import argparse
+
+    from cli.train import add_arguments, build_config, config_args
+
+    config = TrainConfig(data="d", model=ModelConfig.preset("muse", k=20), shard=("item=row_wise",), steps=7,
+                         batch_size=32, group_users=group_users)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(config_args(config, "runs/x", resume=False, explicit=["steps"]))
+    assert build_config(args, "d", args.model) == config
+
+
 def test_run_dir_with_other_config_is_refused(tmp_path):
     run = str(tmp_path / "run")
     saved = TrainConfig(data="d", dense_lr=1e-3, steps=10)

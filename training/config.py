@@ -42,6 +42,8 @@ class TrainConfig:
                         another type may be planned differently at another world size, and a checkpoint
                         is then not resumable there.
     num_workers:        DataLoader workers per rank (the GSU runs in them).
+    group_users:        train batches keep each user's samples together (within each shuffle buffer), so the GSU
+                        scores a user's history once for all of them; batches are then correlated by user.
     log_every:          steps between train-loss records in ``metrics.jsonl``.
     eval_batch_size:    samples per rank per evaluation batch.
     """
@@ -63,6 +65,7 @@ class TrainConfig:
     num_workers: int = 1
     log_every: int = 20
     eval_batch_size: int = 1024
+    group_users: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "keep_checkpoints", "log_every", "eval_batch_size"):

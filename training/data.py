@@ -49,7 +49,7 @@ class TrainStream:
         self.loader: ShardedLoader = make_dataloader(
             config.data, "train", env.rank, env.world_size, config.batch_size,
             transform=gsu_stage(config, dataset), num_workers=config.num_workers, shuffle=True,
-            seed=config.seed, max_seq_len=config.max_seq_len, drop_last=True,
+            seed=config.seed, max_seq_len=config.max_seq_len, drop_last=True, group_users=config.group_users,
         )
         self.steps_per_epoch = len(self.loader)
         self.wait_seconds = 0.0
