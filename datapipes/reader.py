@@ -18,6 +18,7 @@ iteration skip exactly those batches (whole buffers are skipped without reading)
 
 import ctypes
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -232,11 +233,19 @@ class _RankStream(IterableDataset):
         skip_rows = skip_batches * bs
         first_buffer = skip_rows // buf
         reader = _ShardRows(spec.paths)
+
+        def load(k: int) -> RowBuffer:
+            return RowBuffer(self._read_rows(reader, row_lo + k * buf, min(row_lo + (k + 1) * buf, row_hi)))
+
+        buffers = list(range(first_buffer, -(-(row_hi - row_lo) // buf)))
+        # The next shuffle buffer is read in a thread while this one's batches are served (parquet decoding
+        # releases the GIL), so a buffer boundary does not stall the stream; a worker holds at most two buffers.
+        ahead = ThreadPoolExecutor(max_workers=1)
         try:
-            for k in range(first_buffer, -(-(row_hi - row_lo) // buf)):
-                lo = row_lo + k * buf
-                hi = min(row_lo + (k + 1) * buf, row_hi)
-                rows = RowBuffer(self._read_rows(reader, lo, hi))
+            pending = ahead.submit(load, buffers[0]) if buffers else None
+            for i, k in enumerate(buffers):
+                rows = pending.result()
+                pending = ahead.submit(load, buffers[i + 1]) if i + 1 < len(buffers) else None
                 order = np.arange(rows.num_rows)
                 if spec.shuffle:
                     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, worker, k])
@@ -247,7 +256,9 @@ class _RankStream(IterableDataset):
                         break
                     batch = rows.batch(picked, spec.max_seq_len)
                     yield spec.transform(batch) if spec.transform is not None else batch
+                del rows
         finally:
+            ahead.shutdown(wait=True, cancel_futures=True)
             reader.close()
 
     def _read_rows(self, reader: _ShardRows, lo: int, hi: int) -> pa.Table:

@@ -210,3 +210,25 @@ def test_group_users_batches_hold_each_users_samples_together(prepared_dataset):
     assert len(runs) == len(set(stream))  # one run per user (the split fits one shuffle buffer here)
     distinct = lambda batches: sum(len(set(b.user_id.tolist())) for b in batches)
     assert distinct(grouped) < distinct(shuffled) / 2
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_several_shuffle_buffers_read_ahead_and_resume_across_them(prepared_dataset, monkeypatch, num_workers):
+    """With shuffle buffers of 3 batches (the next one read in a background thread while the current is served),
+    an epoch still yields every row once, and a resume lands exactly, across buffer boundaries."""
+    import datapipes.reader as reader
+
+    whole = sorted(_all_keys(make_dataloader(prepared_dataset, "train", 0, 1, batch_size=40, seed=2)))
+    row_bytes = 8 * PreparedDataset.open(prepared_dataset).metadata.max_seq_len + 96
+    monkeypatch.setattr(reader, "_BUFFER_BYTES", 3 * 40 * row_bytes)
+
+    def make():
+        return make_dataloader(prepared_dataset, "train", 0, 1, batch_size=40, seed=2, num_workers=num_workers)
+
+    loader = make()
+    assert loader.buffer_rows == 120 and len(loader) >= 7
+    epoch = [_keys(b) for b in loader]
+    assert sorted(k for keys in epoch for k in keys) == whole  # every row once, whatever the buffer size
+    resumed = make()
+    resumed.load_state_dict({"epoch": 0, "batches_consumed": 5})
+    assert [_keys(b) for b in resumed] == epoch[5:]
