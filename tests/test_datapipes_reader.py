@@ -180,8 +180,8 @@ def test_endless_stream_continues_across_epochs_and_starts_the_next_epoch_early(
     assert stream.state_dict()["epoch"] == 2 and stream.state_dict()["batches_consumed"] == 5
     lead = stream.prefetch_factor * num_workers
     if num_workers:  # epoch e + 1 was started while epoch e still had at least `lead` batches to deliver
-        assert [(e, at) for e, at, _ in started] == [(0, 0), (1, 0), (2, 1)] and started[0][2] == 5
-        assert all(consumed <= per_epoch - lead for _, _, consumed in started[1:])
+        assert started[0] == (0, 0, 5) and [e for e, _, _ in started[:3]] == [0, 1, 2]
+        assert all(at == e - 1 and consumed <= per_epoch - lead for e, at, consumed in started[1:])
     else:
         assert started == [(0, 0, 5), (1, 1, 0), (2, 2, 0)]
 
