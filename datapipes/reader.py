@@ -361,6 +361,9 @@ class ShardedLoader:
         if self.consumed >= len(self):
             self.epoch, self.consumed = self.epoch + 1, 0
         per_epoch, lead = len(self), self.prefetch_factor * self.num_workers
+        if per_epoch == 0:
+            raise ValueError(f"batch_size: {self.batch_size} leaves no batch in an epoch of rank {self.rank} (split "
+                             f"'{self.split}'); an endless stream would never yield")
         opened = time.perf_counter()
         current, upcoming = self._epoch(self.epoch, self.consumed), None
         startup: Optional[float] = None  # seconds from opening the stream to its first batch
