@@ -22,7 +22,7 @@ from datapipes.batch import PROFILE_FIELDS, RawBatch
 from inference.manifest import (BLOB_PACKAGE, MANIFEST_NAME, MANIFEST_PACKAGE, PackageIntegrityError, decode_blob,
                                 parse_manifest)
 from model.config import ModelConfig
-from model.gsu import GsuStage, cosine_topk, latest_occurrences
+from model.gsu import GsuStage, cosine_topk
 from model.mm_table import MMTable
 from model.muse import MuseModel, build_model
 
@@ -173,12 +173,12 @@ class Predictor:
         recent = real_pos[-cfg.recent_len:] if cfg.recent_len else real_pos[:0]
         picks = torch.full((c, 0), -1, dtype=torch.int64)
         if cfg.gsu == "multimodal" and real_pos.numel():
-            selectable = latest_occurrences(items, cfg.k)  # repeats beyond an item's k newest can never be picked
+            k = min(cfg.k, items.shape[0])
             table, norms = self.stage.mm_table.table, self.stage.mm_table.norms
-            _, positions, valid = cosine_topk(table, cand, items[selectable][None, :].expand(c, -1),
-                                              min(cfg.k, selectable.shape[0]), norms=norms,
+            # one history for all candidates: cosine_topk scores each distinct item of it once
+            _, positions, valid = cosine_topk(table, cand, items[None, :].expand(c, -1), k, norms=norms,
                                               chunk_rows=self.stage.chunk_rows)
-            picks = torch.where(valid, selectable[positions], torch.full((), -1))
+            picks = torch.where(valid, positions, torch.full((), -1))
         elif cfg.gsu == "category" and real_pos.numel():
             picks = torch.full((c, cfg.k), -1, dtype=torch.int64)
             for value in torch.unique(cand_cat).tolist():

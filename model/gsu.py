@@ -11,7 +11,7 @@ filter shadow of bf16/float32 tables), ``gsu_filter`` (prefilter dot products an
 from model.gsu_cosine import history_cosines, pair_cosine
 from model.gsu_inputs import DEFAULT_CHUNK_ROWS, chunk_rows_for, gather_rows_for
 from model.gsu_stage import GsuStage
-from model.gsu_topk import cosine_topk, latest_occurrences
+from model.gsu_topk import cosine_topk
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "GsuStage", "chunk_rows_for", "cosine_topk", "gather_rows_for", "history_cosines",
-           "latest_occurrences", "pair_cosine"]
+           "pair_cosine"]

@@ -24,7 +24,7 @@ from model.gsu_cosine import exact_dots
 from model.gsu_filter import FilterDots
 from model.gsu_inputs import check_inputs, chunk_rows_for, gather, norms_for, shadow_for
 from model.gsu_shadow import FilterShadow
-from model.gsu_ranking import Candidates, RunningTopK
+from model.gsu_ranking import NO_KEY, Candidates, RunningTopK, rank_keys
 from model.mm_table import RowNorms
 
 # Most histories scored together in one block (short pieces: one gather and one product for all of them).
@@ -72,8 +72,18 @@ def cosine_topk(
     check_inputs(table, target_ids, history_ids, k)
     chunk_rows = chunk_rows_for(table, chunk_rows)
     norms = norms_for(table, norms)
+    shadow = shadow_for(table, norms, shadow, int8_filter)
+    if share_histories and history_ids.shape[0] > 1 and history_ids.stride(0) == 0:
+        return _broadcast_topk(table, target_ids, history_ids[0], k, norms, chunk_rows, shadow)
+    return _streaming_topk(table, target_ids, history_ids, k, norms, chunk_rows, share_histories, shadow)
+
+
+def _streaming_topk(table: torch.Tensor, target_ids: torch.Tensor, history_ids: torch.Tensor, k: int, norms: RowNorms,
+                    chunk_rows: int, share_histories: bool, shadow: Optional[FilterShadow]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cosine_topk`` on checked arguments: the history streamed in pieces, filtered block by block."""
     batch, length = history_ids.shape
-    filters = FilterDots(table, norms, target_ids, chunk_rows, shadow_for(table, norms, shadow, int8_filter))
+    filters = FilterDots(table, norms, target_ids, chunk_rows, shadow)
     state = RunningTopK(batch, k)
     groups = history_groups(history_ids) if share_histories else [[b] for b in range(batch)]
     for start, end in pieces(length, k, chunk_rows):
@@ -120,18 +130,40 @@ def history_groups(history_ids: torch.Tensor) -> List[List[int]]:
     return groups
 
 
-def latest_occurrences(history: torch.Tensor, k: int) -> torch.Tensor:
-    """int64 [L'] ascending positions of ``history`` [L] (int64 ids, 0 = padding) that ``cosine_topk`` with this
-    ``k`` can select: every non-padding position except those of an id with k newer occurrences. Those newer copies
-    have the same score and larger positions, so an older copy never enters the top k: ``cosine_topk`` on
-    ``history[positions]`` mapped back through ``positions`` gives exactly the result on the whole history.
-    Costs one sort of L ids, worth it when one history is scored against many targets (serving's rank())."""
-    order = torch.argsort(history, stable=True)  # grouped by id, ascending positions within an id
-    _, counts = torch.unique_consecutive(history.index_select(0, order), return_counts=True)
-    ends = torch.cumsum(counts, 0).repeat_interleave(counts)  # end (exclusive) of each entry's id group
-    keep = torch.zeros_like(history, dtype=torch.bool)
-    keep[order] = (ends - torch.arange(history.shape[0]) <= k) & (history.index_select(0, order) != 0)
-    return keep.nonzero().squeeze(1)
+def _broadcast_topk(table: torch.Tensor, target_ids: torch.Tensor, history: torch.Tensor, k: int, norms: RowNorms,
+                    chunk_rows: int, shadow: Optional[FilterShadow]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cosine_topk`` of C targets against one history [L] shared by all of them (serving's rank()), scoring each
+    distinct item once instead of every position.
+
+    A position's score depends only on its item. Rank the distinct items by (score, newest position): the top k
+    positions are all occurrences of the top k items, since any other item has k items ranked above it whose
+    newest occurrences all rank above each of its positions. So: the streaming top-k over the distinct items
+    ordered by newest occurrence (its tie-break, larger position first, is then the newer item first), then the
+    k best (score, position) among the up to k newest occurrences of each selected item.
+    """
+    count = target_ids.shape[0]
+    real = (history != 0).nonzero().squeeze(1)
+    state = RunningTopK(count, k)
+    if real.numel() == 0:
+        return state.result()
+    ids = history.index_select(0, real)
+    order = torch.argsort(ids, stable=True)  # grouped by item, ascending positions within an item
+    item_ids, occurrences = torch.unique_consecutive(ids.index_select(0, order), return_counts=True)
+    ends = torch.cumsum(occurrences, 0)  # item i's positions are real[order[ends[i] - occurrences[i]:ends[i]]]
+    by_recency = torch.argsort(real.index_select(0, order.index_select(0, ends - 1)))
+    distinct = item_ids.index_select(0, by_recency)  # [U] items, oldest newest-occurrence first
+    width = min(k, distinct.shape[0])
+    scores, picked, _ = _streaming_topk(table, target_ids, distinct[None, :].expand(count, -1), width, norms,
+                                        chunk_rows, True, shadow)  # [C, width], all valid
+    item = by_recency.index_select(0, picked.reshape(-1)).view(count, width)  # index into item_ids
+    nth = torch.arange(k)  # j-th newest occurrence
+    slot = ends.index_select(0, item.reshape(-1)).view(count, width, 1) - 1 - nth  # [C, width, k] into order
+    exists = nth < occurrences.index_select(0, item.reshape(-1)).view(count, width, 1)
+    positions = real.index_select(0, order.index_select(0, slot.clamp_min(0).reshape(-1))).view(count, width, k)
+    keys = rank_keys(scores, torch.zeros_like(picked))[:, :, None] | positions  # (score, position) of each
+    keys = torch.where(exists, keys, torch.full((), NO_KEY)).view(count, -1)
+    state.keys = torch.topk(keys, k, dim=1).values  # width * k >= k candidates, invalid ones NO_KEY (last)
+    return state.result()
 
 
 def pieces(length: int, k: int, chunk_rows: int) -> List[Tuple[int, int]]:

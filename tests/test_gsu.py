@@ -4,7 +4,7 @@ chunk boundaries, shared histories, bad arguments."""
 import pytest
 import torch
 
-from model.gsu import cosine_topk, latest_occurrences, pair_cosine
+from model.gsu import cosine_topk, pair_cosine
 from model.gsu_topk import BLOCK_DOTS, MAX_PACKED, MAX_SHARED, blocks, history_groups
 from model.mm_table import row_norms
 
@@ -288,22 +288,27 @@ def test_bad_norms_and_chunk_rows():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_latest_occurrences_keep_exactly_what_the_top_k_can_select(dtype):
-    """A history full of repeats (30 distinct items over 3,000 positions, padding, holes): the positions kept are
-    each id's k newest, and cosine_topk on them, mapped back, equals cosine_topk on the whole history."""
-    k = 7
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_a_broadcast_history_scores_each_distinct_item_once_with_the_same_result(dtype, k):
+    """One history shared by every target (serving's rank()), full of repeats, padding and holes, with distinct
+    items of identical content (exact ties across items): the distinct-item path equals scoring each sample
+    alone, ties ranked by position; k above an item's count and above the number of distinct items included."""
     table = random_table(60, 16, dtype, 12)
+    table[31:41] = table[1:11]  # items 31..40 tie exactly with items 1..10
     g = torch.Generator().manual_seed(12)
-    history = torch.randint(1, 31, (3000,), generator=g)
+    history = torch.randint(1, 41, (3000,), generator=g)
     history[:200] = 0
     history[torch.randint(200, 3000, (50,), generator=g)] = 0
-    kept = latest_occurrences(history, k)
-    for item in history.unique().tolist():
-        where = (history == item).nonzero().squeeze(1)
-        expected = [] if item == 0 else where[-k:].tolist()
-        assert [p for p in kept.tolist() if history[p] == item] == expected, item
+    history[2990:] = torch.arange(50, 60)  # ten items seen once, newest
     targets = torch.randint(1, 60, (9,), generator=g)
-    whole = cosine_topk(table, targets, history[None, :].expand(9, -1), k)
-    pruned = cosine_topk(table, targets, history[kept][None, :].expand(9, -1), k)
-    assert torch.equal(whole[0], pruned[0]) and torch.equal(whole[2], pruned[2])
-    assert torch.equal(whole[1], kept[pruned[1]])
+    shared = cosine_topk(table, targets, history[None, :].expand(9, -1), k)
+    alone = cosine_topk(table, targets, history[None, :].repeat(9, 1), k, share_histories=False)
+    for a, b in zip(shared, alone):
+        assert torch.equal(a, b)
+    few = torch.zeros(300, dtype=torch.int64)
+    few[[5, 50, 250]] = torch.tensor([3, 3, 33])  # 3 real behaviors, 2 distinct items (tied content)
+    for hist in (few, torch.zeros(300, dtype=torch.int64)):  # and no real behavior at all
+        shared = cosine_topk(table, targets, hist[None, :].expand(9, -1), k)
+        alone = cosine_topk(table, targets, hist[None, :].repeat(9, 1), k, share_histories=False)
+        for a, b in zip(shared, alone):
+            assert torch.equal(a, b)
