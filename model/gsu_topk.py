@@ -12,7 +12,9 @@ into the running top K once per piece (``model.gsu_ranking``): equal scores rank
 position first, deterministically.
 
 Samples of a batch that share a history (the same user, ~11 samples per user in Taobao-MM) are detected
-(identical rows) and that history is fetched and scored once for all of their targets.
+(identical rows) and that history is fetched and scored once for all of their targets; short histories of
+several samples or users are packed into one product per block. One history broadcast to every target
+(serving's ``rank()``: a stride-0 view) is scored once per distinct item (``_broadcast_topk``).
 """
 
 import math
