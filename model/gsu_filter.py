@@ -93,16 +93,9 @@ class FilterDots:
         if ids.shape[0] <= self.gather_rows:
             self._mm(gather(self.filter_table, ids, self.buffer), columns, out)
             return
-        table, buffer, mm = self.filter_table, self.buffer, self._mm
         try:
-            if self.int_mm:  # the hot loop of long histories: as few ops per gather as possible
-                for part, part_out in zip(ids.split(self.gather_rows), out.split(self.gather_rows)):
-                    rows = part.shape[0]
-                    torch._int_mm(torch.index_select(table, 0, part, out=buffer if rows == buffer.shape[0] else buffer[:rows]),
-                                  columns, out=part_out)
-                return
             for part, part_out in zip(ids.split(self.gather_rows), out.split(self.gather_rows)):
-                mm(torch.index_select(table, 0, part, out=buffer[: part.shape[0]]), columns, part_out)
+                self._mm(torch.index_select(self.filter_table, 0, part, out=self.buffer[: part.shape[0]]), columns, part_out)
         except IndexError:
             gather(self.table, ids)  # raises the ValueError naming history_ids
 

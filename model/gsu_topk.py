@@ -261,16 +261,13 @@ def _add_all(filters: FilterDots, ids: torch.Tensor, block: List[List[int]], sam
              width: int, found: Candidates) -> None:
     """Every non-padding row of a block is a candidate of each sample of its group: exact dots of the whole block at
     once (while the block's samples have fewer than k behaviors so far: usually only the short first piece)."""
-    rows = gather(filters.table, ids)
-    group_of = _group_of(block)
     columns = torch.arange(len(samples)).repeat_interleave(width)  # every (sample, own row) pair, by sample
     within = torch.arange(width).repeat(len(samples))
-    local = group_of.index_select(0, columns) * width + within
-    cand_ids = ids.index_select(0, local)
+    cand_ids = ids.index_select(0, _group_of(block).index_select(0, columns) * width + within)
     real = cand_ids != 0
     if not bool(real.any()):
         return
-    columns, within, local, cand_ids = columns[real], within[real], local[real], cand_ids[real]
+    columns, within, cand_ids = columns[real], within[real], cand_ids[real]
     targets = filters.targets.index_select(0, torch.tensor(samples).index_select(0, columns))
-    exact = exact_dots(rows.index_select(0, local), targets)
+    exact = exact_dots(gather(filters.table, cand_ids), targets)  # one gather of exactly the pairs' rows
     found.add(samples, columns, within + start, cand_ids, exact)
