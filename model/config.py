@@ -24,6 +24,14 @@ ESU_KINDS = ("ta", "simtier", "ta+simtier", "sata", "sata+simtier")
 ACTIVATIONS = ("dice", "prelu")
 
 
+def reject_unknown_fields(cls: type, data: dict[str, Any]) -> None:
+    """ValueError naming the keys of ``data`` that are not fields of the dataclass ``cls`` (a saved config from
+    another version, or a typo)."""
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of one model of the family. Validated on construction (``ValueError`` naming the field).
@@ -140,9 +148,6 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Inverse of ``to_dict``; unknown keys raise ValueError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        reject_unknown_fields(cls, data)
         values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
         return cls(**values)

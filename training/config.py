@@ -7,13 +7,13 @@ restarted by torchrun picks up where the job stopped).
 """
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 from common.atomic import write_text_atomic
 from common.errors import UserError
 from common.io import path_manager
-from model.config import ModelConfig
+from model.config import ModelConfig, reject_unknown_fields
 from model.tables import ID_SPACES
 from sharding.constraints import parse_constraints
 
@@ -100,10 +100,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        reject_unknown_fields(cls, data)
         values = dict(data)
         values["model"] = ModelConfig.from_dict(values["model"])
         values["shard"] = tuple(values.get("shard", ()))
