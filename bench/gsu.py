@@ -6,7 +6,7 @@ larger than the CPU caches) is built, and for each history length L a batch whos
 ``--history-gb`` (B = history bytes / (L * row bytes)). Timed, best of ``--repeats`` (interleaved):
 
 - ``reference``: gather the rows, convert to float, normalise, batched matmul, top-k (the released code's way);
-- ``cosine_topk``: model/gsu.py (for bf16, prefiltering on the table's int8 shadow unless ``--no-int8-filter``);
+- ``cosine_topk``: model/gsu/__init__.py (for bf16, prefiltering on the table's int8 shadow unless ``--no-int8-filter``);
 - ``index_select``: a bare gather of the same rows into a reused, pre-written buffer, as many rows at a time as
   ``cosine_topk`` gathers at once (``gather_rows_for``: an L2-sized block), the real limit for random row gathers;
 - ``copy``: memcpy bandwidth between two pre-written buffers (so untouched pages do not inflate it).
@@ -33,8 +33,8 @@ import torch
 from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
 from model.gsu import chunk_rows_for, cosine_topk, gather_rows_for
-from model.gsu_shadow import FilterShadow, filter_shadow
-from model.mm_table import INT8_SCALE, RowNorms, row_norms
+from model.gsu.shadow import FilterShadow, filter_shadow
+from model.gsu.table import INT8_SCALE, RowNorms, row_norms
 
 _GB = 1 << 30
 _COPY_BYTES = 256 << 20

@@ -4,7 +4,7 @@ The package holds
 - code: this project's ``model`` package, ``datapipes.batch``, ``inference.predictor`` and
   ``inference.manifest`` (interned, so the serving process needs no copy of this project); torch,
   torchrec, fbgemm_gpu and numpy stay extern (imported from the serving environment); ``common.io``
-  (iopath file access, imported by ``model.mm_table`` but never used by a table built from a tensor) is
+  (iopath file access, imported by ``model.gsu.table`` but never used by a table built from a tensor) is
   mocked, so iopath is not needed at serving;
 - blobs (raw tensors, each with dtype, shape, size and sha256 in the manifest): ``weights.<name>`` of the
   unsharded model, ``mm_table`` (the frozen multimodal table, int8), ``vocab.<space>.keys/index`` (raw

@@ -23,7 +23,7 @@ from inference.manifest import (BLOB_PACKAGE, MANIFEST_NAME, MANIFEST_PACKAGE, P
                                 parse_manifest)
 from model.config import ModelConfig
 from model.gsu import GsuStage, cosine_topk
-from model.mm_table import MMTable
+from model.gsu.table import MMTable
 from model.muse import MuseModel, build_model
 
 IdsLike = Union[torch.Tensor, Sequence[int], Any]

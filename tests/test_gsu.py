@@ -1,12 +1,12 @@
-"""cosine_topk (model/gsu.py) against a float64 brute force: dtypes, padding, ties, short histories, zero rows,
+"""cosine_topk (model/gsu/__init__.py) against a float64 brute force: dtypes, padding, ties, short histories, zero rows,
 chunk boundaries, shared histories, bad arguments."""
 
 import pytest
 import torch
 
 from model.gsu import cosine_topk, pair_cosine
-from model.gsu_topk import BLOCK_DOTS, MAX_PACKED, MAX_SHARED, blocks, history_groups
-from model.mm_table import row_norms
+from model.gsu.topk import BLOCK_DOTS, MAX_PACKED, MAX_SHARED, blocks, history_groups
+from model.gsu.table import row_norms
 
 DTYPES = (torch.int8, torch.bfloat16, torch.float32)
 
@@ -81,7 +81,7 @@ def test_long_history_through_the_running_threshold(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_default_sizes_gather_long_pieces_in_several_blocks(dtype):
-    """D = 128 and the default chunk: pieces longer than one gather (model.gsu_inputs.GATHER_BYTES of rows) are
+    """D = 128 and the default chunk: pieces longer than one gather (model.gsu.inputs.GATHER_BYTES of rows) are
     gathered and filtered block by block, for packed single histories and for a shared one."""
     table = random_table(3000, 128, dtype, 13)
     users = random_history(3, 9000, 3000, 13)

@@ -1,4 +1,4 @@
-"""The frozen multimodal table (model/mm_table.py): memory-mapped load, dtype conversion, row norms, bad files."""
+"""The frozen multimodal table (model/gsu/table.py): memory-mapped load, dtype conversion, row norms, bad files."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from common.errors import DataError, UserError
 from model.gsu import cosine_topk
-from model.mm_table import MMTable, row_norms
+from model.gsu.table import MMTable, row_norms
 
 
 def write_table(path, rows: int = 50, dim: int = 16, seed: int = 0) -> np.ndarray:

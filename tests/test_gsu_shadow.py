@@ -1,4 +1,4 @@
-"""The int8 filter shadow of bf16/float32 tables (model/gsu_shadow.py) and cosine_topk's prefilter on it: the
+"""The int8 filter shadow of bf16/float32 tables (model/gsu/shadow.py) and cosine_topk's prefilter on it: the
 quantization bound, the filter never dropping a row that reaches the threshold, exact results on adversarial
 near-ties, ties by position, padding, shared histories, the cache and MMTable's precomputed shadow."""
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from model.gsu import cosine_topk, pair_cosine
-from model.gsu_filter import FilterDots
-from model.gsu_shadow import FilterShadow, filter_shadow
-from model.mm_table import MMTable, row_norms
+from model.gsu.filter import FilterDots
+from model.gsu.shadow import FilterShadow, filter_shadow
+from model.gsu.table import MMTable, row_norms
 from tests.test_gsu import assert_matches, brute_force, random_history, random_table
 
 FLOATS = (torch.bfloat16, torch.float32)

@@ -1,4 +1,4 @@
-"""GsuStage (model/gsu.py): RawBatch -> Batch for every GSU mode, checked position by position on a small
+"""GsuStage (model/gsu/__init__.py): RawBatch -> Batch for every GSU mode, checked position by position on a small
 hand-built batch, and its pickling for DataLoader workers."""
 
 import pickle
@@ -10,7 +10,7 @@ import torch
 from datapipes.batch import HISTORY_FEATURES, SEQUENCE_FEATURES, SPARSE_FEATURES, RawBatch
 from model.config import ModelConfig
 from model.gsu import GsuStage, cosine_topk
-from model.mm_table import MMTable
+from model.gsu.table import MMTable
 
 K, RECENT = 3, 4
 # Four samples, L = 10, left-padded; sample 1 has a hole (0 = unknown item) inside its history, sample 2 has

@@ -24,7 +24,7 @@ from inference.manifest import BLOB_PACKAGE, PackageIntegrityError
 from inference.predict import RawIds, score_raw_batch
 from model.config import ModelConfig
 from model.gsu import GsuStage
-from model.mm_table import MMTable
+from model.gsu.table import MMTable
 from model.muse import build_model
 from model.train_module import MuseTrain
 from training.config import TrainConfig, save_config

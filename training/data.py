@@ -15,7 +15,7 @@ from datapipes.batch import Batch
 from datapipes.prepared import PreparedDataset
 from datapipes.reader import ShardedLoader, make_dataloader
 from model.gsu import GsuStage
-from model.mm_table import MMTable
+from model.gsu.table import MMTable
 from training.config import TrainConfig
 from training.distributed import DistEnv
 

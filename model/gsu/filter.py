@@ -2,10 +2,10 @@
 own precision, and the smallest such dot a row needs to possibly reach a sample's running k-th score.
 
 The filter dot is exact for int8 (int8 x int8 -> int32 with ``torch._int_mm``). For bf16/float32 tables it is
-either the int32 dot of the rows' int8 shadow with the target quantized the same way (``model.gsu_shadow``,
+either the int32 dot of the rows' int8 shadow with the target quantized the same way (``model.gsu.shadow``,
 the default: half the bytes gathered of a bf16 row), within the quantization bound derived in
 ``_shadow_need``, or a matmul in the table's dtype (float32 accumulation), within the _FILTER_* allowances.
-Rows are gathered ``gather_rows`` at a time into one reused buffer that stays in L2 (``model.gsu_inputs.GATHER_BYTES``), and
+Rows are gathered ``gather_rows`` at a time into one reused buffer that stays in L2 (``model.gsu.inputs.GATHER_BYTES``), and
 each gathered block is multiplied at once, before the next gather evicts it; only the dot products
 (a few bytes per row and target) are kept for the whole piece. A block of several short histories is multiplied
 against all of its samples' targets in one product (the per-op cost dominates there), and the caller keeps each
@@ -18,9 +18,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from model.gsu_inputs import gather, gather_rows_for
-from model.gsu_shadow import FilterShadow
-from model.mm_table import RowNorms
+from model.gsu.inputs import gather, gather_rows_for
+from model.gsu.shadow import FilterShadow
+from model.gsu.table import RowNorms
 
 _INT32_MIN, _INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
 # Rounding allowances of the float filters (see thresholds): bf16 output rounding is <= 2**-8 relative,
@@ -160,7 +160,7 @@ class FilterDots:
         """The smallest shadow dot q_r . q_t a row r needs for its exact score to possibly reach tau (low: tau less
         the score's float rounding, see thresholds), for a non-zero target t.
 
-        With u_r = r * C / |r| (|u_r| = C for every non-zero row, ``model.gsu_shadow``) and u_t = t * 127 / max|t|,
+        With u_r = r * C / |r| (|u_r| = C for every non-zero row, ``model.gsu.shadow``) and u_t = t * 127 / max|t|,
         cos(r, t) = u_r . u_t / (C |u_t|) and, exactly,
             u_r . u_t = q_r . q_t + q_r . (u_t - q_t) + (u_r - q_r) . u_t,
         where |q_r . (u_t - q_t)| <= |q_r| |u_t - q_t| <= max_q_norm |u_t - q_t| (Cauchy-Schwarz) and

@@ -10,8 +10,8 @@ from typing import List, Tuple
 
 import torch
 
-from model.gsu_cosine import cosines
-from model.mm_table import RowNorms
+from model.gsu.cosine import cosines
+from model.gsu.table import RowNorms
 
 NO_KEY = torch.iinfo(torch.int64).min  # an empty slot
 

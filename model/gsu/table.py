@@ -5,7 +5,7 @@
 shared by DataLoader workers, never copied per worker), optionally converts it once to bfloat16 or float32
 (``value / 127``, in shared memory), and computes the per-row normalisation once (``RowNorms``), so that a
 cosine is a dot product divided by two stored norms. A converted table also gets its int8 filter shadow once
-(``model.gsu_shadow``: N x D int8 in shared memory, half a bf16 table), which the GSU's prefilter reads instead
+(``model.gsu.shadow``: N x D int8 in shared memory, half a bf16 table), which the GSU's prefilter reads instead
 of the wider rows; ``int8_filter=False`` skips it. The table is a plain tensor, not an ``nn.Parameter``: it
 never receives a gradient and has no optimizer state.
 """
@@ -21,7 +21,7 @@ import torch
 
 from common.errors import DataError, UserError
 from common.io import path_manager
-from model.gsu_shadow import FilterShadow, filter_shadow
+from model.gsu.shadow import FilterShadow, filter_shadow
 
 TABLE_DTYPES = {"int8": torch.int8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INT8_SCALE = 127.0

@@ -5,8 +5,8 @@ from typing import Optional
 
 import torch
 
-from model.gsu_inputs import chunk_rows_for
-from model.mm_table import RowNorms
+from model.gsu.inputs import chunk_rows_for
+from model.gsu.table import RowNorms
 
 
 def exact_dots(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

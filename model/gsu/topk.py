@@ -3,12 +3,12 @@ frozen multimodal table.
 
 The history is streamed in pieces of positions, newest first, so memory stays bounded by the piece whatever
 L is (no float [B, L, D] tensor ever exists). Per piece the rows are gathered a few hundred KB at a time and
-their dot products with the target taken at once (``model.gsu_filter``): exact int32 for int8 tables, on the
-table's int8 shadow for bf16/float32 ones (``model.gsu_shadow``, with its quantization error bounded);
+their dot products with the target taken at once (``model.gsu.filter``): exact int32 for int8 tables, on the
+table's int8 shadow for bf16/float32 ones (``model.gsu.shadow``, with its quantization error bounded);
 only rows whose dot could still reach the running K-th best cosine are kept: the bound uses the smallest
 norm of any table row, so no row that belongs in the top K is dropped. Those few candidates get their
 cosine (dot / sqrt(|r|^2 |t|^2) in float64 from the stored squared norms, rounded to float32) and are merged
-into the running top K once per piece (``model.gsu_ranking``): equal scores rank the larger (more recent)
+into the running top K once per piece (``model.gsu.ranking``): equal scores rank the larger (more recent)
 position first, deterministically.
 
 Samples of a batch that share a history (the same user, ~11 samples per user in Taobao-MM) are detected
@@ -22,12 +22,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from model.gsu_cosine import exact_dots
-from model.gsu_filter import FilterDots
-from model.gsu_inputs import check_inputs, chunk_rows_for, gather, norms_for, shadow_for
-from model.gsu_shadow import FilterShadow
-from model.gsu_ranking import NO_KEY, Candidates, RunningTopK, rank_keys
-from model.mm_table import RowNorms
+from model.gsu.cosine import exact_dots
+from model.gsu.filter import FilterDots
+from model.gsu.inputs import check_inputs, chunk_rows_for, gather, norms_for, shadow_for
+from model.gsu.shadow import FilterShadow
+from model.gsu.ranking import NO_KEY, Candidates, RunningTopK, rank_keys
+from model.gsu.table import RowNorms
 
 # Most histories scored together in one block (short pieces: one gather and one product for all of them).
 MAX_PACKED = 16

@@ -8,9 +8,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from datapipes.batch import HISTORY_FEATURES, SEQUENCE_FEATURES, SPARSE_FEATURES, Batch, RawBatch
-from model.gsu_cosine import history_cosines, pair_cosine
-from model.gsu_topk import cosine_topk
-from model.mm_table import MMTable, RowNorms
+from model.gsu.cosine import history_cosines, pair_cosine
+from model.gsu.topk import cosine_topk
+from model.gsu.table import MMTable, RowNorms
 
 
 @dataclass(frozen=True)

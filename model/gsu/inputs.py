@@ -1,12 +1,12 @@
-"""Argument checks, work sizes and the per-table normalisation and int8 filter shadow caches of the GSU (``model.gsu_topk``)."""
+"""Argument checks, work sizes and the per-table normalisation and int8 filter shadow caches of the GSU (``model.gsu.topk``)."""
 
 import weakref
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from model.gsu_shadow import FilterShadow, filter_shadow
-from model.mm_table import TABLE_DTYPES, RowNorms, row_norms
+from model.gsu.shadow import FilterShadow, filter_shadow
+from model.gsu.table import TABLE_DTYPES, RowNorms, row_norms
 
 # History positions filtered per step (one threshold check, one candidate merge): the bound on per-step
 # memory, a few bytes per row and target, whatever B and L.

@@ -1,6 +1,6 @@
 """The int8 filter shadow of a bfloat16 (or float32) multimodal table: the same rows quantized to int8, read by
 the GSU's conservative prefilter instead of the wider rows (128 B instead of 256 B per bf16 row of 128), with a
-bound on the quantization error that the filter folds into its threshold (``model.gsu_filter``). Only the few
+bound on the quantization error that the filter folds into its threshold (``model.gsu.filter``). Only the few
 rows that pass are read again from the table itself and scored exactly, so results do not change.
 
 Quantization. Every non-zero row r is scaled to the same norm C: u_r = r * C / |r|, q_r = round(u_r) (int8), so
