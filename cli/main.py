@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "demo": "the main job on embedded defaults: synth, prepare, train MUSE and DIN, export, plan",
     "synth": "write synthetic data in the Taobao-MM raw schema",
     "prepare": "raw Taobao-MM parquet -> vocabularies, multimodal table, joined shards",
+    "retrieve": "run a model's GSU once over a dataset and store its results for training",
     "train": "train a model (launches ranks through torchx unless already under torchrun)",
     "evaluate": "evaluate a run's newest checkpoint on the test split",
     "compare": "train every baseline and ablation on one dataset and print one table",

@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="keep only the most recent N behaviors of each history (default: keep all)")
     parser.add_argument("--buckets", type=int, default=None,
-                        help="hash buckets of the external join (default: sized so one bucket of user features is ~512 MB)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the within-bucket row shuffle (default 0)")
+                        help="buckets samples are grouped in by user before the shuffle (default: one per ~256 MB of "
+                             "decoded user features)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the within-bucket sample shuffle (default 0)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -35,11 +36,13 @@ def run(args: argparse.Namespace) -> int:
           f"max_seq_len {meta['max_seq_len']}")
     print(f"vocabularies: {sizes}")
     for split in ("train", "test"):
-        js = meta["join_stats"][split]
-        print(f"{split} join: {js['sample_rows']} samples, {js['rows_written']} written, missing user "
+        js, info = meta["join_stats"][split], meta["splits"][split]
+        print(f"{split}: {js['sample_rows']} samples, {js['rows_written']} written, missing user "
               f"{js['missing_user_dropped']} dropped / {js['missing_user_padded']} padded, unknown target "
               f"{js['unknown_target_dropped']} dropped / {js['unknown_target_padded']} padded, targets without SCL "
-              f"{js['targets_without_scl']}, history items outside the vocabulary {js['history_unknown_items_removed']}")
+              f"{js['targets_without_scl']}; history store {info['histories']}: {info['users_with_history']} users, "
+              f"{info['history_entries']} behaviors ({js['history_unknown_items_kept']} out-of-vocabulary items kept "
+              f"in place with their category)")
     items = meta["join_stats"]["items"]
     print(f"multimodal table: {items['vocab_items_without_scl']} vocabulary items without an SCL row (zero rows)")
     return 0

@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ops.add_argument("--num-workers", type=int, default=None, help=f"data workers per rank (default {_DEFAULTS['num_workers']})")
     ops.add_argument("--log-every", type=int, default=None, help=f"steps between loss records (default {_DEFAULTS['log_every']})")
     ops.add_argument("--eval-batch-size", type=int, default=None, help=f"samples per rank per evaluation batch (default {_DEFAULTS['eval_batch_size']})")
+    ops.add_argument("--retrieval", default=None, metavar="auto|none|DIR",
+                     help="the pipeline GSU's results: a matching stored retrieval (`muse retrieve`) under DATA/retrieval/ "
+                          "when one exists, else online (auto, the default); none: always online; DIR: that retrieval "
+                          "(refused unless it matches). Identical batches either way")
     job = parser.add_argument_group("job (launcher only)")
     job.add_argument("--nnodes", type=int, default=1, help="hosts (default 1)")
     job.add_argument("--nproc-per-node", type=int, default=2, help="ranks per host (default 2)")
@@ -82,6 +86,8 @@ def build_config(args: argparse.Namespace, data: str, model: str) -> TrainConfig
     except ValueError as err:
         raise UserError(f"--model {model}: {err}") from None
     values = {name: getattr(args, name) for name in _DEFAULTS if getattr(args, name, None) is not None}
+    if values.get("retrieval") not in (None, "auto", "none") and "://" not in values["retrieval"]:
+        values["retrieval"] = os.path.abspath(values["retrieval"])
     return TrainConfig(data=data, model=model_config, **{**values, "shard": tuple(args.shard)})
 
 
@@ -114,6 +120,13 @@ def check_split_sizes(config: TrainConfig, world_size: int) -> None:
                         f"({world_size} ranks)")
     if splits["test"].rows < world_size:
         raise UserError(f"--nproc-per-node: {world_size} ranks, but the test split of {config.data} has {splits['test'].rows} rows")
+
+
+def check_retrieval(config: TrainConfig) -> None:
+    """Refuse, before any rank starts, a --retrieval that does not match the dataset and model (one line)."""
+    from training.data import stored_retrieval
+
+    stored_retrieval(config, PreparedDataset.open(config.data))
 
 
 def resolve_data(args: argparse.Namespace) -> str:
@@ -154,6 +167,7 @@ def train_models(args: argparse.Namespace, names: Sequence[str]) -> Dict[str, st
         config = resolve_run_config(run_dir, build_config(args, data, name), args.resume, explicit)
         check_device_support(config, _device_type())
         check_split_sizes(config, args.nnodes * args.nproc_per_node)
+        check_retrieval(config)
         planned.append((name, run_dir, config))
     runs: Dict[str, str] = {}
     for name, run_dir, config in planned:

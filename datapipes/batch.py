@@ -1,10 +1,13 @@
-"""The two batch types of the input pipeline.
+"""The batch types of the input pipeline, ids already remapped to contiguous vocabulary indices (0 = padding/unknown).
 
-``RawBatch`` is what the reader yields: one row per (user, target item) sample with the user's whole
-behavior sequence, ids already remapped to contiguous vocabulary indices (0 = padding/unknown).
+``SampleBatch`` is what the reader yields: one row per (user, target item) sample, without the history, which
+lives once per user in the split's history store (``datapipes.histories``).
+``RawBatch`` is the GSU's input: the same samples with their history windows gathered from the store
+(``datapipes.histories.HistoryGather``; the predictor builds it from the caller's ids).
 ``Batch`` is what the model consumes: the GSU stage (``model.gsu.GsuStage``) turns a ``RawBatch`` into
 a ``Batch`` ahead of the training step, so the model sees K selected behaviors, never the whole history
-(except for variants whose GSU needs trained ID embeddings: SIM-soft and TWIN, which get ``history``).
+(except for variants whose GSU needs trained ID embeddings: SIM-soft and TWIN, which get ``history``);
+a stored retrieval (``retrieval.RetrievedStage``) builds the same ``Batch`` from a ``SampleBatch`` directly.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -53,15 +56,43 @@ class _Movable(Pipelineable):
 
 
 @dataclass
+class SampleBatch(_Movable):
+    """Reader output. B samples.
+
+    labels:         float32 [B], 1.0 = click.
+    user_id:        int64 [B] user index, also the user's row in the split's history store.
+    profile:        int64 [B, 5], fields profile_1..profile_5 (raw columns 130_1..130_5), from the store.
+    target_item, target_cat, item_city, item_province: int64 [B].
+    history_end:    int64 [B]: how many of the user's history entries (oldest first) the sample sees; -1 = all.
+    sample_index:   int64 [B]: the sample's row in its split (shards in order), the key of stored retrievals.
+    """
+
+    labels: torch.Tensor
+    user_id: torch.Tensor
+    profile: torch.Tensor
+    target_item: torch.Tensor
+    target_cat: torch.Tensor
+    item_city: torch.Tensor
+    item_province: torch.Tensor
+    history_end: torch.Tensor
+    sample_index: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
 class RawBatch(_Movable):
-    """Reader output. B samples, L = longest history in the batch (or the configured maximum).
+    """GSU input. B samples, L = longest history window in the batch (or the configured maximum).
 
     labels:         float32 [B], 1.0 = click.
     user_id:        int64 [B].
     profile:        int64 [B, 5], fields profile_1..profile_5 (raw columns 130_1..130_5).
     target_item, target_cat, item_city, item_province: int64 [B].
-    history_items:  int64 [B, L], left-padded with 0, newest behavior at position L-1.
-    history_cats:   int64 [B, L], aligned entry for entry with history_items.
+    history_items:  int64 [B, L], left-padded with 0, newest behavior at position L-1; a real behavior whose item
+                    is out of the vocabulary is 0 too, with its category in history_cats.
+    history_cats:   int64 [B, L], aligned entry for entry with history_items. Padding: item 0 and category 0.
     """
 
     labels: torch.Tensor

@@ -1,4 +1,4 @@
-"""``muse prepare``: the six raw Taobao-MM files -> vocabularies, multimodal table, joined shards.
+"""``muse prepare``: the six raw Taobao-MM files -> vocabularies, multimodal table, history stores, sample shards.
 
 Passes (memory bounded by batch, bucket and vocabulary sizes, never by a file's size):
 1. Open and schema-check all six files; sha256 of each.
@@ -6,9 +6,11 @@ Passes (memory bounded by batch, bucket and vocabulary sizes, never by a file's 
    ``np.unique``, hash-partitioned, spilled past a budget).
 3. Build the vocabularies (items: those covering ``item_coverage`` of history interactions, plus every
    target item), the item side arrays (category/city/province per item index) and ``mm_table.npy``.
-4. Per split, an external hash join of samples with user features: both sides are remapped and spilled
-   into B buckets by user index, then joined bucket by bucket, shuffled within the bucket, and written as
-   shards of ``shard_rows`` rows.
+4. Per split: the user features are streamed into the split's history store (``datapipes.histories``: each
+   user's history and profile once, keyed by user index); the samples are spilled into B buckets by user index,
+   shuffled within the bucket and written as shards of ``shard_rows`` rows holding only the user index, the
+   target and its attributes, the label and ``history_end`` (-1: the sample sees its user's whole history).
+   No join is needed: a sample reaches its history through its user index.
 Everything is written under a temp directory next to ``out`` and renamed into place at the end.
 """
 
@@ -29,16 +31,16 @@ from datapipes import schema as S
 from datapipes.batch import PROFILE_FIELDS
 from datapipes.counting import IdCounter
 from datapipes.rawread import ListColumn, RawFile, sha256_file
-from datapipes.shards import SAMPLE_SCHEMA, SHARD_SCHEMA, USER_SCHEMA, BucketSpill, ShardWriter, row_group_rows
+from datapipes.histories import STORE_DIR, HistoryWriter
+from datapipes.shards import SAMPLE_GROUP_ROWS, SAMPLE_SCHEMA, SHARD_SCHEMA, BucketSpill, ShardWriter
 from datapipes.tempdir import atomic_output_dir
-from datapipes.vocab import Vocab, item_vocab, vocab_from_counter
+from datapipes.vocab import Vocab, fingerprint, item_vocab, vocab_from_counter
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ITEM_ATTRIBUTES = "item_attributes.parquet"
 ON_MISSING = ("drop", "pad")
 _SPILL_BYTES = 1 << 30        # buffered rows of all buckets of one spill
-_BUCKET_BYTES = 256 << 20     # target size of one bucket of remapped user features
-_SLICE_BYTES = 128 << 20      # joined rows materialized at once
+_BUCKET_BYTES = 256 << 20     # sample buckets: as many as 256 MB pieces of the remapped user features (see _auto_buckets)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ class SplitStats:
     user_rows_without_samples: int = 0
     history_entries: int = 0
     history_padding_removed: int = 0
-    history_unknown_items_removed: int = 0
+    history_unknown_items_kept: int = 0
+    history_unknown_removed: int = 0
     history_rows_truncated: int = 0
     max_history_len: int = 0
 
@@ -203,17 +206,22 @@ def _mm_table(rf: RawFile, item: Vocab, path: str, side: _ItemSide) -> Dict[str,
 
 
 def _remap_history(items: ListColumn, cats: ListColumn, vocabs: Dict[str, Vocab], max_len: Optional[int],
-                   stats: SplitStats) -> Tuple[pa.Array, pa.Array]:
-    """Remap and compact histories: padding (0) and items outside the vocab are removed, order kept
-    (oldest -> newest), then each row keeps its ``max_len`` most recent entries."""
+                   stats: SplitStats) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Remap and compact histories, order kept (oldest -> newest): padding (raw item 0) is removed; an item outside
+    the vocabulary keeps its position as item 0 with its category (removed only when the category is unknown too);
+    then each row keeps its ``max_len`` most recent entries. Returns int64 [n] lengths and the kept entries'
+    int32 item and category indices, row after row."""
     n = items.lengths.size
     row = np.repeat(np.arange(n), items.lengths)
     item_idx = vocabs["item"].lookup(items.values)
+    cat_idx = vocabs["category"].lookup(cats.values)
     is_pad = items.values == 0
-    keep = item_idx > 0
+    unknown_item = ~is_pad & (item_idx == 0)
+    keep = ~is_pad & ((item_idx > 0) | (cat_idx > 0))
     stats.history_entries += int(items.values.size)
     stats.history_padding_removed += int(is_pad.sum())
-    stats.history_unknown_items_removed += int((~keep & ~is_pad).sum())
+    stats.history_unknown_items_kept += int((unknown_item & keep).sum())
+    stats.history_unknown_removed += int((unknown_item & ~keep).sum())
     lengths = np.bincount(row[keep], minlength=n)
     if max_len is not None:
         kept_row = row[keep]
@@ -224,27 +232,27 @@ def _remap_history(items: ListColumn, cats: ListColumn, vocabs: Dict[str, Vocab]
         stats.history_rows_truncated += int((lengths > max_len).sum())
         keep = recent
         lengths = np.minimum(lengths, max_len)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     if lengths.size:
         stats.max_history_len = max(stats.max_history_len, int(lengths.max()))
-    cat_idx = vocabs["category"].lookup(cats.values[keep])
-    return (pa.ListArray.from_arrays(offsets, pa.array(item_idx[keep].astype(np.int32))),
-            pa.ListArray.from_arrays(offsets, pa.array(cat_idx.astype(np.int32))))
+    return lengths.astype(np.int64), item_idx[keep].astype(np.int32), cat_idx[keep].astype(np.int32)
 
 
-def _spill_user_features(rf: RawFile, vocabs, max_len, spill: BucketSpill, stats: SplitStats) -> None:
+def _write_histories(rf: RawFile, vocabs, max_len, store: HistoryWriter, stats: SplitStats) -> None:
+    """Every user-features row of a user with samples -> the store, once per user (the first row in file order
+    wins; later rows of the same user are counted as duplicates)."""
     for batch in rf.batches([S.USER, *S.PROFILE_COLUMNS, S.HIST_ITEMS, S.HIST_CATS]):
         user = vocabs["user"].lookup(batch[S.USER])
         stats.user_feature_rows += int(user.size)
-        sel = user > 0
-        stats.user_rows_without_samples += int((~sel).sum())
-        hist_items, hist_cats = _remap_history(batch[S.HIST_ITEMS], batch[S.HIST_CATS], vocabs, max_len, stats)
-        cols = {"user": pa.array(user)}
-        for field_name, column in zip(PROFILE_FIELDS, S.PROFILE_COLUMNS):
-            cols[field_name] = pa.array(vocabs[field_name].lookup(batch[column]))
-        cols["hist_items"], cols["hist_cats"] = hist_items, hist_cats
-        table = pa.table(cols, schema=USER_SCHEMA).filter(pa.array(sel))
-        spill.add(table, user[sel] % spill.buckets)
+        lengths, items, cats = _remap_history(batch[S.HIST_ITEMS], batch[S.HIST_CATS], vocabs, max_len, stats)
+        known = user > 0
+        stats.user_rows_without_samples += int((~known).sum())
+        first = np.zeros(user.size, bool)
+        first[np.unique(user, return_index=True)[1]] = True
+        keep = known & first & ~store.seen[user]
+        stats.user_feature_duplicates += int((known & ~keep).sum())
+        entry_kept = np.repeat(keep, lengths)
+        profile = np.stack([vocabs[f].lookup(batch[c]) for f, c in zip(PROFILE_FIELDS, S.PROFILE_COLUMNS)], axis=1)
+        store.add(user[keep], lengths[keep], items[entry_kept], cats[entry_kept], profile[keep])
 
 
 def _spill_samples(rf: RawFile, vocabs, spill: BucketSpill, stats: SplitStats) -> None:
@@ -256,29 +264,12 @@ def _spill_samples(rf: RawFile, vocabs, spill: BucketSpill, stats: SplitStats) -
         spill.add(pa.table({"label": label, "user": user, "target_item": target}, schema=SAMPLE_SCHEMA), user % spill.buckets)
 
 
-def _empty_user_row() -> pa.Table:
-    cols = {"user": pa.array([0], pa.int64())}
-    for f in PROFILE_FIELDS:
-        cols[f] = pa.array([0], pa.int64())
-    cols["hist_items"] = pa.array([[]], pa.list_(pa.int32()))
-    cols["hist_cats"] = pa.array([[]], pa.list_(pa.int32()))
-    return pa.table(cols, schema=USER_SCHEMA)
-
-
-def _join_bucket(samples: pa.Table, users: pa.Table, side: _ItemSide, cfg: PrepareConfig, rng: np.random.Generator,
-                 writer: ShardWriter, slice_rows: int, stats: SplitStats) -> None:
-    uf_user = users.column("user").to_numpy()
-    uniq, first = np.unique(uf_user, return_index=True)
-    stats.user_feature_duplicates += int(uf_user.size - uniq.size)
+def _write_bucket(samples: pa.Table, has_history: np.ndarray, side: _ItemSide, cfg: PrepareConfig,
+                  rng: np.random.Generator, writer: ShardWriter, stats: SplitStats) -> None:
+    """One bucket of samples (every sample of its users), shuffled, with the target's attributes -> shards."""
     s_user = samples.column("user").to_numpy()
     target = samples.column("target_item").to_numpy()
-    if uniq.size:
-        pos = np.minimum(np.searchsorted(uniq, s_user), uniq.size - 1)
-        found = (uniq[pos] == s_user) & (s_user > 0)
-        row = np.where(found, first[pos], users.num_rows)
-    else:
-        found = np.zeros(s_user.size, bool)
-        row = np.full(s_user.size, users.num_rows)
+    found = has_history[s_user] & (s_user > 0)
     unknown = target == 0
     if cfg.on_missing == "drop":
         stats.missing_user_dropped += int((~found).sum())
@@ -289,49 +280,45 @@ def _join_bucket(samples: pa.Table, users: pa.Table, side: _ItemSide, cfg: Prepa
         stats.unknown_target_padded += int(unknown.sum())
         keep = np.arange(s_user.size)
     keep = keep[rng.permutation(keep.size)]
-    users = pa.concat_tables([users, _empty_user_row()]).combine_chunks()
-    labels = samples.column("label").to_numpy()
-    for start in range(0, keep.size, slice_rows):
-        idx = keep[start:start + slice_rows]
-        joined = users.take(pa.array(row[idx]))
-        t = target[idx]
-        stats.targets_without_item_features += int((~side.has_features[t]).sum())
-        stats.targets_without_scl += int((~side.has_scl[t]).sum())
-        cols = {"label": pa.array(labels[idx]), "user": pa.array(s_user[idx])}
-        for f in PROFILE_FIELDS:
-            cols[f] = joined.column(f)
-        cols.update(target_item=pa.array(t), target_cat=pa.array(side.cat[t].astype(np.int64)),
-                    item_city=pa.array(side.city[t].astype(np.int64)),
-                    item_province=pa.array(side.province[t].astype(np.int64)), hist_items=joined.column("hist_items"),
-                    hist_cats=joined.column("hist_cats"))
-        writer.write(pa.table(cols, schema=SHARD_SCHEMA))
-        stats.rows_written += idx.size
+    t = target[keep]
+    stats.targets_without_item_features += int((~side.has_features[t]).sum())
+    stats.targets_without_scl += int((~side.has_scl[t]).sum())
+    writer.write(pa.table({
+        "label": samples.column("label").to_numpy()[keep], "user": s_user[keep], "target_item": t,
+        "target_cat": side.cat[t].astype(np.int64), "item_city": side.city[t].astype(np.int64),
+        "item_province": side.province[t].astype(np.int64),
+        "history_end": np.full(keep.size, -1, np.int64)}, schema=SHARD_SCHEMA))
+    stats.rows_written += int(keep.size)
 
 
 def _auto_buckets(rf: RawFile) -> int:
+    """Sample buckets of a split: as many as the per-sample-history layout joined in (one per ~256 MB of decoded
+    user features), so a dataset prepared again gets its rows in the same order; a bucket's samples (24 bytes
+    each in the spill) are always far smaller than that."""
     decoded = rf.bytes_per_row([S.HIST_ITEMS, S.HIST_CATS]) * rf.num_rows / 2  # int64 -> int32 after remap
     return int(min(4096, max(1, math.ceil(decoded / _BUCKET_BYTES))))
 
 
 def _prepare_split(split: str, files: Dict[str, RawFile], vocabs, side: _ItemSide, cfg: PrepareConfig,
-                   longest: int, root: str, work: str) -> Tuple[SplitStats, List[Tuple[str, int]]]:
+                   root: str, work: str, fingerprint: str) -> Tuple[SplitStats, List[Tuple[str, int]], Dict[str, int]]:
+    """The split's history store, then its sample shards. Samples are bucketed by user and shuffled within the
+    bucket (seeded by seed, split, bucket) exactly as the per-sample-history layout was, so the same raw data
+    and seed give the same rows in the same order."""
     samples_file, users_file = (files[f] for f in S.SPLIT_FILES[split])
-    buckets = cfg.buckets or _auto_buckets(users_file)
-    max_len = min(longest, cfg.max_seq_len) if cfg.max_seq_len else longest
-    user_row_bytes = 8 * max(1, max_len) + 64
     stats = SplitStats()
-    user_spill = BucketSpill(work, f"{split}-users", buckets, USER_SCHEMA, _SPILL_BYTES // buckets // user_row_bytes)
+    store = HistoryWriter(os.path.join(root, split, STORE_DIR), vocabs["user"].size, vocabs["item"].size,
+                          vocabs["category"].size, fingerprint, split)
+    _write_histories(users_file, vocabs, cfg.max_seq_len, store, stats)
+    store_stats = store.close()
+    buckets = cfg.buckets or _auto_buckets(users_file)
     sample_spill = BucketSpill(work, f"{split}-samples", buckets, SAMPLE_SCHEMA, _SPILL_BYTES // buckets // 24)
-    _spill_user_features(users_file, vocabs, cfg.max_seq_len, user_spill, stats)
-    user_spill.close()
     _spill_samples(samples_file, vocabs, sample_spill, stats)
     sample_spill.close()
-    writer = ShardWriter(root, split, cfg.shard_rows, row_group_rows(max_len))
-    slice_rows = int(max(1, min(cfg.shard_rows, _SLICE_BYTES // user_row_bytes)))
+    writer = ShardWriter(root, split, cfg.shard_rows, SAMPLE_GROUP_ROWS)
     for b in range(buckets):
         rng = np.random.default_rng([cfg.seed, S.SPLITS.index(split), b])
-        _join_bucket(sample_spill.read(b), user_spill.read(b), side, cfg, rng, writer, slice_rows, stats)
-    return stats, writer.close()
+        _write_bucket(sample_spill.read(b), store.seen, side, cfg, rng, writer, stats)
+    return stats, writer.close(), store_stats
 
 
 def _counters(work: str) -> Dict[str, IdCounter]:
@@ -361,24 +348,28 @@ def _write_dataset(cfg: PrepareConfig, files: Dict[str, RawFile], root: str) -> 
     os.makedirs(work)
     sources = {name: sha256_file(rf.path) for name, rf in files.items()}
     counters = _counters(work)
-    longest = _count_pass(files, counters)
+    _count_pass(files, counters)
     vocabs, coverage = _build_vocabs(counters, cfg.item_coverage, root)
     del counters
+    vocab_fingerprint = fingerprint(vocabs)
     side, item_stats = _item_side(files[S.ITEM_FEATURES], vocabs)
     _write_item_attributes(side, os.path.join(root, ITEM_ATTRIBUTES))
-    item_stats.update(_mm_table(files[S.SCL_EMBEDDINGS], vocabs["item"], os.path.join(root, "mm_table.npy"), side))
+    mm_path = os.path.join(root, "mm_table.npy")
+    item_stats.update(_mm_table(files[S.SCL_EMBEDDINGS], vocabs["item"], mm_path, side))
     splits, join_stats = {}, {"items": item_stats}
     for split in S.SPLITS:
-        stats, shards = _prepare_split(split, files, vocabs, side, cfg, longest, root, work)
+        stats, shards, store = _prepare_split(split, files, vocabs, side, cfg, root, work, vocab_fingerprint)
         join_stats[split] = asdict(stats)
         splits[split] = {"rows": stats.rows_written, "shards": [rel for rel, _ in shards],
-                         "shard_rows": [n for _, n in shards]}
+                         "shard_rows": [n for _, n in shards], "histories": f"{split}/{STORE_DIR}",
+                         "history_entries": store["entries"], "users_with_history": store["users_with_features"]}
     shutil.rmtree(work)
     metadata = {
         "schema_version": SCHEMA_VERSION,
         "vocab_sizes": {space: vocabs[space].size for space in S.ID_SPACES},
         "max_seq_len": max(join_stats[split]["max_history_len"] for split in S.SPLITS),
         "recent_len": S.RECENT_LEN, "mm_dim": S.MM_DIM, "mm_dtype": "int8",
+        "vocab_fingerprint": vocab_fingerprint, "mm_table_sha256": sha256_file(mm_path),
         "splits": splits, "join_stats": join_stats, "item_coverage": coverage, "sources": sources,
         "options": {"shard_rows": cfg.shard_rows, "item_coverage": cfg.item_coverage, "on_missing": cfg.on_missing,
                     "max_seq_len": cfg.max_seq_len, "buckets": cfg.buckets, "seed": cfg.seed},

@@ -1,14 +1,17 @@
 """A prepared dataset directory (written by ``muse prepare``): metadata, vocabularies, multimodal table,
-train/test shards.
+per-user history stores and sample shards of the train and test splits.
 
 Layout::
 
-    metadata.json            schema_version, vocab_sizes, max_seq_len, recent_len, mm_dim, mm_dtype,
-                             splits {split: {rows, shards, shard_rows}}, join_stats, sources, ...
+    metadata.json            schema_version, vocab_sizes, vocab_fingerprint, max_seq_len, recent_len, mm_dim,
+                             mm_dtype, mm_table_sha256, splits {split: {rows, shards, shard_rows, histories, ...}},
+                             join_stats, sources, ...
     mm_table.npy             int8 [V_item + 1, 128], row 0 zeros, aligned with vocab/item.parquet
     vocab/<space>.parquet    id (raw hashed), index (1..V), count
     item_attributes.parquet  per item index 0..V_item: category, item_city, item_province (remapped; 0 unknown)
-    train/part-NNNNN.parquet, test/part-NNNNN.parquet   joined samples with remapped ids
+    <split>/histories/       the split's history store, once per user (``datapipes.histories``)
+    <split>/part-NNNNN.parquet   samples: label, user, target_item, target_cat, item_city, item_province, history_end
+    retrieval/<name>/        stored GSU results (``muse retrieve``; ``retrieval.store``), optional
 """
 
 import json
@@ -22,18 +25,20 @@ import pyarrow.parquet as pq
 from common.errors import DataError, UserError
 from common.io import path_manager
 from datapipes import schema as S
+from datapipes.histories import HistoryStore
 from datapipes.vocab import Vocab
 
-SUPPORTED_SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
 class SplitInfo:
-    """One split: total rows, shard paths relative to the dataset root, rows per shard."""
+    """One split: total rows, shard paths relative to the dataset root, rows per shard, history store path."""
 
     rows: int
     shards: List[str]
     shard_rows: List[int]
+    histories: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class Metadata:
     mm_dim: int
     mm_dtype: str
     splits: Dict[str, SplitInfo]
+    vocab_fingerprint: str = ""
+    mm_table_sha256: str = ""
     join_stats: Dict[str, Any] = field(default_factory=dict)
     sources: Dict[str, str] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -56,18 +63,20 @@ class Metadata:
         try:
             version = int(data["schema_version"])
             if version != SUPPORTED_SCHEMA_VERSION:
-                raise DataError(f"{where}: schema_version: {version} is not supported (expected {SUPPORTED_SCHEMA_VERSION})")
+                raise DataError(f"{where}: schema_version: {version} is not supported (expected {SUPPORTED_SCHEMA_VERSION}; "
+                                "run `muse prepare` again)")
             missing = [s for s in S.ID_SPACES if s not in data["vocab_sizes"]]
             if missing:
                 raise DataError(f"{where}: vocab_sizes: missing {', '.join(missing)}")
             splits = {name: SplitInfo(int(info["rows"]), list(info["shards"]),
-                                      [int(n) for n in info.get("shard_rows", [])])
+                                      [int(n) for n in info.get("shard_rows", [])], str(info["histories"]))
                       for name, info in data["splits"].items()}
             known = {"schema_version", "vocab_sizes", "max_seq_len", "recent_len", "mm_dim", "mm_dtype", "splits",
-                     "join_stats", "sources"}
+                     "join_stats", "sources", "vocab_fingerprint", "mm_table_sha256"}
             return cls(schema_version=version, vocab_sizes={k: int(v) for k, v in data["vocab_sizes"].items()},
                        max_seq_len=int(data["max_seq_len"]), recent_len=int(data["recent_len"]),
                        mm_dim=int(data["mm_dim"]), mm_dtype=str(data["mm_dtype"]), splits=splits,
+                       vocab_fingerprint=str(data["vocab_fingerprint"]), mm_table_sha256=str(data["mm_table_sha256"]),
                        join_stats=data.get("join_stats", {}), sources=data.get("sources", {}),
                        extra={k: v for k, v in data.items() if k not in known})
         except KeyError as err:
@@ -125,6 +134,12 @@ class PreparedDataset:
         if table.num_rows != n:
             raise DataError(f"{path}: (file): {table.num_rows} rows, expected {n} (item vocabulary + padding)")
         return {name: table.column(name).to_numpy() for name in ("category", "item_city", "item_province")}
+
+    def histories(self, split: str) -> HistoryStore:
+        """The split's per-user history store, memory-mapped (checked against this dataset's vocabulary)."""
+        info = self.split(split)
+        return HistoryStore.open(os.path.join(self.root, info.histories), fingerprint=self.metadata.vocab_fingerprint,
+                                 num_users=self.metadata.vocab_sizes["user"], local_path=path_manager.get_local_path)
 
     def split(self, split: str) -> SplitInfo:
         if split not in self.metadata.splits:

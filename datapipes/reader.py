@@ -1,4 +1,8 @@
-"""Per-rank streaming of a prepared split as ``RawBatch`` (or ``transform(RawBatch)``) batches.
+"""Per-rank streaming of a prepared split as ``SampleBatch`` (or ``transform(SampleBatch)``) batches.
+
+A sample row is small (its user, target, label; the history stays in the split's history store, which the
+transform reads: ``datapipes.histories.HistoryGather`` for the online GSU, ``retrieval.RetrievedStage`` for a
+stored retrieval), so the reader never decodes a history.
 
 Splitting (row level, so any world size up to the row count works and every rank runs the same
 number of steps, which collective-based training needs):
@@ -8,7 +12,7 @@ number of steps, which collective-based training needs):
   ``rows // world_size`` rows (the remainder, fewer than ``world_size`` rows, is skipped unless
   ``drop_remainder=False``).
 - A rank's range is cut into batches; DataLoader worker w streams a contiguous run of those batches,
-  reading its rows into a shuffle buffer (bounded in bytes), permuting it with an RNG derived from
+  reading its rows into a shuffle buffer, permuting it with an RNG derived from
   (seed, epoch, rank, worker, buffer index), and slicing batches (optionally keeping each user's rows
   together: ``group_users``). DataLoader interleaves workers round robin, so the order is deterministic for
   a given (seed, world_size, batch_size, num_workers).
@@ -30,7 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.errors import UserError
 from common.io import path_manager
-from datapipes.batch import PROFILE_FIELDS, RawBatch
+from datapipes.batch import SampleBatch
+from datapipes.histories import HistoryStore
 from datapipes.prepared import PreparedDataset
 from datapipes.shards import row_group_rows
 
@@ -41,60 +46,32 @@ _MMAP_MAX = 32 << 20  # blocks up to this size come from the heap (glibc's docum
 _TRIM_BYTES = 1 << 30  # free heap kept before it is returned to the kernel
 
 
-def left_pad(offsets: np.ndarray, values: np.ndarray, length: int, rows: Optional[np.ndarray] = None) -> np.ndarray:
-    """Rows ``values[offsets[i]:offsets[i+1]]`` for i in ``rows`` (default: all) -> int64 [len(rows), length]:
-    the last ``length`` entries of each row, right-aligned (newest at column length-1), zeros on the left."""
-    offsets = np.asarray(offsets, dtype=np.int64)
-    rows = np.arange(offsets.size - 1) if rows is None else np.asarray(rows, dtype=np.int64)
-    ends = offsets[rows + 1]
-    n = np.minimum(ends - offsets[rows], length)
-    out = np.zeros((rows.size, length), dtype=np.int64)
-    total = int(n.sum())
-    if total >= 32 * rows.size:
-        # Long rows: one contiguous copy per row beats element-wise fancy indexing.
-        for i, (end, count) in enumerate(zip(ends.tolist(), n.tolist())):
-            if count:
-                out[i, length - count:] = values[end - count:end]
-    elif total:
-        r = np.repeat(np.arange(rows.size), n)
-        k = np.arange(total) - np.repeat(np.cumsum(n) - n, n)
-        out[r, length - n[r] + k] = values[ends[r] - n[r] + k]
-    return out
-
-
-_SCALARS = ("label", "user") + PROFILE_FIELDS + ("target_item", "target_cat", "item_city", "item_province")
+_SCALARS = ("label", "user", "target_item", "target_cat", "item_city", "item_province", "history_end")
 
 
 class RowBuffer:
-    """Prepared shard rows held as numpy arrays; ``batch(rows)`` gathers any subset as a RawBatch."""
+    """Prepared sample rows held as numpy arrays; ``batch(rows)`` gathers any subset as a ``SampleBatch`` (the
+    profile comes from the split's history store, by user).
 
-    def __init__(self, table: pa.Table):
+    table: sample rows (``datapipes.shards.SHARD_SCHEMA``); sample_index: int64 [rows] their rows in the split.
+    """
+
+    def __init__(self, table: pa.Table, sample_index: np.ndarray, store: HistoryStore):
         self.num_rows = table.num_rows
         self.scalars = {name: table.column(name).to_numpy() for name in _SCALARS}
-        self.lists = {}
-        for name in ("hist_items", "hist_cats"):
-            arr = table.column(name).combine_chunks()
-            offsets = arr.offsets.to_numpy().astype(np.int64)
-            self.lists[name] = (offsets - offsets[0], arr.values.to_numpy()[offsets[0]:offsets[-1]])
+        self.scalars["sample_index"] = sample_index
+        self.store = store
 
-    def batch(self, rows: np.ndarray, max_seq_len: Optional[int]) -> RawBatch:
-        """RawBatch of ``rows``; history padded to the longest of them (at least 1, at most max_seq_len)."""
-        offsets = self.lists["hist_items"][0]
-        longest = int((offsets[rows + 1] - offsets[rows]).max()) if rows.size else 0
-        length = max(1, min(longest, max_seq_len) if max_seq_len else longest)
-
+    def batch(self, rows: np.ndarray) -> SampleBatch:
         def col(name: str) -> torch.Tensor:
             return torch.from_numpy(self.scalars[name][rows].astype(np.int64))
 
-        def hist(name: str) -> torch.Tensor:
-            return torch.from_numpy(left_pad(*self.lists[name], length, rows))
-
-        return RawBatch(
-            labels=torch.from_numpy(self.scalars["label"][rows].astype(np.float32)),
-            user_id=col("user"), profile=torch.stack([col(f) for f in PROFILE_FIELDS], dim=1),
-            target_item=col("target_item"), target_cat=col("target_cat"),
-            item_city=col("item_city"), item_province=col("item_province"),
-            history_items=hist("hist_items"), history_cats=hist("hist_cats"))
+        user = col("user")
+        return SampleBatch(
+            labels=torch.from_numpy(self.scalars["label"][rows].astype(np.float32)), user_id=user,
+            profile=torch.from_numpy(self.store.profile[user.numpy()].astype(np.int64)),
+            target_item=col("target_item"), target_cat=col("target_cat"), item_city=col("item_city"),
+            item_province=col("item_province"), history_end=col("history_end"), sample_index=col("sample_index"))
 
 
 @dataclass(frozen=True)
@@ -181,6 +158,7 @@ class _ShardRows:
         return pf, starts
 
     def read(self, shard: int, start: int, end: int) -> pa.Table:
+        """Rows [start, end) of shard ``shard``."""
         pf, starts = self._file(shard)
         g0 = int(np.searchsorted(starts, start, side="right") - 1)
         g1 = int(np.searchsorted(starts, end, side="left"))
@@ -198,13 +176,14 @@ class _StreamSpec:
     """Everything a worker needs to produce its batches (picklable)."""
 
     paths: List[str]
+    shard_starts: List[int]
+    store: HistoryStore
     plan: RankPlan
     epoch: int
     rank: int
     seed: int
     shuffle: bool
     buffer_rows: int
-    max_seq_len: Optional[int]
     consumed: int
     transform: Optional[Callable]
     group_users: bool = False
@@ -235,7 +214,8 @@ class _RankStream(IterableDataset):
         reader = _ShardRows(spec.paths)
 
         def load(k: int) -> RowBuffer:
-            return RowBuffer(self._read_rows(reader, row_lo + k * buf, min(row_lo + (k + 1) * buf, row_hi)))
+            table, index = self._read_rows(reader, row_lo + k * buf, min(row_lo + (k + 1) * buf, row_hi))
+            return RowBuffer(table, index, spec.store)
 
         buffers = list(range(first_buffer, -(-(row_hi - row_lo) // buf)))
         # The next shuffle buffer is read in a thread while this one's batches are served (parquet decoding
@@ -254,26 +234,28 @@ class _RankStream(IterableDataset):
                     picked = order[s:s + bs]
                     if picked.size < bs and spec.plan.drop_last:
                         break
-                    batch = rows.batch(picked, spec.max_seq_len)
+                    batch = rows.batch(picked)
                     yield spec.transform(batch) if spec.transform is not None else batch
                 del rows
         finally:
             ahead.shutdown(wait=True, cancel_futures=True)
             reader.close()
 
-    def _read_rows(self, reader: _ShardRows, lo: int, hi: int) -> pa.Table:
-        """Rows [lo, hi) of this rank's piece stream."""
-        tables = []
+    def _read_rows(self, reader: _ShardRows, lo: int, hi: int) -> Tuple[pa.Table, np.ndarray]:
+        """Rows [lo, hi) of this rank's piece stream, and int64 [hi - lo] their rows in the split."""
+        tables, index = [], []
         pos = 0
         for shard, start, end in self.spec.plan.pieces:
             n = end - start
             a, b = max(lo, pos), min(hi, pos + n)
             if a < b:
-                tables.append(reader.read(shard, start + a - pos, start + b - pos))
+                first, last = start + a - pos, start + b - pos
+                tables.append(reader.read(shard, first, last))
+                index.append(self.spec.shard_starts[shard] + np.arange(first, last, dtype=np.int64))
             pos += n
             if pos >= hi:
                 break
-        return pa.concat_tables(tables).combine_chunks()
+        return pa.concat_tables(tables).combine_chunks(), np.concatenate(index)
 
 
 def user_grouped_order(users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -329,6 +311,10 @@ class ShardedLoader:
         self.max_seq_len, self.prefetch_factor, self.group_users = max_seq_len, prefetch_factor, group_users
         self.paths = self.dataset.shards(split)
         self.shard_rows = self.dataset.shard_rows(split)
+        self.shard_starts = [int(v) for v in np.cumsum([0] + self.shard_rows[:-1])]
+        self.store = self.dataset.histories(split)
+        # Chunks and shuffle buffers keep the row counts of the per-sample-history layout (sized by the padded
+        # history they carried), so the same seed gives the same batches as that layout did.
         longest = min(self.dataset.metadata.max_seq_len, max_seq_len or self.dataset.metadata.max_seq_len)
         self.chunk_rows = row_group_rows(self.dataset.metadata.max_seq_len)
         row_bytes = 8 * max(1, longest) + 96
@@ -391,8 +377,8 @@ class ShardedLoader:
 
     def _epoch(self, epoch: int, consumed: int) -> Iterator:
         """The batches of ``epoch`` after the first ``consumed``; with workers they start loading now."""
-        spec = _StreamSpec(self.paths, self.plan(epoch), epoch, self.rank, self.seed, self.shuffle, self.buffer_rows,
-                           self.max_seq_len, consumed, self.transform, self.group_users)
+        spec = _StreamSpec(self.paths, self.shard_starts, self.store, self.plan(epoch), epoch, self.rank, self.seed,
+                           self.shuffle, self.buffer_rows, consumed, self.transform, self.group_users)
         kwargs = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
@@ -422,7 +408,8 @@ def make_dataloader(dataset_dir: str, split: str, rank: int, world_size: int, ba
                     max_seq_len: Optional[int] = None, drop_last: bool = False, drop_remainder: bool = True,
                     group_users: bool = False) -> ShardedLoader:
     """Rank ``rank`` of ``world_size``'s loader over ``split`` (see the module docstring). Yields
-    ``transform(RawBatch)`` (run inside the DataLoader workers; must be picklable) or ``RawBatch``. With
+    ``transform(SampleBatch)`` (run inside the DataLoader workers; must be picklable) or ``SampleBatch``.
+    ``max_seq_len`` sizes the shuffle buffer (see ``ShardedLoader``); the history window is the transform's. With
     ``shuffle`` and ``group_users``, each shuffle buffer keeps every user's rows together (``user_grouped_order``)."""
     return ShardedLoader(dataset_dir, split, rank, world_size, batch_size, transform=transform,
                          num_workers=num_workers, shuffle=shuffle, seed=seed, max_seq_len=max_seq_len,

@@ -1,4 +1,4 @@
-"""Writing prepared shards (fixed row count) and hash-partitioned spill files for the external join."""
+"""Writing prepared sample shards (fixed row count) and the hash-partitioned spill that groups samples by user."""
 
 import glob
 import os
@@ -9,24 +9,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.io import path_manager
-from datapipes.batch import PROFILE_FIELDS
 
-# One prepared sample: remapped indices (0 = padding/unknown); history oldest -> newest, no padding.
+# One prepared sample: remapped indices (0 = padding/unknown). Its history is the user's in the split's history
+# store (``datapipes.histories``): ``user`` is the key, ``history_end`` how many of its entries the sample sees
+# (-1 = all).
 SHARD_SCHEMA = pa.schema(
-    [("label", pa.int8()), ("user", pa.int64())]
-    + [(f, pa.int64()) for f in PROFILE_FIELDS]
-    + [("target_item", pa.int64()), ("target_cat", pa.int64()), ("item_city", pa.int64()), ("item_province", pa.int64()),
-       ("hist_items", pa.list_(pa.int32())), ("hist_cats", pa.list_(pa.int32()))])
+    [("label", pa.int8()), ("user", pa.int64()), ("target_item", pa.int64()), ("target_cat", pa.int64()),
+     ("item_city", pa.int64()), ("item_province", pa.int64()), ("history_end", pa.int64())])
+# Rows per parquet row group of the sample shards (~450 KB decoded).
+SAMPLE_GROUP_ROWS = 8192
 
-# The user side of the join, after remapping.
-USER_SCHEMA = pa.schema([("user", pa.int64())] + [(f, pa.int64()) for f in PROFILE_FIELDS]
-                        + [("hist_items", pa.list_(pa.int32())), ("hist_cats", pa.list_(pa.int32()))])
-# The sample side of the join, after remapping.
+# The samples as spilled by user bucket, after remapping.
 SAMPLE_SCHEMA = pa.schema([("label", pa.int8()), ("user", pa.int64()), ("target_item", pa.int64())])
 
 
 def row_group_rows(max_seq_len: int, budget_bytes: int = 32 << 20) -> int:
-    """Rows per parquet row group so that one decoded group stays near ``budget_bytes``."""
+    """Rows per shuffle chunk of the reader (and per row group of the per-sample-history layout it replaced):
+    about ``budget_bytes`` of padded histories of ``max_seq_len``. The reader keeps this unit, so a dataset gets
+    the same shuffled order from the same seed as it had in that layout."""
     return int(np.clip(budget_bytes // (8 * max(1, max_seq_len) + 96), 8, 8192))
 
 

@@ -4,8 +4,9 @@ Order is deterministic: by frequency (descending), ties by raw id (ascending). S
 ``vocab/<space>.parquet`` with columns ``id`` (raw hashed id), ``index`` (1..V) and ``count``.
 """
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -105,3 +106,12 @@ def item_vocab(history: IdCounter, targets: IdCounter, coverage: float) -> Tuple
     stats = {"requested": coverage, "count_threshold": int(threshold), "history_coverage": round(achieved, 6),
              "history_items_distinct": int(hist_distinct), "items_kept": vocab.size}
     return vocab, stats
+
+
+def fingerprint(vocabs: Mapping[str, Vocab]) -> str:
+    """sha256 of every vocabulary's raw ids in index order (spaces sorted by name): two datasets share it exactly
+    when every id maps to the same index, so index-level data (history stores, retrievals) carries over."""
+    digest = hashlib.sha256()
+    for space in sorted(vocabs):
+        digest.update(space.encode() + b"\0" + np.ascontiguousarray(vocabs[space].ids, dtype="<i8").tobytes())
+    return digest.hexdigest()

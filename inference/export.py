@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
@@ -28,12 +29,14 @@ import torch
 from torch.package import PackageExporter
 
 from common.atomic import atomic_file
+from common.io import path_manager
 from datapipes.prepared import PreparedDataset
+from datapipes.tempdir import atomic_output_dir
 from inference.checkpoint import TrainedModel, load_trained_model, model_state
 from inference.manifest import BLOB_PACKAGE, ENTRY_MODULE, FORMAT_VERSION, MANIFEST_NAME, MANIFEST_PACKAGE, tensor_to_blob
 from inference.predictor import ID_SPACES
 
-INTERN = ["model", "model.**", "datapipes", "datapipes.batch", "inference", "inference.predictor", "inference.manifest",
+INTERN = ["model", "model.**", "datapipes", "datapipes.batch", "datapipes.histories", "inference", "inference.predictor", "inference.manifest",
           "inference.loader", "common", "common.errors"]
 EXTERN = ["torch", "torch.**", "torchrec", "torchrec.**", "fbgemm_gpu", "fbgemm_gpu.**", "numpy", "numpy.**"]
 MOCK = ["common.io"]
@@ -101,6 +104,7 @@ def build_manifest(trained: TrainedModel, run_dir: str) -> Dict[str, Any]:
         "model": trained.config.model.to_dict(),
         "train_config": trained.config.to_dict(),
         "vocab_sizes": dict(meta.vocab_sizes),
+        "vocab_fingerprint": meta.vocab_fingerprint,
         "dataset": {"path": os.path.abspath(trained.dataset.root), "max_seq_len": meta.max_seq_len,
                     "recent_len": meta.recent_len, "mm_dim": meta.mm_dim, "mm_dtype": meta.mm_dtype, "sources": meta.sources},
         "run": {"dir": os.path.abspath(run_dir), "step": trained.checkpoint.step, "checkpoint": trained.checkpoint.path,
@@ -127,10 +131,31 @@ def write_package(out: str, manifest: Dict[str, Any], tensors: Dict[str, torch.T
     return size
 
 
-def export_package(run_dir: str, out: str, data_dir: str | None = None) -> ExportSummary:
-    """Export the newest complete checkpoint of ``run_dir`` to the package file ``out``."""
+def histories_path(package: str) -> str:
+    """Where ``muse export --histories`` puts the history store beside a package: ``<package>.histories``."""
+    return f"{package}.histories"
+
+
+def copy_histories(dataset: PreparedDataset, split: str, out: str, force: bool = True) -> str:
+    """Copy ``split``'s history store of ``dataset`` to ``out`` (a directory, written atomically)."""
+    source = path_manager.get_local_path(os.path.join(dataset.root, dataset.split(split).histories))
+    dataset.histories(split)  # refuse a damaged store before copying it
+    with atomic_output_dir(out, force=force, flag="--histories") as tmp:
+        for name in sorted(os.listdir(source)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
+    return out
+
+
+def export_package(run_dir: str, out: str, data_dir: str | None = None, histories: str | None = None) -> ExportSummary:
+    """Export the newest complete checkpoint of ``run_dir`` to the package file ``out``; with ``histories`` (a split
+    name), also copy that split's history store beside it (``histories_path(out)``), so the package serves users
+    by id."""
     trained = load_trained_model(run_dir, data_dir)
+    if histories is not None:
+        trained.dataset.split(histories)
     tensors, items_seen = collect_tensors(trained)
     manifest = build_manifest(trained, run_dir)
     size = write_package(out, manifest, tensors)
+    if histories is not None:
+        copy_histories(trained.dataset, histories, histories_path(out))
     return ExportSummary(os.path.abspath(out), size, trained.checkpoint.step, len(tensors), items_seen)

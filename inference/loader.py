@@ -63,8 +63,10 @@ def verify_package(path: str) -> Dict[str, Any]:
     return manifest
 
 
-def load_predictor(path: str) -> Any:
-    """The package's ``Predictor`` (see ``inference.predictor``) after ``verify_package``."""
+def load_predictor(path: str, histories: str | None = None) -> Any:
+    """The package's ``Predictor`` (see ``inference.predictor``) after ``verify_package``, serving users by id from
+    the history store ``histories`` or, when not given, from ``<path>.histories`` if ``muse export --histories``
+    wrote one beside the package."""
     verify_package(path)
     try:
         importer = PackageImporter(_local(path))
@@ -72,4 +74,10 @@ def load_predictor(path: str) -> Any:
     except (RuntimeError, ImportError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{path}: (package): cannot be opened as a torch.package ({first})") from None
-    return entry.load(importer, verify=False)
+    if histories is None and os.path.isdir(f"{_local(path)}.histories"):
+        histories = f"{_local(path)}.histories"
+    elif histories is not None:
+        if not path_manager.isdir(histories):
+            raise UserError(f"--histories {histories}: not a directory (a history store: DATA/<split>/histories)")
+        histories = path_manager.get_local_path(histories)
+    return entry.load(importer, verify=False, histories=histories)

@@ -10,6 +10,7 @@ import torch
 
 from common.errors import UserError
 from datapipes.batch import PROFILE_FIELDS, RawBatch
+from datapipes.histories import HistoryGather
 from datapipes.prepared import PreparedDataset
 from datapipes.reader import make_dataloader
 from common.atomic import atomic_file
@@ -63,7 +64,8 @@ def predict_split(package: str, data_dir: str, out: str, split: str = "test", ba
     predictor = load_predictor(package)
     if max_seq_len is None:
         max_seq_len = predictor.manifest.get("train_config", {}).get("max_seq_len")
-    loader = make_dataloader(data_dir, split, 0, 1, batch_size, transform=None, num_workers=0, shuffle=False,
+    loader = make_dataloader(data_dir, split, 0, 1, batch_size, transform=HistoryGather(dataset.histories(split), max_seq_len),
+                             num_workers=0, shuffle=False,
                              max_seq_len=max_seq_len, drop_last=False, drop_remainder=False)
     raw_ids = RawIds(dataset)
     rows = 0

@@ -19,6 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import torch
 
 from datapipes.batch import PROFILE_FIELDS, RawBatch
+from datapipes.histories import HistoryStore
 from inference.manifest import (BLOB_PACKAGE, MANIFEST_NAME, MANIFEST_PACKAGE, PackageIntegrityError, decode_blob,
                                 parse_manifest)
 from model.config import ModelConfig
@@ -67,6 +68,8 @@ class Predictor:
     rank(...):   one user and one history (up to 100,000 behaviors) against many candidate items: the GSU
                  scores the history against all candidates in one pass (the history is gathered once),
                  then the ESU and tower run on the candidates as one batch.
+    rank_user(...): ``rank`` for a user id whose profile and history come from an attached history store
+                 (``attach_histories``: a prepared split's store, or the copy exported beside the package).
     score_indices(raw): a ``RawBatch`` already in vocabulary indices (a prepared dataset's rows).
     """
 
@@ -78,6 +81,8 @@ class Predictor:
         self.vocabs = dict(vocabs)
         self.items = items
         self.manifest = dict(manifest)
+        self.max_seq_len: Optional[int] = self.manifest.get("train_config", {}).get("max_seq_len")
+        self.histories: Optional[HistoryStore] = None
 
     # ---- raw ids -> indices ----
 
@@ -147,6 +152,44 @@ class Predictor:
             raise ValueError(f"history_category_ids: length {cats.shape[0]} differs from history_item_ids {items.shape[0]}")
         user = self._map("user", [user_features.get("user_id", 0)])
         prof = torch.cat([self._map(f, [user_features.get(f, 0)]) for f in PROFILE_FIELDS])
+        return self._rank_indices(user, prof, cand, items, cats)
+
+    def attach_histories(self, store: Union[str, HistoryStore]) -> None:
+        """Serve users by id (``rank_user``) from a history store: a prepared split's ``<split>/histories`` or the
+        copy ``muse export --histories`` writes beside the package. DataError when it belongs to another
+        vocabulary than the package's."""
+        if isinstance(store, str):
+            store = HistoryStore.open(store, fingerprint=self.manifest.get("vocab_fingerprint"),
+                                      num_users=int(self.manifest["vocab_sizes"]["user"]))
+        self.histories = store
+
+    def user_history(self, user_id: int) -> tuple:
+        """(user index int64 [1], profile indices int64 [5], item indices int64 [n], category indices int64 [n]) of a
+        raw user id from the attached store, the newest ``max_seq_len`` behaviors the model was trained with (all
+        when it was trained on whole histories). An unknown user has index 0, no history and profile 0."""
+        if self.histories is None:
+            raise ValueError("no history store attached: pass histories= to load() or call attach_histories(DIR)")
+        user = self._map("user", [user_id])
+        items, cats = self.histories.history(int(user[0]))
+        if self.max_seq_len is not None:
+            items, cats = items[-self.max_seq_len:], cats[-self.max_seq_len:]
+        profile = torch.from_numpy(self.histories.profile[int(user[0])].astype("int64"))
+        return (user, profile, torch.from_numpy(items.astype("int64")), torch.from_numpy(cats.astype("int64")))
+
+    @torch.no_grad()
+    def rank_user(self, user_id: int, candidate_item_ids: IdsLike) -> torch.Tensor:
+        """float32 [C] click probability of each candidate (raw item ids) for the raw ``user_id``, whose profile and
+        history come from the attached store (``attach_histories``). Equal to ``rank`` with that history."""
+        cand = self._map("item", candidate_item_ids).reshape(-1)
+        if cand.shape[0] == 0:
+            return torch.zeros(0)
+        user, profile, items, cats = self.user_history(user_id)
+        return self._rank_indices(user, profile, cand, items, cats)
+
+    def _rank_indices(self, user: torch.Tensor, prof: torch.Tensor, cand: torch.Tensor, items: torch.Tensor,
+                      cats: torch.Tensor) -> torch.Tensor:
+        """``rank`` in vocabulary indices: user [1], prof [5], cand [C], history items / cats [L], oldest first."""
+        c = cand.shape[0]
         cand_cat, cand_city, cand_prov = self._item_attributes(cand, None, None, None)
         if self.config.uses_history:
             return self._rank_whole_history(user, prof, cand, cand_cat, cand_city, cand_prov, items, cats)
@@ -169,10 +212,10 @@ class Predictor:
         """
         cfg = self.config
         c = cand.shape[0]
-        real_pos = torch.nonzero(items != 0).reshape(-1)
+        real_pos = torch.nonzero((items != 0) | (cats != 0)).reshape(-1)
         recent = real_pos[-cfg.recent_len:] if cfg.recent_len else real_pos[:0]
         picks = torch.full((c, 0), -1, dtype=torch.int64)
-        if cfg.gsu == "multimodal" and real_pos.numel():
+        if cfg.gsu == "multimodal" and bool((items != 0).any()):
             k = min(cfg.k, items.shape[0])
             table, norms = self.stage.mm_table.table, self.stage.mm_table.norms
             # one history for all candidates: cosine_topk scores each distinct item of it once
@@ -184,7 +227,7 @@ class Predictor:
             for value in torch.unique(cand_cat).tolist():
                 if value == 0:
                     continue
-                same = torch.nonzero((cats == value) & (items != 0)).reshape(-1)[-cfg.k:]
+                same = torch.nonzero(cats == value).reshape(-1)[-cfg.k:]
                 rows = torch.nonzero(cand_cat == value).reshape(-1)
                 picks[rows, : same.numel()] = same
         merged = torch.cat([recent[None, :].expand(c, -1), picks], dim=1)
@@ -218,11 +261,12 @@ def _left_padded(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 # ---- the package entry ----
 
 
-def load(importer: Any, verify: bool = True) -> Predictor:
+def load(importer: Any, verify: bool = True, histories: Optional[str] = None) -> Predictor:
     """Build the ``Predictor`` held by a ``torch.package.PackageImporter``.
 
     With ``verify`` (the default) every blob's size and sha256 are checked against the manifest first;
-    a mismatch raises ``PackageIntegrityError`` naming the blob.
+    a mismatch raises ``PackageIntegrityError`` naming the blob. ``histories``: a history store directory to serve
+    users by id from (``Predictor.attach_histories``).
     """
     try:
         manifest = parse_manifest(importer.load_text(MANIFEST_PACKAGE, MANIFEST_NAME))
@@ -236,7 +280,10 @@ def load(importer: Any, verify: bool = True) -> Predictor:
             raise PackageIntegrityError(f"blob {name}: missing or unreadable (truncated or damaged package)") from None
         tensors[name] = decode_blob(name, data, entry, verify=verify, writable=name not in FROZEN_BLOBS)
         del data
-    return from_tensors(manifest, tensors)
+    predictor = from_tensors(manifest, tensors)
+    if histories is not None:
+        predictor.attach_histories(histories)
+    return predictor
 
 
 def from_tensors(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Predictor:

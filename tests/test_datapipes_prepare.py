@@ -1,4 +1,5 @@
-"""prepare: join statistics (drop vs pad), item coverage, truncation, bucket-count independence, counting."""
+"""prepare: join statistics (drop vs pad), item coverage (out-of-vocabulary entries keep their position), truncation,
+bucket-count independence, counting."""
 
 import os
 import shutil
@@ -11,6 +12,7 @@ import pytest
 
 from datapipes import schema as S
 from datapipes.counting import IdCounter
+from datapipes.histories import HistoryGather
 from datapipes.prepare import PrepareConfig, prepare
 from datapipes.prepared import PreparedDataset
 from datapipes.reader import make_dataloader
@@ -61,8 +63,10 @@ def test_samples_without_user_features_can_be_kept_with_padding(users_removed, t
     assert stats["missing_user_padded"] == affected and stats["missing_user_dropped"] == 0
     assert meta["splits"]["train"]["rows"] == stats["sample_rows"]
     empty = 0
-    for b in make_dataloader(str(tmp_path / "p"), "train", 0, 1, batch_size=256, shuffle=False):
-        no_history = ~(b.history_items > 0).any(1)
+    ds = PreparedDataset.open(str(tmp_path / "p"))
+    for b in make_dataloader(ds.root, "train", 0, 1, batch_size=256, shuffle=False,
+                             transform=HistoryGather(ds.histories("train"))):
+        no_history = ~((b.history_items != 0) | (b.history_cats != 0)).any(1)
         assert (b.profile[no_history] == 0).all() and (b.user_id[no_history] > 0).all()
         empty += int(no_history.sum())
     assert empty == affected
@@ -79,13 +83,15 @@ def test_item_coverage_keeps_frequent_history_items_and_every_target(raw_dataset
     vocab = ds.vocab("item")
     for name in (S.TRAIN_SAMPLES, S.TEST_SAMPLES):
         assert (vocab.lookup(pq.read_table(os.path.join(raw_dataset, name)).column(S.ITEM).to_numpy()) > 0).all()
-    removed = 0
-    for name in (S.TRAIN_USER_FEATURES, S.TEST_USER_FEATURES):
-        hist = pq.read_table(os.path.join(raw_dataset, name)).column(S.HIST_ITEMS).combine_chunks().values.to_numpy()
-        removed += int(((hist != 0) & (vocab.lookup(hist) == 0)).sum())
     stats = meta["join_stats"]
-    assert removed > 0
-    assert stats["train"]["history_unknown_items_removed"] + stats["test"]["history_unknown_items_removed"] == removed
+    for split, name in ((S.SPLITS[0], S.TRAIN_USER_FEATURES), (S.SPLITS[1], S.TEST_USER_FEATURES)):
+        hist = pq.read_table(os.path.join(raw_dataset, name)).column(S.HIST_ITEMS).combine_chunks().values.to_numpy()
+        unknown = int(((hist != 0) & (vocab.lookup(hist) == 0)).sum())
+        assert unknown > 0 and stats[split]["history_unknown_removed"] == 0
+        assert stats[split]["history_unknown_items_kept"] == unknown
+        # kept in place: item 0 with a known category, as many as there were unknown items
+        store = ds.histories(split)
+        assert int(((store.items == 0) & (store.cats > 0)).sum()) == unknown and int((store.cats == 0).sum()) == 0
     assert ds.mm_table().shape[0] == vocab.size + 1
 
 
@@ -94,8 +100,8 @@ def test_max_seq_len_truncates_to_the_most_recent_and_counts_rows(raw_dataset, t
     assert meta["max_seq_len"] == 40
     hist = pq.read_table(os.path.join(raw_dataset, S.TRAIN_USER_FEATURES)).column(S.HIST_ITEMS).to_pylist()
     assert meta["join_stats"]["train"]["history_rows_truncated"] == sum(sum(1 for i in h if i) > 40 for h in hist)
-    full = _read_all(str(tmp_path / "p"), "train").column("hist_items").to_pylist()
-    assert max(len(h) for h in full) == 40
+    offsets = PreparedDataset.open(str(tmp_path / "p")).histories("train").offsets
+    assert int((offsets[:, 1] - offsets[:, 0]).max()) == 40
 
 
 def test_result_does_not_depend_on_the_number_of_join_buckets(raw_dataset, tmp_path):

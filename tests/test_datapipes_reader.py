@@ -1,4 +1,4 @@
-"""The per-rank reader: padding, rank splitting, determinism, resume, transforms in workers."""
+"""The per-rank reader: sample batches, rank splitting, determinism, resume, transforms in workers."""
 
 import collections
 import os
@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from common.errors import UserError
-from datapipes.batch import RawBatch
+from datapipes.batch import SampleBatch
 from datapipes.prepared import PreparedDataset
-from datapipes.reader import left_pad, resume_point, make_dataloader, user_grouped_order
+from datapipes.reader import resume_point, make_dataloader, user_grouped_order
 
 
 def _keys(batch):
-    """One hashable identity per sample: (user, target, label, history length, newest behavior)."""
-    hist = batch.history_items
-    return [(int(u), int(t), int(y), int((h > 0).sum()), int(h[-1]))
-            for u, t, y, h in zip(batch.user_id, batch.target_item, batch.labels, hist)]
+    """One hashable identity per sample: (row in the split, user, target, label)."""
+    return [(int(i), int(u), int(t), int(y))
+            for i, u, t, y in zip(batch.sample_index, batch.user_id, batch.target_item, batch.labels)]
 
 
 def _all_keys(loader):
@@ -27,30 +26,8 @@ def _all_keys(loader):
 class PidTag:
     """A picklable transform that records which process ran it."""
 
-    def __call__(self, batch: RawBatch):
+    def __call__(self, batch: SampleBatch):
         return os.getpid(), batch
-
-
-def test_left_pad_keeps_the_newest_entries_right_aligned():
-    offsets = np.array([0, 3, 3, 8])
-    values = np.array([1, 2, 3, 4, 5, 6, 7, 8])
-    np.testing.assert_array_equal(left_pad(offsets, values, 4), [[0, 1, 2, 3], [0, 0, 0, 0], [5, 6, 7, 8]])
-    np.testing.assert_array_equal(left_pad(offsets, values, 6), [[0, 0, 0, 1, 2, 3], [0] * 6, [0, 4, 5, 6, 7, 8]])
-
-
-@pytest.mark.parametrize("mean_len", [3, 200])  # element-wise and per-row copy paths
-def test_left_pad_of_a_row_subset_matches_a_per_row_reference(mean_len):
-    rng = np.random.default_rng(mean_len)
-    lengths = rng.integers(0, 2 * mean_len, 50)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    values = rng.integers(1, 1000, offsets[-1])
-    rows = rng.permutation(50)[:30]
-    for length in (1, mean_len, 3 * mean_len):
-        out = left_pad(offsets, values, length, rows)
-        assert out.shape == (30, length)
-        for i, r in enumerate(rows):
-            tail = values[offsets[r]:offsets[r + 1]][-length:]
-            np.testing.assert_array_equal(out[i], np.concatenate([np.zeros(length - tail.size, np.int64), tail]))
 
 
 def test_resume_point_follows_round_robin_and_skips_finished_workers():
@@ -60,25 +37,26 @@ def test_resume_point_follows_round_robin_and_skips_finished_workers():
     assert resume_point([2, 2], 0) == ([0, 0], 0)
 
 
-def test_batch_shapes_dtypes_and_padding_to_the_longest_row(prepared_dataset):
+def test_sample_batches_carry_the_stored_rows_and_the_users_profile(prepared_dataset):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     ds = PreparedDataset.open(prepared_dataset)
+    rows = pa.concat_tables([pq.read_table(p) for p in ds.shards("train")])
+    store = ds.histories("train")
     batch = next(iter(make_dataloader(prepared_dataset, "train", 0, 1, batch_size=32, seed=3)))
-    assert isinstance(batch, RawBatch) and batch.batch_size == 32
+    assert isinstance(batch, SampleBatch) and batch.batch_size == 32
     assert batch.labels.dtype == torch.float32 and set(batch.labels.unique().tolist()) <= {0.0, 1.0}
+    index = batch.sample_index.numpy()
+    assert np.unique(index).size == 32
+    for name, got in (("user", batch.user_id), ("target_item", batch.target_item), ("target_cat", batch.target_cat),
+                      ("item_city", batch.item_city), ("item_province", batch.item_province),
+                      ("history_end", batch.history_end)):
+        np.testing.assert_array_equal(got.numpy(), rows.column(name).to_numpy()[index])
+    np.testing.assert_array_equal(batch.labels.numpy(), rows.column("label").to_numpy()[index])
     assert batch.profile.shape == (32, 5) and batch.profile.dtype == torch.int64
-    lengths = (batch.history_items > 0).sum(1)
-    assert batch.history_items.shape == batch.history_cats.shape == (32, int(lengths.max()))
-    np.testing.assert_array_equal((batch.history_cats > 0).sum(1), lengths)
-    assert int(batch.history_items.max()) <= ds.metadata.vocab_sizes["item"]
-    assert int(batch.user_id.min()) >= 1 and int(batch.user_id.max()) <= ds.metadata.vocab_sizes["user"]
-
-
-def test_max_seq_len_keeps_the_most_recent_behaviors(prepared_dataset):
-    full = next(iter(make_dataloader(prepared_dataset, "test", 0, 1, batch_size=16, shuffle=False)))
-    cut = next(iter(make_dataloader(prepared_dataset, "test", 0, 1, batch_size=16, shuffle=False, max_seq_len=30)))
-    assert cut.history_items.shape == (16, 30)
-    torch.testing.assert_close(cut.history_items, full.history_items[:, -30:])
-    torch.testing.assert_close(cut.history_cats, full.history_cats[:, -30:])
+    np.testing.assert_array_equal(batch.profile.numpy(), store.profile[batch.user_id.numpy()])
+    assert (batch.history_end == -1).all()
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 7])
@@ -155,7 +133,7 @@ def test_transform_runs_inside_the_worker_processes(prepared_dataset):
     out = list(loader)
     pids = {pid for pid, _ in out}
     assert os.getpid() not in pids and len(pids) == 2
-    assert all(isinstance(b, RawBatch) for _, b in out)
+    assert all(isinstance(b, SampleBatch) for _, b in out)
     assert sum(b.batch_size for _, b in out) == PreparedDataset.open(prepared_dataset).metadata.splits["test"].rows
 
 

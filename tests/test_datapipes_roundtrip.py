@@ -1,4 +1,4 @@
-"""synth -> prepare -> PreparedDataset/reader round trip: ids, sequences, embeddings, metadata."""
+"""synth -> prepare -> PreparedDataset/reader/history store round trip: ids, sequences, embeddings, metadata."""
 
 import hashlib
 import json
@@ -10,6 +10,7 @@ import pytest
 
 from datapipes import schema as S
 from datapipes.batch import PROFILE_FIELDS
+from datapipes.histories import HistoryGather
 from datapipes.prepared import PreparedDataset
 from datapipes.reader import make_dataloader
 
@@ -37,10 +38,11 @@ def _prepared_rows(ds, split):
     """The prepared split read back through the reader, mapped back to raw ids through the vocabularies."""
     raw = {space: np.concatenate([[0], ds.vocab(space).ids]) for space in S.ID_SPACES}
     rows = []
-    for b in make_dataloader(ds.root, split, rank=0, world_size=1, batch_size=64, shuffle=False):
+    for b in make_dataloader(ds.root, split, rank=0, world_size=1, batch_size=64, shuffle=False,
+                             transform=HistoryGather(ds.histories(split))):
         hist_items, hist_cats = b.history_items.numpy(), b.history_cats.numpy()
         for i in range(b.batch_size):
-            valid = hist_items[i] != 0
+            valid = (hist_items[i] != 0) | (hist_cats[i] != 0)
             # Left padding only: once a real behavior starts, no padding follows.
             assert not valid.any() or valid[np.argmax(valid):].all()
             hist = tuple(zip(raw["item"][hist_items[i][valid]].tolist(), raw["category"][hist_cats[i][valid]].tolist()))
@@ -90,7 +92,7 @@ def test_vocabularies_are_contiguous_frequency_ordered_and_cover_every_id(raw_da
 def test_metadata_follows_the_contract(raw_dataset, prepared_dataset):
     with open(os.path.join(prepared_dataset, "metadata.json")) as f:
         meta = json.load(f)
-    assert meta["schema_version"] == 1
+    assert meta["schema_version"] == 2
     assert set(meta["vocab_sizes"]) == set(S.ID_SPACES)
     assert (meta["recent_len"], meta["mm_dim"], meta["mm_dtype"]) == (50, 128, "int8")
     assert meta["max_seq_len"] == 120
@@ -103,6 +105,10 @@ def test_metadata_follows_the_contract(raw_dataset, prepared_dataset):
         for rel, n in zip(info["shards"], info["shard_rows"]):
             assert pq.ParquetFile(os.path.join(prepared_dataset, rel)).metadata.num_rows == n
         assert meta["join_stats"][split]["rows_written"] == raw_rows[split]
+        assert info["histories"] == f"{split}/histories"
+        users = pq.read_table(os.path.join(raw_dataset, S.SPLIT_FILES[split][1]))
+        real = sum(sum(1 for i in h if i) for h in users.column(S.HIST_ITEMS).to_pylist())
+        assert info["history_entries"] == real and info["users_with_history"] == users.num_rows
     for name, digest in meta["sources"].items():
         with open(os.path.join(raw_dataset, name), "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == digest
@@ -120,3 +126,23 @@ def test_item_attributes_are_the_item_features_through_the_vocabularies(raw_data
         got = (raw["category"][attrs["category"][index]], raw["item_city"][attrs["item_city"][index]],
                raw["item_province"][attrs["item_province"][index]])
         assert got == expected[items.ids[index - 1]]
+
+
+def test_the_history_store_holds_each_users_history_once_and_maps_by_user_index(raw_dataset, prepared_dataset):
+    ds = PreparedDataset.open(prepared_dataset)
+    raw = {space: np.concatenate([[0], ds.vocab(space).ids]) for space in ("user", "item", "category", *PROFILE_FIELDS)}
+    for split in S.SPLITS:
+        store = ds.histories(split)
+        users = _raw(raw_dataset, S.SPLIT_FILES[split][1])
+        assert store.num_users == ds.metadata.vocab_sizes["user"] and store.entries == sum(
+            sum(1 for i in u[S.HIST_ITEMS] if i) for u in users)
+        for u in users:
+            index = int(ds.vocab("user").lookup(np.array([u[S.USER]]))[0])
+            items, cats = store.history(index)
+            expected = [(i, c) for i, c in zip(u[S.HIST_ITEMS], u[S.HIST_CATS]) if i != 0]
+            assert list(zip(raw["item"][items].tolist(), raw["category"][cats].tolist())) == expected
+            profile = [int(raw[f][store.profile[index, j]]) for j, f in enumerate(PROFILE_FIELDS)]
+            assert profile == [u[c] for c in S.PROFILE_COLUMNS]
+        sample_users = set(ds.vocab("user").lookup(np.array([r[S.USER] for r in users])).tolist())
+        others = np.setdiff1d(np.arange(store.num_users + 1), np.array(sorted(sample_users)))
+        assert not (store.offsets[others, 1] - store.offsets[others, 0]).any()

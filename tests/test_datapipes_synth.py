@@ -9,6 +9,7 @@ import pytest
 
 from common.errors import UserError
 from datapipes import schema as S
+from datapipes.histories import HistoryGather
 from datapipes.prepare import PrepareConfig, prepare
 from datapipes.prepared import PreparedDataset
 from datapipes.reader import make_dataloader
@@ -83,7 +84,8 @@ def test_clicks_follow_lifelong_interests_more_than_recent_ones(prepared_dataset
     mm = np.asarray(ds.mm_table(), dtype=np.float32)
     mm /= np.maximum(np.linalg.norm(mm, axis=1, keepdims=True), 1e-6)
     whole, recent, labels = [], [], []
-    for b in make_dataloader(prepared_dataset, "train", 0, 1, batch_size=256, shuffle=False):
+    for b in make_dataloader(prepared_dataset, "train", 0, 1, batch_size=256, shuffle=False,
+                             transform=HistoryGather(ds.histories("train"))):
         hist = b.history_items.numpy()
         close = (np.einsum("bld,bd->bl", mm[hist], mm[b.target_item.numpy()]) > 0.5) & (hist > 0)
         whole.append(close.sum(1) / np.maximum((hist > 0).sum(1), 1))
@@ -110,7 +112,9 @@ def test_sequences_of_100k_go_through_prepare_and_the_reader(tmp_path):
     assert max(len(h) for h in hist.to_pylist()) == 100_000
     meta = prepare(PrepareConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "p"), shard_rows=4))
     assert meta["max_seq_len"] >= max(real) > 30_000
-    loader = make_dataloader(str(tmp_path / "p"), "train", 0, 1, batch_size=4, shuffle=False)
+    store = PreparedDataset.open(str(tmp_path / "p")).histories("train")
+    loader = make_dataloader(str(tmp_path / "p"), "train", 0, 1, batch_size=4, shuffle=False,
+                             transform=HistoryGather(store))
     longest = 0
     for batch in loader:
         lengths = (batch.history_items > 0).sum(1)

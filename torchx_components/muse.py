@@ -145,6 +145,39 @@ def evaluate(
     return _muse_app("evaluate", list(args), nnodes, nproc_per_node, image, cpu, gpu, memMB, h, env, max_restarts, 0, rdzv_port, mounts)
 
 
+def retrieve(
+    *args: str,
+    nnodes: int = 1,
+    nproc_per_node: int = 2,
+    image: str = DEFAULT_IMAGE,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Store a model's pipeline GSU results for a dataset: ``muse retrieve ARGS`` on every rank, each rank on a
+    disjoint, contiguous range of every split (e.g. --data DIR --model muse). No restarts: a failed job leaves
+    nothing and is run again.
+
+    Args:
+        args: arguments of ``muse retrieve``
+        nnodes: number of hosts
+        nproc_per_node: ranks per host
+        image: container image (ignored by local_cwd)
+        cpu: cpus per host
+        gpu: gpus per host
+        memMB: memory per host in MB
+        h: a registered named resource (overrides cpu, gpu, memMB)
+        env: extra environment variables
+        rdzv_port: rendezvous port on rank 0's host (multi-host only)
+        mounts: mounts into the container
+    """
+    return _muse_app("retrieve", list(args), nnodes, nproc_per_node, image, cpu, gpu, memMB, h, env, 0, 0, rdzv_port, mounts)
+
+
 def export(
     *args: str,
     image: str = DEFAULT_IMAGE,

@@ -19,7 +19,8 @@ from sharding.constraints import parse_constraints
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adam")
 # Fields that may differ between the saved config and a resumed run without making it another run.
-RESUMABLE_FIELDS = ("steps", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size")
+RESUMABLE_FIELDS = ("steps", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size",
+                    "retrieval")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class TrainConfig:
                         scores a user's history once for all of them; batches are then correlated by user.
     log_every:          steps between train-loss records in ``metrics.jsonl``.
     eval_batch_size:    samples per rank per evaluation batch.
+    retrieval:          where the pipeline GSU's results come from: "auto" (a stored retrieval of ``muse retrieve``
+                        under DATA/retrieval/ that matches the model's GSU, K, recent window and max_seq_len, else
+                        the GSU online over the history store), "none" (always online) or a retrieval directory
+                        (must match). Both paths give identical batches, so it may change on resume.
     """
 
     data: str
@@ -66,6 +71,7 @@ class TrainConfig:
     log_every: int = 20
     eval_batch_size: int = 1024
     group_users: bool = False
+    retrieval: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "keep_checkpoints", "log_every", "eval_batch_size"):
@@ -88,6 +94,8 @@ class TrainConfig:
         unknown = sorted(set(constraints) - set(ID_SPACES))
         if unknown:
             raise UserError(f"--shard: unknown table(s) {', '.join(unknown)}; tables are {', '.join(ID_SPACES)}")
+        if not self.retrieval:
+            raise UserError("--retrieval: must be auto, none or a retrieval directory, got an empty value")
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
             raise UserError(f"--embedding-optimizer must be one of {', '.join(EMBEDDING_OPTIMIZERS)}, got {self.embedding_optimizer!r}")
 

@@ -9,13 +9,17 @@ derived from ``s`` itself: epoch ``s // steps_per_epoch``, batch ``s % steps_per
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
-from datapipes.batch import Batch
+from datapipes.batch import Batch, SampleBatch
+from datapipes.histories import Chain, HistoryGather
 from datapipes.prepared import PreparedDataset
+from datapipes.schema import SPLITS
 from datapipes.reader import ShardedLoader, make_dataloader
 from model.gsu import GsuStage
 from model.gsu.table import MMTable
+from retrieval.stage import RetrievedStage
+from retrieval.store import RetrievalSpec, find_retrieval, open_split
 from training.config import TrainConfig
 from training.distributed import DistEnv
 
@@ -23,6 +27,28 @@ from training.distributed import DistEnv
 def gsu_stage(config: TrainConfig, dataset: PreparedDataset) -> GsuStage:
     """The picklable RawBatch -> Batch transform (GSU in the data workers, ahead of the step)."""
     return GsuStage(config.model, MMTable.load(dataset.root, expected_dim=dataset.metadata.mm_dim))
+
+
+def history_gather(config: TrainConfig, dataset: PreparedDataset, split: str) -> HistoryGather:
+    """SampleBatch -> RawBatch from the split's history store: windows of up to ``max_seq_len`` entries, or only
+    the recent ``recent_len`` when the model reads no lifelong behavior (DIN: the same batches, fewer reads)."""
+    window = config.model.recent_len if not config.model.uses_lifelong else None
+    return HistoryGather(dataset.histories(split), config.max_seq_len, window)
+
+
+def stored_retrieval(config: TrainConfig, dataset: PreparedDataset) -> Optional[str]:
+    """The retrieval directory this run reads (``config.retrieval``, for both splits), or None: GSU online."""
+    spec = RetrievalSpec.of(config.model, config.max_seq_len, dataset)
+    return find_retrieval(dataset, spec, config.retrieval, list(SPLITS))
+
+
+def batch_transform(config: TrainConfig, dataset: PreparedDataset, split: str,
+                    retrieval: Optional[str] = None) -> Callable[[SampleBatch], Batch]:
+    """The picklable SampleBatch -> Batch transform of ``split``, run in the data workers: the stored ``retrieval``
+    when given (no history is read beyond the recent window), else the GSU online over the history store."""
+    if retrieval is not None:
+        return RetrievedStage(dataset.histories(split), open_split(retrieval, split))
+    return Chain(history_gather(config, dataset, split), gsu_stage(config, dataset))
 
 
 @dataclass(frozen=True)
@@ -45,10 +71,10 @@ class TrainStream:
     """Endless iterator of ``Batch`` for this rank, epoch after epoch (the next epoch's workers start before the
     current one ends: ``ShardedLoader.endless``), timing how long ``next`` waits."""
 
-    def __init__(self, config: TrainConfig, env: DistEnv, dataset: PreparedDataset) -> None:
+    def __init__(self, config: TrainConfig, env: DistEnv, dataset: PreparedDataset, retrieval: Optional[str] = None) -> None:
         self.loader: ShardedLoader = make_dataloader(
             config.data, "train", env.rank, env.world_size, config.batch_size,
-            transform=gsu_stage(config, dataset), num_workers=config.num_workers, shuffle=True,
+            transform=batch_transform(config, dataset, "train", retrieval), num_workers=config.num_workers, shuffle=True,
             seed=config.seed, max_seq_len=config.max_seq_len, drop_last=True, group_users=config.group_users,
         )
         self.steps_per_epoch = len(self.loader)
@@ -71,10 +97,10 @@ class TrainStream:
         return batch
 
 
-def test_loader(config: TrainConfig, env: DistEnv, dataset: PreparedDataset) -> ShardedLoader:
+def test_loader(config: TrainConfig, env: DistEnv, dataset: PreparedDataset, retrieval: Optional[str] = None) -> ShardedLoader:
     """This rank's part of the test split, every row once, in order."""
     return make_dataloader(
         config.data, "test", env.rank, env.world_size, config.eval_batch_size,
-        transform=gsu_stage(config, dataset), num_workers=config.num_workers, shuffle=False,
+        transform=batch_transform(config, dataset, "test", retrieval), num_workers=config.num_workers, shuffle=False,
         seed=config.seed, max_seq_len=config.max_seq_len, drop_last=False, drop_remainder=False,
     )

@@ -26,7 +26,7 @@ from common.errors import UserError
 from datapipes.prepared import PreparedDataset
 from training.checkpoint import CheckpointInfo, CheckpointManager, latest_checkpoint
 from training.config import RESUMABLE_FIELDS, TrainConfig, load_config, resolve_run_config, save_config
-from training.data import DataPosition, TrainStream, test_loader
+from training.data import DataPosition, TrainStream, stored_retrieval, test_loader
 from training.distributed import DistEnv, init_distributed, seed_everything, shutdown
 from training.metrics import EvalAccumulator, MetricsLog
 from training.sharded_model import ShardedModel, build_sharded_model, plan_text
@@ -44,7 +44,10 @@ def train(config: TrainConfig, run_dir: str, resume: bool = False, explicit: Ite
         seed_everything(config.seed)
         model = build_sharded_model(config, env, dataset.metadata.vocab_sizes)
         _print_main(env, f"sharding plan ({env.world_size} rank{'s' if env.world_size > 1 else ''}, {env.backend}):\n{plan_text(model)}")
-        stream = TrainStream(config, env, dataset)
+        retrieval = stored_retrieval(config, dataset)
+        _print_main(env, f"GSU: stored retrieval {retrieval}" if retrieval else
+                    f"GSU: online over the history store ({config.model.gsu})")
+        stream = TrainStream(config, env, dataset, retrieval)
         if stream.steps_per_epoch < 1:
             raise UserError(f"--batch-size {config.batch_size}: larger than the train rows per rank of {config.data}")
         total_steps = config.steps or config.epochs * stream.steps_per_epoch
@@ -53,7 +56,7 @@ def train(config: TrainConfig, run_dir: str, resume: bool = False, explicit: Ite
         step = _resume(env, run_dir, model, stream, checkpoints)
         if step < total_steps:
             _fit(env, config, model, stream, checkpoints, log, step, total_steps)
-        metrics = evaluate(env, config, dataset, model)
+        metrics = evaluate(env, config, dataset, model, retrieval)
         log.write("eval", max(step, total_steps), metrics, model=config.model.name, world_size=env.world_size)
         log.close()
         _print_main(env, "test " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("auc", "gauc", "ne", "ctr")))
@@ -76,7 +79,7 @@ def evaluate_run(run_dir: str) -> Dict[str, float]:
         state = {"model": model.dmp.state_dict()}
         CheckpointManager(run_dir, config.keep_checkpoints, env.rank, env.world_size).load(latest, state)
         model.dmp.load_state_dict(state["model"])
-        metrics = evaluate(env, config, dataset, model)
+        metrics = evaluate(env, config, dataset, model, stored_retrieval(config, dataset))
         log = MetricsLog(run_dir, env.rank)
         log.write("eval", latest.step, metrics, model=config.model.name, world_size=env.world_size, source="evaluate")
         log.close()
@@ -185,7 +188,8 @@ def _save(config: TrainConfig, model: ShardedModel, stream: TrainStream, checkpo
     )
 
 
-def evaluate(env: DistEnv, config: TrainConfig, dataset: PreparedDataset, model: ShardedModel) -> Dict[str, float]:
+def evaluate(env: DistEnv, config: TrainConfig, dataset: PreparedDataset, model: ShardedModel,
+             retrieval: Optional[str] = None) -> Dict[str, float]:
     """AUC, GAUC (by user), NE and CTR of ``model`` on the test split, over all ranks.
 
     Ranks may hold one batch more or less than others (the split's rows need not divide evenly);
@@ -195,7 +199,7 @@ def evaluate(env: DistEnv, config: TrainConfig, dataset: PreparedDataset, model:
     model.sync_buffers()
     model.dmp.eval()
     accumulator = EvalAccumulator()
-    batches = iter(test_loader(config, env, dataset))
+    batches = iter(test_loader(config, env, dataset, retrieval))
     last = None
     with torch.no_grad():
         while True:

@@ -1,5 +1,6 @@
 """``GsuStage``: the input-pipeline stage that turns a ``RawBatch`` into the model's ``Batch``, running the GSU
-chosen by the config (in DataLoader workers during training, and the same stage at inference)."""
+chosen by the config (in DataLoader workers during training, and the same stage at inference). ``select`` is the
+part a stored retrieval keeps (``Selected``); ``assemble_batch`` builds the ``Batch`` from it, for both paths."""
 
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -29,6 +30,26 @@ class _Selection:
         return cls(torch.zeros(batch, 0, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64))
 
 
+@dataclass(frozen=True)
+class Selected:
+    """What the ESU reads of a batch's histories, flat and sample-major (what a stored retrieval keeps).
+
+    recent_item, recent_cat: int64 [sum(recent_lengths)] the recent behaviors, oldest first; recent_lengths [B].
+    recent_scores: float32 [B, S] their cosines with the target, 0 past the sample's count.
+    gsu_item, gsu_cat: int64 [sum(gsu_lengths)] the GSU's selected behaviors in its order; gsu_lengths [B].
+    gsu_scores: float32 [B, K] their cosines R, 0 past the sample's count.
+    """
+
+    recent_item: torch.Tensor
+    recent_cat: torch.Tensor
+    recent_lengths: torch.Tensor
+    recent_scores: torch.Tensor
+    gsu_item: torch.Tensor
+    gsu_cat: torch.Tensor
+    gsu_lengths: torch.Tensor
+    gsu_scores: torch.Tensor
+
+
 class GsuStage:
     """Picklable ``RawBatch -> Batch`` transform run in DataLoader workers (and at inference).
 
@@ -36,11 +57,14 @@ class GsuStage:
             ``recent_len`` (``model.config.ModelConfig``).
     mm_table: ``MMTable`` (or a raw [N, D] tensor; its normalisation is then computed here, once).
 
-    The Batch carries: recent_* = the last ``recent_len`` non-padding behaviors, oldest first, with their
+    A history position is real unless it is padding (item 0 and category 0): a behavior whose item is out of the
+    vocabulary (item 0, known category) keeps its place in the recent window and in SIM-hard's category search,
+    but has no content row, so the multimodal GSU never selects it.
+    The Batch carries: recent_* = the last ``recent_len`` real behaviors, oldest first, with their
     cosines ``recent_scores`` [B, recent_len]; gsu_* = the selected behaviors with ``gsu_scores`` [B, k]:
     "multimodal" (MUSE) the cosine top-k in descending score, "category" (SIM-hard) the k most recent
     behaviors of the target's category, newest first, "none" (DIN), "id" (SIM-soft) and "attention" (TWIN)
-    none; the last two add hist_* (the whole non-padding history, oldest first) and ``history_scores`` [B, L].
+    none; the last two add hist_* (the whole real history, oldest first) and ``history_scores`` [B, L].
     """
 
     def __init__(self, config: Any, mm_table: Any, chunk_rows: Optional[int] = None):
@@ -53,36 +77,29 @@ class GsuStage:
         self.mm_table = mm_table if isinstance(mm_table, MMTable) else MMTable(mm_table)
         self.chunk_rows = chunk_rows
 
-    def __call__(self, raw: RawBatch) -> Batch:
+    def select(self, raw: RawBatch) -> Selected:
+        """The recent window and the pipeline GSU's selection of every sample, with their cosines."""
         cfg, table, norms = self.config, self.mm_table.table, self.mm_table.norms
         items, cats, batch = raw.history_items, raw.history_cats, raw.batch_size
-        in_model = cfg.gsu in ("id", "attention")
-        recent = _last_matches(lambda rows, lo: items[rows, lo:] != 0, batch, items.shape[1], cfg.recent_len)
+        recent = _last_matches(lambda rows, lo: (items[rows, lo:] != 0) | (cats[rows, lo:] != 0), batch,
+                               items.shape[1], cfg.recent_len)
         recent_ids = _take(items, recent)
-        sequence = {
-            "target_item": (raw.target_item, torch.ones_like(raw.target_item)),
-            "target_cat": (raw.target_cat, torch.ones_like(raw.target_cat)),
-            "recent_item": (recent_ids, recent.lengths),
-            "recent_cat": (_take(cats, recent), recent.lengths),
-        }
         chosen, scores = self._pipeline_gsu(raw, table, norms)
-        sequence["gsu_item"] = (_take(items, chosen), chosen.lengths)
-        sequence["gsu_cat"] = (_take(cats, chosen), chosen.lengths)
-        history_scores = None
-        if in_model:
-            whole = _all_real(items != 0)
-            sequence["hist_item"] = (_take(items, whole), whole.lengths)
-            sequence["hist_cat"] = (_take(cats, whole), whole.lengths)
+        return Selected(recent_item=recent_ids, recent_cat=_take(cats, recent), recent_lengths=recent.lengths,
+                        recent_scores=_scores_for(table, norms, recent_ids, raw.target_item, recent, cfg.recent_len),
+                        gsu_item=_take(items, chosen), gsu_cat=_take(cats, chosen), gsu_lengths=chosen.lengths,
+                        gsu_scores=scores)
+
+    def __call__(self, raw: RawBatch) -> Batch:
+        selected = self.select(raw)
+        history = history_scores = None
+        if self.config.gsu in ("id", "attention"):
+            items, cats = raw.history_items, raw.history_cats
+            whole = _all_real((items != 0) | (cats != 0))
+            history = (_take(items, whole), _take(cats, whole), whole.lengths)
+            table, norms = self.mm_table.table, self.mm_table.norms
             history_scores = _left_align(history_cosines(table, norms, raw.target_item, items, self.chunk_rows), whole)
-        keys = list(SEQUENCE_FEATURES) + (list(HISTORY_FEATURES) if in_model else [])
-        return Batch(
-            sparse_features=_sparse_features(raw),
-            sequence_features=_kjt(sequence, keys),
-            labels=raw.labels.to(torch.float32),
-            recent_scores=_scores_for(table, norms, recent_ids, raw.target_item, recent, cfg.recent_len),
-            gsu_scores=scores,
-            history_scores=history_scores,
-        )
+        return assemble_batch(raw, selected, history, history_scores)
 
     def _pipeline_gsu(self, raw: RawBatch, table: torch.Tensor, norms: RowNorms) -> Tuple[_Selection, torch.Tensor]:
         """The GSU of the pipeline variants: (selection, float32 [B, k] scores aligned with it)."""
@@ -97,17 +114,44 @@ class GsuStage:
                                                    int8_filter=mm.shadow is not None)
             scores = torch.where(valid, scores, torch.zeros((), dtype=torch.float32))
             return _Selection(positions, valid.sum(1)), _pad_to(scores, k)
-        items, cats, target_cat = raw.history_items, raw.history_cats, raw.target_cat
+        cats, target_cat = raw.history_cats, raw.target_cat
 
         def same_category(rows: torch.Tensor, lo: int) -> torch.Tensor:
             wanted = target_cat[rows, None]
-            return (items[rows, lo:] != 0) & (cats[rows, lo:] == wanted) & (wanted != 0)
+            return (cats[rows, lo:] == wanted) & (wanted != 0)
 
         chosen = _last_matches(same_category, batch, length, k, newest_first=True)
-        return chosen, _scores_for(table, norms, _take(items, chosen), raw.target_item, chosen, k)
+        return chosen, _scores_for(table, norms, _take(raw.history_items, chosen), raw.target_item, chosen, k)
 
     def __repr__(self) -> str:
         return f"GsuStage(gsu={self.config.gsu!r}, k={self.config.k}, recent_len={self.config.recent_len}, {self.mm_table!r})"
+
+
+def assemble_batch(samples: Any, selected: Selected, history: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                   history_scores: Optional[torch.Tensor] = None) -> Batch:
+    """The model's ``Batch`` from a batch's sample fields (a ``RawBatch`` or ``SampleBatch``: labels, user_id,
+    profile, target_*, item_city, item_province), its ``Selected`` behaviors and, for the in-model GSU variants,
+    the whole history (flat items, flat categories, lengths [B]) with ``history_scores`` [B, L]."""
+    sequence = {
+        "target_item": (samples.target_item, torch.ones_like(samples.target_item)),
+        "target_cat": (samples.target_cat, torch.ones_like(samples.target_cat)),
+        "recent_item": (selected.recent_item, selected.recent_lengths),
+        "recent_cat": (selected.recent_cat, selected.recent_lengths),
+        "gsu_item": (selected.gsu_item, selected.gsu_lengths),
+        "gsu_cat": (selected.gsu_cat, selected.gsu_lengths),
+    }
+    keys = list(SEQUENCE_FEATURES)
+    if history is not None:
+        sequence["hist_item"], sequence["hist_cat"] = (history[0], history[2]), (history[1], history[2])
+        keys += list(HISTORY_FEATURES)
+    return Batch(
+        sparse_features=_sparse_features(samples),
+        sequence_features=_kjt(sequence, keys),
+        labels=samples.labels.to(torch.float32),
+        recent_scores=selected.recent_scores,
+        gsu_scores=selected.gsu_scores,
+        history_scores=history_scores,
+    )
 
 
 def _last_matches(match: Callable[[torch.Tensor, int], torch.Tensor], batch: int, length: int, count: int,
@@ -176,7 +220,7 @@ def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(values, (0, width - values.shape[1])) if values.shape[1] < width else values
 
 
-def _sparse_features(raw: RawBatch) -> KeyedJaggedTensor:
+def _sparse_features(raw: Any) -> KeyedJaggedTensor:
     columns = [raw.user_id] + [raw.profile[:, i] for i in range(raw.profile.shape[1])] + [raw.item_city, raw.item_province]
     if len(columns) != len(SPARSE_FEATURES):
         raise ValueError(f"raw.profile: expected {len(SPARSE_FEATURES) - 3} columns, got {raw.profile.shape[1]}")
