@@ -34,6 +34,7 @@ from tabulate import tabulate
 
 from common.errors import UserError
 from datapipes.prepared import PreparedDataset
+from datapipes.histories import HistoryGather
 from datapipes.reader import make_dataloader
 from common.atomic import check_output_path, write_text_atomic
 from inference.export import export_package
@@ -93,7 +94,8 @@ def _requests(predictor, data_dir: str, history: int) -> List[Request]:
     """(user features, history items, history categories) of every test user, raw ids, ``history`` long."""
     dataset = PreparedDataset.open(data_dir)
     ids = RawIds(dataset)
-    loader = make_dataloader(data_dir, "test", 0, 1, 1, transform=None, num_workers=0, shuffle=False,
+    loader = make_dataloader(data_dir, "test", 0, 1, 1, transform=HistoryGather(dataset.histories("test")), num_workers=0,
+                             shuffle=False,
                              drop_last=False, drop_remainder=False)
     seen, out = set(), []
     for raw in loader:

@@ -6,6 +6,7 @@ from typing import Mapping, Optional
 from capacity.cluster import Cluster
 from capacity.embedding import dense_parameter_bytes, plan_embeddings, unplaced_state_bytes
 from capacity.extras import mm_bytes_per_host, mm_table_bytes, sequence_memory
+from capacity.layout import layout_rows, measured_layout
 from capacity.report import REPORTED_SEQ_LENS, CapacityReport, assemble
 from capacity.scale import DataScale
 from model.config import ModelConfig
@@ -63,6 +64,10 @@ def plan_capacity(
         "gsu_chunk": w.gsu_chunk,
         "hbm_reserve": hbm_reserve,
     }
+    seq_lens = sorted(set(REPORTED_SEQ_LENS) | {w.seq_len})
+    layout = layout_rows(seq_lens, scale.vocab_sizes["user"], scale.samples, scale.vocab_sizes["category"], w.model.k,
+                         w.model.recent_len)
+    measured = measured_layout(scale.data_dir, scale.metadata) if scale.data_dir and scale.metadata else None
     return assemble(
         dict(inputs),
         cluster,
@@ -71,6 +76,8 @@ def plan_capacity(
         dense_parameter_bytes(model),
         mm_table_bytes(item_rows, scale.mm_dim, w.mm_dtype),
         mm_bytes_per_host(item_rows, scale.mm_dim, w.mm_dtype, w.mm_placement, cluster.nnodes, cluster.nproc_per_node),
-        [memory(n) for n in sorted(set(REPORTED_SEQ_LENS) | {w.seq_len})],
+        [memory(n) for n in seq_lens],
         memory(w.seq_len),
+        layout,
+        measured,
     )

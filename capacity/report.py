@@ -14,6 +14,7 @@ from tabulate import tabulate
 from capacity.cluster import GIB, Cluster
 from capacity.embedding import EmbeddingPlan
 from capacity.extras import SequenceMemory
+from capacity.layout import LayoutRow
 
 DENSE_STATE_FACTOR = 3  # dense weights + Adam's two moments, replicated on every rank
 REPORTED_SEQ_LENS = (1_000, 100_000)
@@ -52,6 +53,8 @@ class CapacityReport:
     resources: List[Resource]
     fits: bool
     binding: str
+    layout: List[LayoutRow] = field(default_factory=list)
+    measured_layout: Optional[Dict[str, object]] = None
 
     def to_dict(self) -> Dict[str, object]:
         world = self.cluster.world_size
@@ -71,6 +74,10 @@ class CapacityReport:
                 {"name": r.name, "capacity": r.capacity, "used": r.used, "utilization": r.utilization, "parts": r.parts}
                 for r in self.resources
             ],
+            "data_layout": {
+                "computed": [asdict(r) | {"bytes_per_sample": r.bytes_per_sample, "totals": r.totals} for r in self.layout],
+                "measured": self.measured_layout,
+            },
             "fits": self.fits,
             "binding_constraint": self.binding,
         }
@@ -118,6 +125,29 @@ class CapacityReport:
             headers=["L", "raw history (DDR)", "GSU unchunked", "GSU chunked (DDR)", f"ID activations ({'HBM' if c.compute_device == 'cuda' else 'DDR'})"],
         ))
         out.append("")
+        if self.layout:
+            first = self.layout[0]
+            out.append(f"Prepared data (storage, uncompressed; {first.users:,} users, {first.samples:,} train samples): "
+                       "history store once per user, sample rows, stored retrieval (`muse retrieve`), and the "
+                       "per-sample-history layout for comparison:")
+            out.append(tabulate(
+                [[r.seq_len, f"{r.history_bytes_per_user:,}", f"{r.bytes_per_sample:,.0f}", f"{r.retrieval_bytes_per_sample:,}",
+                  f"{r.per_sample_copy_bytes:,}", f"{r.per_sample_copy_bytes / r.bytes_per_sample:.1f}x",
+                  _gib(r.totals["history_store"] + r.totals["sample_shards"]), _gib(r.totals["per_sample_copy_layout"])]
+                 for r in self.layout],
+                headers=["L", "B/user (store)", "B/sample", "B/sample retrieval", "B/sample (copy layout)", "saved",
+                         "store + shards", "copy layout"]))
+            out.append("")
+        if self.measured_layout:
+            out.append("Measured on disk:")
+            out.append(tabulate(
+                [[split, m["samples"], m["users_with_history"], _gib(m["history_store_bytes"]), _gib(m["sample_shard_bytes"]),
+                  f"{m['bytes_per_sample']:,.0f}", f"{m['history_bytes_per_user']:,.0f}"]
+                 for split, m in self.measured_layout["splits"].items()],
+                headers=["split", "samples", "users", "history store", "sample shards", "B/sample", "B/user"]))
+            for name, size in self.measured_layout["retrievals"].items():
+                out.append(f"  retrieval {name}: {_gib(size)}")
+            out.append("")
         out.append(tabulate(
             [[r.name, _gib(r.used), _gib(r.capacity), f"{100 * r.utilization:.1f}%", ", ".join(f"{k} {_gib(v)}" for k, v in r.parts.items())]
              for r in _most_loaded(self.resources)],
@@ -138,6 +168,8 @@ def assemble(
     mm_bytes_per_host: int,
     sequence: List[SequenceMemory],
     configured: SequenceMemory,
+    layout: Optional[List[LayoutRow]] = None,
+    measured: Optional[Dict[str, object]] = None,
 ) -> CapacityReport:
     """Sum every resource's parts and decide fits / binding constraint."""
     world = cluster.world_size
@@ -169,7 +201,7 @@ def assemble(
         top = max(worst.parts, key=worst.parts.get)
         binding = f"{worst.name}: {_gib(worst.used)} of {_gib(worst.capacity)} ({100 * worst.utilization:.1f}%), largest part {top}"
     return CapacityReport(inputs, cluster, embedding, unplaced_state_bytes, dense_bytes, mm_table_bytes,
-                          mm_bytes_per_host, sequence, configured, resources, fits, binding)
+                          mm_bytes_per_host, sequence, configured, resources, fits, binding, layout or [], measured)
 
 
 def _most_loaded(resources: List[Resource], limit: int = 8) -> List[Resource]:

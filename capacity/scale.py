@@ -17,7 +17,7 @@ change a fits / does-not-fit verdict.
 
 import json
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 from common.errors import DataError, UserError
 from common.io import path_manager
@@ -52,6 +52,9 @@ class DataScale:
     source: str
     vocab_sizes: Dict[str, int] = field(default_factory=dict)
     mm_dim: int = 128
+    samples: Optional[int] = None  # train samples (a prepared dataset's; presets: none, see capacity.layout)
+    metadata: Optional[dict] = None  # a prepared dataset's metadata.json
+    data_dir: Optional[str] = None
 
     def rows(self, space: str) -> int:
         """Rows of the embedding table of ``space`` (real ids + the padding row)."""
@@ -81,4 +84,6 @@ def from_prepared(data_dir: str) -> DataScale:
     missing = [s for s in ID_SPACES if not isinstance(sizes.get(s), int) or sizes[s] < 0]
     if missing:
         raise DataError(f"{path}: vocab_sizes: missing or negative for {', '.join(missing)}")
-    return DataScale(source=path, vocab_sizes={s: int(sizes[s]) for s in ID_SPACES}, mm_dim=int(meta.get("mm_dim", 128)))
+    train = meta.get("splits", {}).get("train", {})
+    return DataScale(source=path, vocab_sizes={s: int(sizes[s]) for s in ID_SPACES}, mm_dim=int(meta.get("mm_dim", 128)),
+                     samples=int(train["rows"]) if "rows" in train else None, metadata=meta, data_dir=data_dir)

@@ -16,6 +16,7 @@ from torch.package import PackageImporter
 
 from common.errors import DataError, UserError
 from common.io import path_manager
+from datapipes.histories import HistoryStore
 from inference.manifest import (BLOB_PACKAGE, ENTRY_MODULE, MANIFEST_NAME, MANIFEST_PACKAGE, PackageIntegrityError,
                                 check_digest, parse_manifest)
 
@@ -74,10 +75,14 @@ def load_predictor(path: str, histories: str | None = None) -> Any:
     except (RuntimeError, ImportError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{path}: (package): cannot be opened as a torch.package ({first})") from None
+    predictor = entry.load(importer, verify=False)
     if histories is None and os.path.isdir(f"{_local(path)}.histories"):
         histories = f"{_local(path)}.histories"
-    elif histories is not None:
+    if histories is not None:
         if not path_manager.isdir(histories):
             raise UserError(f"--histories {histories}: not a directory (a history store: DATA/<split>/histories)")
-        histories = path_manager.get_local_path(histories)
-    return entry.load(importer, verify=False, histories=histories)
+        # opened and checked here, so a mismatch is this project's DataError (one line), not the package's own class
+        predictor.attach_histories(HistoryStore.open(
+            histories, fingerprint=predictor.manifest.get("vocab_fingerprint"),
+            num_users=int(predictor.manifest["vocab_sizes"]["user"]), local_path=path_manager.get_local_path))
+    return predictor

@@ -122,6 +122,25 @@ def test_scale_from_prepared_metadata(tmp_path):
         from_prepared(str(tmp_path))
 
 
+def test_data_layout_arithmetic_and_the_measured_store(prepared_dataset, tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--preset", "taobao-mm-p90", "--nproc-per-node", "4", "--json", str(out)]) == 0
+    rows = {r["seq_len"]: r for r in json.loads(out.read_text())["data_layout"]["computed"]}
+    users, samples = 8_790_000, 8_790_000 * 11  # presets: the release's ~11 samples per user
+    row = rows[1000]
+    assert row["history_bytes_per_user"] == 1000 * (4 + 2) + 16 + 20  # 26K categories fit int16
+    assert row["sample_row_bytes"] == 49 and row["retrieval_bytes_per_sample"] == 50 * 12 + 4 + 50 * 4
+    assert row["per_sample_copy_bytes"] == 1000 * 8 + 89
+    assert row["bytes_per_sample"] == pytest.approx(49 + row["history_bytes_per_user"] * users / samples)
+    assert row["totals"]["history_store"] == row["history_bytes_per_user"] * users
+    assert main(["plan", "--data", prepared_dataset, "--compute-device", "cpu", "--nproc-per-node", "1",
+                 "--json", str(out)]) == 0
+    measured = json.loads(out.read_text())["data_layout"]["measured"]["splits"]["train"]
+    store = os.path.join(prepared_dataset, "train", "histories")
+    assert measured["history_store_bytes"] == sum(os.path.getsize(os.path.join(store, f)) for f in os.listdir(store))
+    assert measured["samples"] == json.load(open(os.path.join(prepared_dataset, "metadata.json")))["splits"]["train"]["rows"]
+
+
 def test_optimizer_bytes_rules():
     assert optimizer_bytes("rowwise_adagrad", 1000, 16) == 4000
     assert optimizer_bytes("adam", 1000, 16) == 2 * 1000 * 16 * 4

@@ -25,6 +25,7 @@ PROJECT_PACKAGES = ("model", "inference", "datapipes", "common", "capacity", "tr
 TRAINING_MODEL_SCRIPT = textwrap.dedent("""
     import sys, torch
     from datapipes.prepared import PreparedDataset
+    from datapipes.histories import HistoryGather
     from datapipes.reader import make_dataloader
     from inference.predict import RawIds
     from training.checkpoint import CheckpointManager, latest_checkpoint
@@ -45,7 +46,8 @@ TRAINING_MODEL_SCRIPT = textwrap.dedent("""
     model.dmp.eval()
     stage, ids = gsu_stage(config, dataset), RawIds(dataset)
     probs, rows = [], []
-    loader = make_dataloader(config.data, "test", 0, 1, 97, transform=None, num_workers=0, shuffle=False,
+    gather = HistoryGather(dataset.histories("test"), config.max_seq_len)
+    loader = make_dataloader(config.data, "test", 0, 1, 97, transform=gather, num_workers=0, shuffle=False,
                              max_seq_len=config.max_seq_len, drop_last=False, drop_remainder=False)
     with torch.no_grad():
         for raw in loader:

@@ -4,6 +4,7 @@ written in one process, metrics.jsonl); tests/test_export.py runs the real 2-ran
 
 import json
 import os
+import shutil
 import warnings
 import zipfile
 
@@ -15,6 +16,8 @@ import torch.distributed.checkpoint as dcp
 
 from cli.main import main
 from common.errors import DataError, UserError
+from datapipes.batch import PROFILE_FIELDS
+from datapipes.histories import HistoryGather
 from datapipes.prepared import PreparedDataset
 from datapipes.reader import make_dataloader
 from inference import load_predictor
@@ -63,7 +66,8 @@ def muse_package(prepared_dataset, tmp_path_factory):
 
 
 def _test_batches(data_dir: str, batch_size: int = 128):
-    return make_dataloader(data_dir, "test", 0, 1, batch_size, transform=None, num_workers=0, shuffle=False,
+    store = PreparedDataset.open(data_dir).histories("test")
+    return make_dataloader(data_dir, "test", 0, 1, batch_size, transform=HistoryGather(store), num_workers=0, shuffle=False,
                            drop_last=False, drop_remainder=False)
 
 
@@ -264,3 +268,34 @@ def test_bench_serve_reports_latency_percentiles(muse_package, prepared_dataset,
     assert result["history"] == 100 and result["users"] > 0
     with pytest.raises(UserError, match="--requests"):
         serve.run(parser.parse_args(["--package", path, "--requests", "10"]))
+
+
+def test_rank_user_reads_the_exported_store_and_equals_rank_with_that_history(muse_package, prepared_dataset, tmp_path):
+    run, _ = muse_package
+    out = str(tmp_path / "served.pt")
+    export_package(run, out, histories="test")
+    predictor = load_predictor(out)  # <package>.histories beside it is attached
+    dataset = PreparedDataset.open(prepared_dataset)
+    raw_ids = RawIds(dataset)
+    store = dataset.histories("test")
+    user = int(np.argmax(store.offsets[:, 1] - store.offsets[:, 0]))
+    items, cats = (torch.from_numpy(a.astype(np.int64)) for a in store.history(user))
+    features = {"user_id": int(raw_ids("user", torch.tensor([user]))[0])}
+    features.update({f: int(raw_ids(f, torch.tensor([int(store.profile[user, i])]))[0]) for i, f in enumerate(PROFILE_FIELDS)})
+    candidates = raw_ids("item", torch.arange(1, 41))
+    expected = predictor.rank(features, raw_ids("item", items), raw_ids("category", cats), candidates)
+    assert torch.equal(predictor.rank_user(features["user_id"], candidates), expected)
+    unknown = predictor.rank_user(424242424242, candidates)  # no such user: empty history, unknown profile
+    assert unknown.shape == (40,) and torch.isfinite(unknown).all() and not torch.equal(unknown, expected)
+
+
+def test_a_store_of_another_vocabulary_is_refused_by_the_predictor(muse_package, prepared_dataset, tmp_path):
+    _, path = muse_package
+    store = tmp_path / "store"
+    shutil.copytree(os.path.join(prepared_dataset, "test", "histories"), store)
+    meta = json.loads((store / "store.json").read_text())
+    (store / "store.json").write_text(json.dumps({**meta, "vocab_fingerprint": "f" * 64}))
+    with pytest.raises(DataError, match="store.json: vocab_fingerprint"):
+        load_predictor(path, histories=str(store))
+    with pytest.raises(ValueError, match="no history store attached"):
+        load_predictor(path).rank_user(1, [1, 2])
