@@ -2,8 +2,9 @@
 the trainer waits for data (the GSU runs in the data workers, ahead of the step).
 
 Shapes: the Taobao-MM one (batch 1000 per rank, L = 1,000, K = 50, ID dim 16) and L = 100,000 with a
-smaller batch, the latter also with batches grouped by user (``muse train --group-users``: each user's samples
-together, so the GSU scores each history once for all of them). Each point is one real ``muse train`` job launched through torchx on a synthetic dataset
+smaller batch, the latter with the GSU online over the history store (shuffled, and with batches grouped by user:
+``muse train --group-users``, so the GSU scores each history once for all of a user's samples) and from a stored
+retrieval (``muse retrieve`` once, then batches without any history scoring). Each point is one real ``muse train`` job launched through torchx on a synthetic dataset
 of that history length (built once, cached under --runs-dir). Throughput and data wait are measured
 between the first and the last loss record, so start-up, the pipeline's fill and evaluation are left out.
 """
@@ -20,6 +21,7 @@ from tabulate import tabulate
 from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
 from datapipes.prepare import PrepareConfig, prepare
+from datapipes.prepared import PreparedDataset
 from datapipes.synth import SynthConfig, synthesize
 from training.metrics import read_metrics
 
@@ -32,6 +34,7 @@ class Shape:
     synth: SynthConfig
     shard_rows: int
     group_users: bool = False
+    stored: bool = False  # batches from a stored retrieval (`muse retrieve`, made once) instead of the online GSU
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +61,7 @@ def _shapes(args: argparse.Namespace) -> List[Shape]:
         long_data = SynthConfig(users=128, items=20000, samples=1280, seq_len=100_000, seed=0)
         shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64))
         shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64, group_users=True))
+        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64, stored=True))
     return shapes
 
 
@@ -69,6 +73,19 @@ def _dataset(shape: Shape, runs_dir: str) -> str:
         synthesize(shape.synth, os.path.join(root, "raw"), force=True)
         prepare(PrepareConfig(raw=os.path.join(root, "raw"), out=prepared, shard_rows=shape.shard_rows, force=True))
     return prepared
+
+
+def _stored_retrieval(data: str) -> None:
+    """The MUSE retrieval of ``data`` (made once, where ``muse train --retrieval auto`` finds it)."""
+    from model.config import ModelConfig
+    from retrieval.run import RetrieveConfig, retrieve
+    from retrieval.store import RetrievalSpec, default_location
+
+    model = ModelConfig.preset("muse")
+    dataset = PreparedDataset.open(data)
+    if not os.path.exists(default_location(data, RetrievalSpec.of(model, None, dataset))):
+        print(f"retrieving {data} with the MUSE GSU (once) ...", flush=True)
+        retrieve(RetrieveConfig(data=data, model=model, num_workers=min(2, os.cpu_count() or 1)))
 
 
 def _steady_state(run_dir: str, global_batch: int) -> Dict[str, float]:
@@ -107,28 +124,34 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for shape in _shapes(args):
         data = _dataset(shape, args.runs_dir)
+        if shape.stored:
+            _stored_retrieval(data)
         for world in ranks:
-            run_dir = os.path.join(args.runs_dir, f"muse-L{shape.seq_len}-{world}r" + ("-by-user" if shape.group_users else ""))
+            run_dir = os.path.join(args.runs_dir, f"muse-L{shape.seq_len}-{world}r" + ("-by-user" if shape.group_users else "")
+                                   + ("-stored" if shape.stored else ""))
             shutil.rmtree(run_dir, ignore_errors=True)
             log_every = max(1, shape.steps // 5)
             app = components.train(
                 "--data", data, "--run", run_dir, "--model", "muse", "--batch-size", str(shape.batch_size),
                 "--steps", str(shape.steps), "--log-every", str(log_every), "--checkpoint-every", "0",
                 "--num-workers", str(args.num_workers), "--eval-batch-size", str(shape.batch_size),
-                *(["--group-users"] if shape.group_users else []),
+                *(["--group-users"] if shape.group_users else []), "--retrieval", "auto" if shape.stored else "none",
                 nproc_per_node=world, cpu=world * _threads(args, world), max_restarts=0,
             )
             print(f"== MUSE L={shape.seq_len} batch {shape.batch_size}/rank on {world} rank(s)"
-                  + (", batches grouped by user" if shape.group_users else ""), flush=True)
+                  + (", batches grouped by user" if shape.group_users else "")
+                  + (", stored retrieval" if shape.stored else ", GSU online over the history store"), flush=True)
             if not launch(app, "local_cwd", log_dir=os.path.join(args.runs_dir, "torchx-logs")):
                 raise UserError(f"bench run {run_dir} failed (see the log above)")
             results.append({"seq_len": shape.seq_len, "batch_per_rank": shape.batch_size, "ranks": world,
                             "batches": "by user" if shape.group_users else "shuffled",
+                            "gsu": "stored retrieval" if shape.stored else "online",
                             "threads_per_rank": _threads(args, world), "k": 50,
                             "id_dim": 16, **_steady_state(run_dir, shape.batch_size * world)})
-    print(tabulate([(r["seq_len"], r["batch_per_rank"], r["batches"], r["ranks"], f"{r['samples_per_s']:.0f}",
-                     f"{r['step_ms']:.0f}", f"{100 * r['data_wait_fraction']:.1f}%") for r in results],
-                   headers=("L", "batch/rank", "batches", "ranks", "samples/s", "step ms", "waiting for data")))
+    print(tabulate([(r["seq_len"], r["batch_per_rank"], r["batches"], r["gsu"], r["ranks"], f"{r['samples_per_s']:.0f}",
+                     f"{r['samples_per_s'] / r['batch_per_rank'] / r['ranks']:.1f}", f"{r['step_ms']:.0f}",
+                     f"{100 * r['data_wait_fraction']:.1f}%") for r in results],
+                   headers=("L", "batch/rank", "batches", "GSU", "ranks", "samples/s", "steps/s", "step ms", "waiting for data")))
     if args.json:
         write_text_atomic(args.json, json.dumps({"benchmark": "train", "results": results}, indent=2), flag="--json")
         print(f"wrote {args.json}")
