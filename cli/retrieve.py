@@ -72,6 +72,6 @@ def _launch(args: argparse.Namespace, cfg: RetrieveConfig) -> int:
             forwarded += [flag, str(value)]
     forwarded += ["--force"] if cfg.force else []
     app = components.retrieve(*forwarded, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node)
-    if not launch(app, args.scheduler, log_dir=os.path.join(os.path.dirname(cfg.data.rstrip("/")) or ".", "torchx-logs")):
+    if not launch(app, args.scheduler, log_dir=os.path.join("runs", "torchx-logs")):
         raise UserError(f"--nproc-per-node {args.nproc_per_node}: the retrieval job failed (see the log above)")
     return 0

@@ -126,3 +126,17 @@ def test_retrieve_command_errors_are_one_line(dataset_copy, tmp_path, capsys):
     assert main(["retrieve", "--data", dataset_copy, "--k", "5", "--splits", "test", "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already exists" in err[0]
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_write_the_retrieval_one_process_writes(dataset_copy, tmp_path):
+    """``muse retrieve --nproc-per-node 2`` (torchx, gloo): each rank its part, rank 0 the description, one rename."""
+    args = ["retrieve", "--data", dataset_copy, "--k", "7", "--splits", "test", "--num-workers", "0"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert main(args + ["--out", str(tmp_path / "two"), "--nproc-per-node", "2"]) == 0
+    one, two = open_split(str(tmp_path / "one"), "test"), open_split(str(tmp_path / "two"), "test")
+    assert len(one.parts) == 1 and len(two.parts) == 2
+    index = np.arange(PreparedDataset.open(dataset_copy).split("test").rows)
+    a, b = one.rows(index), two.rows(index)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

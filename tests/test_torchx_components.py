@@ -12,7 +12,9 @@ def test_torchx_components_wrap_dist_ddp():
     assert cmd.startswith("torchrun --max_restarts 5 ") and "--nnodes 2 --nproc_per_node 4" in cmd
     assert cmd.endswith("-m cli.main -- train --data d --run r")
     assert role.env["OMP_NUM_THREADS"] == "1"
-    for component, command in ((components.evaluate, "evaluate"), (components.export, "export"), (components.plan, "plan")):
+    for component, command in ((components.evaluate, "evaluate"), (components.export, "export"), (components.plan, "plan"),
+                               (components.retrieve, "retrieve")):
         app = component("--run", "r")
         assert app.roles[0].args[1].endswith(f"-m cli.main -- {command} --run r")
     assert "--nproc_per_node 1" in components.export("--run", "r").roles[0].args[1]
+    assert "--max_restarts 0" in components.retrieve("--data", "d").roles[0].args[1]
