@@ -2,7 +2,8 @@
 
 1. ``muse train``: synthesize + prepare a small Taobao-MM-schema dataset (cached under RUNS_DIR/data),
    train MUSE and DIN on 2 CPU ranks through torchx, evaluate both, print AUC/GAUC side by side.
-2. ``muse export``: the MUSE run as a torch.package (RUNS_DIR/muse.pt).
+2. ``muse export``: the MUSE run as a torch.package (RUNS_DIR/muse.pt), with the test split's history store beside
+   it (RUNS_DIR/muse.pt.histories), so the package ranks candidates for a user id.
 3. ``muse predict``: score the test split with that package (RUNS_DIR/muse-scores.parquet).
 4. ``muse plan``: capacity plans for the demo data on this machine and for Taobao-MM p90 on 8 GPUs.
 """
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     runs = args.runs_dir
     muse_run, package = os.path.join(runs, "muse"), os.path.join(runs, "muse.pt")
     _step("train MUSE and DIN", ["train", "--runs-dir", runs, "--model", "muse,din", "--nproc-per-node", str(args.nproc_per_node)])
-    _step("export", ["export", "--run", muse_run, "--out", package])
+    _step("export", ["export", "--run", muse_run, "--out", package, "--histories", "test"])
     data = _run_data(muse_run)
     _step("predict", ["predict", "--package", package, "--data", data, "--out", os.path.join(runs, "muse-scores.parquet")])
     _step("plan the demo data on this machine", ["plan", "--data", data, "--nnodes", "1", "--nproc-per-node", "2",
