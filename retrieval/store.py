@@ -75,28 +75,36 @@ class Part:
 
 
 class PartWriter:
-    """Writes one part (a contiguous range of one split's samples) under ``directory``, in order."""
+    """Writes one part (a contiguous range of one split's samples) under ``directory``. Batches may arrive in any
+    order (several data workers interleave theirs); every sample of the range must be written exactly once."""
 
     def __init__(self, directory: str, spec: RetrievalSpec, begin: int, end: int):
         os.makedirs(directory, exist_ok=True)
-        self.begin, self.end, self.filled = begin, end, begin
+        self.begin, self.end = begin, end
+        self.written = np.zeros(end - begin, dtype=bool)
         self.arrays = {name: np.lib.format.open_memmap(os.path.join(directory, f"{name}.npy"), mode="w+", dtype=dtype,
                                                        shape=(end - begin,) + shape)
                        for name, (dtype, shape) in spec.widths().items()}
 
     def write(self, sample_index: np.ndarray, values: Dict[str, np.ndarray]) -> None:
-        """The next samples of the range: sample_index int64 [n] (must continue the range), values per array."""
-        n = sample_index.size
-        if n and not np.array_equal(sample_index, np.arange(self.filled, self.filled + n)):
-            raise RuntimeError(f"samples {int(sample_index[0])}..: expected the range to continue at {self.filled}")
-        lo = self.filled - self.begin
+        """Samples ``sample_index`` (int64 [n], rows of the split inside the range, none written before) and their
+        values per array ([n, ...])."""
+        if sample_index.size == 0:
+            return
+        local = sample_index.astype(np.int64) - self.begin
+        if local.min() < 0 or local.max() >= self.written.size:
+            raise RuntimeError(f"samples {int(sample_index.min())}..{int(sample_index.max())}: outside the part's "
+                               f"range [{self.begin}, {self.end})")
+        if self.written[local].any() or np.unique(local).size != local.size:
+            raise RuntimeError(f"samples {int(sample_index.min())}..{int(sample_index.max())}: some written twice")
         for name, arr in self.arrays.items():
-            arr[lo:lo + n] = values[name]
-        self.filled += n
+            arr[local] = values[name]
+        self.written[local] = True
 
     def close(self) -> None:
-        if self.filled != self.end:
-            raise RuntimeError(f"part [{self.begin}, {self.end}): only {self.filled - self.begin} samples written")
+        done = int(self.written.sum())
+        if done != self.written.size:
+            raise RuntimeError(f"part [{self.begin}, {self.end}): only {done} samples written")
         for arr in self.arrays.values():
             arr.flush()
         self.arrays.clear()

@@ -1,6 +1,7 @@
 """Stored retrieval (``muse retrieve``): the stored path gives exactly the online path's batches, ranks write disjoint
 parts equal to one process's result, and a retrieval of another dataset, spec or with a damaged array is refused."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from model.gsu import GsuStage
 from model.gsu.table import MMTable
 from retrieval.run import RetrieveConfig, _write_parts, rank_range, retrieve
 from retrieval.stage import RetrievedStage
-from retrieval.store import RetrievalSpec, find_retrieval, open_split
+from retrieval.store import PartWriter, RetrievalSpec, find_retrieval, open_split
 
 
 def _same_batches(a, b):
@@ -63,8 +64,9 @@ def test_ranks_write_disjoint_parts_equal_to_one_process(dataset_copy, tmp_path)
                          num_workers=0)
     spec = RetrievalSpec.of(cfg.model, None, ds)
     _write_parts(cfg, ds, spec, str(tmp_path / "one"), 0, 1)
+    workers = dataclasses.replace(cfg, num_workers=2, batch_size=20)  # two workers interleave their batches
     for rank in range(3):
-        _write_parts(cfg, ds, spec, str(tmp_path / "three"), rank, 3)
+        _write_parts(workers if rank == 1 else cfg, ds, spec, str(tmp_path / "three"), rank, 3)
     rows = ds.split("test").rows
     ranges = [rank_range(rows, r, 3) for r in range(3)]
     assert ranges[0][0] == 0 and ranges[-1][1] == rows and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
@@ -74,6 +76,23 @@ def test_ranks_write_disjoint_parts_equal_to_one_process(dataset_copy, tmp_path)
         parts = np.concatenate([np.load(tmp_path / "three" / "test" / f"part-{r:05d}" / f"{name}.npy") for r in range(3)])
         np.testing.assert_array_equal(whole, parts)
     assert np.load(tmp_path / "one" / "test" / "part-00000" / "gsu_lengths.npy").max() == 8
+
+
+def test_a_part_takes_batches_in_any_order_but_each_sample_once(tmp_path):
+    spec = RetrievalSpec("multimodal", 2, 3, 10)
+    writer = PartWriter(str(tmp_path / "p"), spec, 10, 16)
+    values = lambda n: {name: np.ones((n,) + shape, dtype) for name, (dtype, shape) in spec.widths().items()}
+    writer.write(np.array([13, 14, 15]), values(3))
+    writer.write(np.array([10, 11]), values(2))
+    with pytest.raises(RuntimeError, match="written twice"):
+        writer.write(np.array([11, 12]), values(2))
+    with pytest.raises(RuntimeError, match="outside"):
+        writer.write(np.array([16]), values(1))
+    with pytest.raises(RuntimeError, match="only 5 samples"):
+        writer.close()
+    writer.write(np.array([12]), values(1))
+    writer.close()
+    assert np.load(tmp_path / "p" / "gsu_lengths.npy").tolist() == [1] * 6
 
 
 def test_only_a_matching_retrieval_is_used(dataset_copy):
