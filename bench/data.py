@@ -50,7 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _prepare_child(raw: str, out: str, shard_rows: int, queue) -> None:
     start = time.perf_counter()
     prepare(PrepareConfig(raw=raw, out=out, shard_rows=shard_rows, force=True))
-    queue.put((time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    queue.put((time.perf_counter() - start, _peak_rss_bytes()))
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set since its exec (VmHWM of /proc/self/status). ``getrusage``'s ru_maxrss is
+    no measure here: Linux carries the forking parent's high-water mark across fork and exec into the child."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _prepare_in_child(raw: str, out: str, shard_rows: int) -> tuple:

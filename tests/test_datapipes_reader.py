@@ -212,3 +212,31 @@ def test_several_shuffle_buffers_read_ahead_and_resume_across_them(prepared_data
     resumed = make()
     resumed.load_state_dict({"epoch": 0, "batches_consumed": 5})
     assert [_keys(b) for b in resumed] == epoch[5:]
+
+
+@pytest.mark.parametrize("preset", ["muse", "sim_soft"])
+@pytest.mark.parametrize("inline", [True, False])
+def test_batches_cross_processes_unchanged_inline_or_in_shared_memory(prepared_dataset, monkeypatch, preset, inline):
+    import datapipes.batch as batch_module
+    from multiprocessing.reduction import ForkingPickler
+
+    from datapipes.histories import Chain, HistoryGather
+    from model.config import ModelConfig
+    from model.gsu import GsuStage
+    from model.gsu.table import MMTable
+
+    ds = PreparedDataset.open(prepared_dataset)
+    stage = Chain(HistoryGather(ds.histories("train")), GsuStage(ModelConfig.preset(preset, k=8), MMTable.load(ds.root)))
+    batch = next(iter(make_dataloader(prepared_dataset, "train", 0, 1, 32, transform=stage, shuffle=False)))
+    monkeypatch.setattr(batch_module, "INLINE_BATCH_BYTES", 1 << 30 if inline else 0)
+    payload = bytes(ForkingPickler.dumps(batch))
+    assert (b"_inline_batch" in payload) == inline
+    copy = ForkingPickler.loads(payload)
+    for kjt, other in ((batch.sparse_features, copy.sparse_features), (batch.sequence_features, copy.sequence_features)):
+        assert kjt.keys() == other.keys() and kjt.length_per_key() == other.length_per_key()
+        assert torch.equal(kjt.values(), other.values()) and torch.equal(kjt.lengths(), other.lengths())
+        assert kjt.offset_per_key() == other.offset_per_key()
+    for name in ("labels", "recent_scores", "gsu_scores", "history_scores"):
+        a, b = getattr(batch, name), getattr(copy, name)
+        assert (a is None) == (b is None) and (a is None or (torch.equal(a, b) and a.dtype == b.dtype))
+    assert (batch.history_scores is None) == (preset == "muse")
