@@ -21,6 +21,8 @@ iteration skip exactly those batches (whole buffers are skipped without reading)
 """
 
 import ctypes
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -283,6 +285,24 @@ def _keep_freed_memory() -> None:
         pass
 
 
+def _exit_with_parent(_worker_id: int, poll_seconds: float = 0.5) -> None:
+    """DataLoader ``worker_init_fn``: end this worker at once when the process that started it dies.
+
+    PyTorch's own watchdog leaves the worker loop when the parent is gone, but the worker then exits through
+    ``multiprocessing``'s queue finalizer, which waits for its feeder thread to flush the batches still
+    buffered into the result pipe. A batch sent inline is larger than a pipe's buffer, and the worker holds
+    the pipe's read end too, so that write never returns: a rank killed mid-epoch (torchrun restarting it, a
+    preempted host) left an orphaned worker holding the launcher's stdout open forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _identity(x):
     return x
 
@@ -381,7 +401,8 @@ class ShardedLoader:
                            self.shuffle, self.buffer_rows, consumed, self.transform, self.group_users)
         kwargs = {}
         if self.num_workers > 0:
-            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False,
+                      "worker_init_fn": _exit_with_parent}
         return iter(DataLoader(_RankStream(spec), batch_size=None, num_workers=self.num_workers,
                                collate_fn=_identity, **kwargs))
 

@@ -240,3 +240,56 @@ def test_batches_cross_processes_unchanged_inline_or_in_shared_memory(prepared_d
         a, b = getattr(batch, name), getattr(copy, name)
         assert (a is None) == (b is None) and (a is None or (torch.equal(a, b) and a.dtype == b.dtype))
     assert (batch.history_scores is None) == (preset == "muse")
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+from datapipes.reader import make_dataloader
+
+class Heavy:
+    # A batch far larger than a pipe's buffer, as an inline Batch at long histories is.
+    def __call__(self, batch):
+        return os.getpid(), b"x" * (1 << 20)
+
+loader = make_dataloader(sys.argv[1], "train", 0, 1, 8, transform=Heavy(), num_workers=1)
+batches = iter(loader)
+worker, _ = next(batches)
+print(worker, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_data_worker_ends_when_its_trainer_is_killed(prepared_dataset):
+    """A SIGKILLed rank must not leave its worker behind blocked on a full result pipe (it would hold the
+    launcher's stdout open and keep torchrun's restart from ever finishing)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT, prepared_dataset], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        worker = int(proc.stdout.readline())
+        time.sleep(0.5)  # the worker has its next batches buffered and the pipe full
+        assert _alive(worker)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 20
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.1)
+        alive = _alive(worker)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the data worker outlived its killed trainer"
