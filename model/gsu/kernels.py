@@ -246,12 +246,14 @@ def choose(op: str, width: int) -> Choice:
         return choice
     forced = parse_override(setting).get(op)
     with _LOCK:
-        measured = _MEASURED.get(key[:3])
-        if measured is None:
-            measured = _measure(op, width)
-            _MEASURED[key[:3]] = measured
-        choice = _decide(op, width, threads, forced, measured)
-        _CHOICES[key] = choice
+        choice = _CHOICES.get(key)  # another thread may have made it meanwhile
+        if choice is None:
+            measured = _MEASURED.get(key[:3])
+            if measured is None:
+                measured = _measure(op, width)
+                _MEASURED[key[:3]] = measured
+            choice = _decide(op, width, threads, forced, measured)
+            _CHOICES[key] = choice
     return choice
 
 
