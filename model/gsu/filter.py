@@ -26,6 +26,8 @@ from model.gsu.shadow import FilterShadow
 from model.gsu.table import RowNorms
 
 _INT32_MIN, _INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
+# Thresholds of float32 filter dots are clamped to +-this: an even float32 just past every exact dot (<= 2**24).
+_FLOAT_DOT_LIMIT = 2 ** 24 + 2
 # Rounding allowances of the float filters (see thresholds): bf16 output rounding is <= 2**-8 relative,
 # float32 accumulation over D <= 128 terms is far below 2**-10 of |t| |r|.
 _FILTER_REL = 2.0 ** -6
@@ -139,15 +141,15 @@ class FilterDots:
 
     def threshold_tensor(self, needs: List[float]) -> torch.Tensor:
         """[G] thresholds in the filter dots' dtype, rounded down: for int filters the integer floor(need) - 1
-        clamped to int32 (as int32, or as the largest float32 at most it for float32 dots: the same for every
-        |threshold| <= 2**24, and beyond that no exact dot, |dot| <= 2**24, compares differently); float32
-        otherwise."""
+        clamped to int32, as int32 or, for float32 dots (|dot| <= 2**24, ``model.gsu.kernels``), clamped further
+        to +-(2**24 + 2), float32 integers that every dot compares with as with the int32 threshold (none reaches
+        one above 2**24, all reach one below -2**24); float32 otherwise."""
         if self.int_filter:
             ints = [_INT32_MIN if n == -math.inf else _INT32_MAX if n == math.inf
                     else max(_INT32_MIN, min(_INT32_MAX, math.floor(n) - 1)) for n in needs]
             if self.dot_dtype == torch.int32:
                 return torch.tensor(ints, dtype=torch.int32)
-            return torch.tensor([_float32_at_most(float(n)) for n in ints], dtype=torch.float32)
+            return torch.tensor([max(-_FLOAT_DOT_LIMIT, min(_FLOAT_DOT_LIMIT, n)) for n in ints], dtype=torch.float32)
         return torch.tensor([_float32_at_most(n) for n in needs], dtype=torch.float32)
 
 
