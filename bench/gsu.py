@@ -16,6 +16,12 @@ on a loaded machine, multi-threaded small ops also stall on descheduled threads)
 every user has ``--samples-per-user`` samples (one history row, different targets, shuffled through the
 batch), as in Taobao-MM; there the bare gather reads each distinct history once.
 
+Kernels: the int8 products inside ``cosine_topk`` (the filter's rows x targets, the exact dots) run the kernel
+``model.gsu.kernels`` measured fastest in this process (or the one ``MUSE_GSU_KERNEL`` forces); which ran, the
+CPU capability and every candidate's time on the selection probe are printed and written to the JSON.
+``--compare-kernels`` also times ``cosine_topk`` with each other exact kernel forced, as methods
+``cosine_topk[filter=int_mm]`` etc. (results must be bit-identical to ``cosine_topk``'s, and are checked).
+
 Printed: ms per batch, behaviors/s (B * L / time), peak extra resident memory (``VmHWM`` after a reset,
 Linux), ratios vs the reference and vs the bare gather, whether both GSUs selected the same behaviors
 (top-k scores within 1e-5), and the system load average before and after (the CPUs may be shared).
@@ -32,7 +38,7 @@ import torch
 
 from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
-from model.gsu import chunk_rows_for, cosine_topk, gather_rows_for
+from model.gsu import chunk_rows_for, cosine_topk, gather_rows_for, kernels
 from model.gsu.shadow import FilterShadow, filter_shadow
 from model.gsu.table import INT8_SCALE, RowNorms, row_norms
 
@@ -60,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-filter", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16/float32 tables: cosine_topk prefilters on the table's int8 shadow (default on; "
                              "built once per table, before timing, as MMTable does)")
+    parser.add_argument("--compare-kernels", action="store_true",
+                        help="also time cosine_topk with every other exact int8 kernel forced (MUSE_GSU_KERNEL), "
+                             "and check that its results are bit-identical")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -79,12 +88,14 @@ class Row:
     vs_reference: Optional[float] = None
     vs_index_select: Optional[float] = None
     agrees: Optional[bool] = None
+    kernels: Optional[str] = None  # cosine_topk rows: the int8 kernels that ran, as MUSE_GSU_KERNEL would name them
 
 
 def run(args: argparse.Namespace) -> int:
     if args.json:
         check_output_path(args.json, "--json")
     _check_args(args)
+    kernels.check_override()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.table_gb, args.history_gb = min(args.table_gb, 0.25), min(args.history_gb, 0.02)
@@ -95,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
     copy_gbps = _copy_bandwidth(args.repeats)
     print(f"threads {torch.get_num_threads()}, copy bandwidth (pre-written buffers): {copy_gbps:.2f} GB/s, "
           f"load average {load_before}")
+    chosen = _kernel_choices(args.dim)
+    print(f"int8 kernels (cpu capability {chosen[0].cpu_capability}; times on the selection probe):")
+    for choice in chosen:
+        print(f"  {choice.describe()}")
     rows: List[Row] = []
     for name in args.dtypes:
         table, norms = _random_table(name, args.table_gb, args.dim, generator)
@@ -112,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"--k {args.k}: larger than --lengths {length}")
             batch = max(per_user, int(args.history_gb * _GB // (length * row_bytes)) // per_user * per_user)
             targets, history, distinct = _random_batch(table.shape[0], batch, length, per_user, generator)
-            rows += _compare(args, name, table, norms, shadow, targets, history, distinct, per_user)
-            _print(rows[-3:])
+            case = _compare(args, name, table, norms, shadow, targets, history, distinct, per_user)
+            rows += case
+            _print(case)
         del table, norms, shadow
     load_after = _load_average()
     _print_summary(rows, copy_gbps)
@@ -121,9 +137,44 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         payload = {"copy_gbps": copy_gbps, "threads": torch.get_num_threads(), "args": vars(args),
                    "load_average_before": load_before, "load_average_after": load_after,
-                   "cpus": os.cpu_count(), "results": [asdict(r) for r in rows]}
+                   "cpus": os.cpu_count(), "cpu_capability": chosen[0].cpu_capability,
+                   "kernels": [c.to_dict() for c in chosen], "results": [asdict(r) for r in rows]}
         write_text_atomic(args.json, json.dumps(payload, indent=2), flag="--json")
     return 0
+
+
+def _kernel_choices(width: int) -> List[kernels.Choice]:
+    """The kernels cosine_topk runs at ``width`` in this process (measured now if not yet), filter then dots."""
+    return [kernels.choose(kernels.FILTER, width), kernels.choose(kernels.DOTS, width)]
+
+
+def _kernel_setting(chosen: List[kernels.Choice]) -> str:
+    return ",".join(f"{c.op}={c.name}" for c in chosen)
+
+
+def _alternatives(width: int) -> List[str]:
+    """MUSE_GSU_KERNEL settings that force each exact kernel other than the chosen one (one product at a time)."""
+    out = []
+    for choice in _kernel_choices(width):
+        out += [f"{choice.op}={name}" for name in choice.times_ms if name != choice.name]
+    return out
+
+
+class _Forced:
+    """Context: MUSE_GSU_KERNEL set to ``setting`` (restored after)."""
+
+    def __init__(self, setting: str):
+        self.setting, self.saved = setting, None
+
+    def __enter__(self) -> None:
+        self.saved = os.environ.get(kernels.ENV_VAR)
+        os.environ[kernels.ENV_VAR] = self.setting
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is None:
+            os.environ.pop(kernels.ENV_VAR, None)
+        else:
+            os.environ[kernels.ENV_VAR] = self.saved
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -192,12 +243,20 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
             ids = flat[start:start + step]
             torch.index_select(table, 0, ids, out=buffer[: ids.shape[0]])
 
-    methods: Dict[str, Callable[[], object]] = {
-        "reference": lambda: reference_topk(table, targets, history, args.k),
-        "cosine_topk": lambda: cosine_topk(table, targets, history, args.k, norms=norms, chunk_rows=chunk,
-                                           shadow=shadow, int8_filter=shadow is not None),
-        "index_select": gather,
-    }
+    def ours() -> object:
+        return cosine_topk(table, targets, history, args.k, norms=norms, chunk_rows=chunk, shadow=shadow,
+                           int8_filter=shadow is not None)
+
+    def forced(setting: str) -> Callable[[], object]:
+        def call() -> object:
+            with _Forced(setting):
+                return ours()
+        return call
+
+    methods: Dict[str, Callable[[], object]] = {"reference": lambda: reference_topk(table, targets, history, args.k),
+                                                "cosine_topk": ours, "index_select": gather}
+    if args.compare_kernels:
+        methods.update({f"cosine_topk[{setting}]": forced(setting) for setting in _alternatives(table.shape[1])})
     best = {m: float("inf") for m in methods}
     peaks: Dict[str, Optional[float]] = {}
     outputs: Dict[str, object] = {}
@@ -211,12 +270,16 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
     ref_scores = outputs["reference"][0]
     ours_scores = outputs["cosine_topk"][0]
     agrees = bool(torch.allclose(ours_scores, ref_scores, atol=1e-5, rtol=0))
+    ran = _kernel_setting(_kernel_choices(table.shape[1]))
     behaviors = batch * length
     out = []
     for m in methods:
+        same: Optional[bool] = agrees if m == "cosine_topk" else None
+        if m.startswith("cosine_topk["):  # a forced kernel: bit-identical to cosine_topk's result
+            same = all(torch.equal(a, b) for a, b in zip(outputs[m], outputs["cosine_topk"]))
         out.append(Row(name, length, batch, per_user, m, best[m] * 1e3, behaviors / best[m], peaks[m],
                        vs_reference=best["reference"] / best[m], vs_index_select=best["index_select"] / best[m],
-                       agrees=agrees if m == "cosine_topk" else None))
+                       agrees=same, kernels=ran if m == "cosine_topk" else m[len("cosine_topk["):-1] or None))
     return out
 
 
@@ -266,17 +329,19 @@ def _print(rows: List[Row]) -> None:
         shared = f", {r.samples_per_user} samples/user" if r.samples_per_user > 1 else ""
         peak = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:8.1f} MB"
         extra = ""
-        if r.method == "cosine_topk":
+        if r.method.startswith("cosine_topk"):
+            same = "same top-k" if r.method == "cosine_topk" else "bit-identical"
             extra = f"  x{r.vs_reference:.1f} vs reference, {r.vs_index_select:.2f} of index_select, " \
-                    f"same top-k: {'yes' if r.agrees else 'NO'}"
+                    f"{same}: {'yes' if r.agrees else 'NO'}" + (f" [{r.kernels}]" if r.method == "cosine_topk" else "")
         print(f"  {r.dtype:8s} L={r.length:<7d} B={r.batch:<5d}{shared:18s} {r.method:12s} {r.ms_per_batch:9.1f} ms"
               f"  {r.behaviors_per_s / 1e6:8.2f} M behaviors/s  peak +{peak}{extra}")
 
 
 def _print_summary(rows: List[Row], copy_gbps: float) -> None:
-    print("\nsummary (cosine_topk):")
+    print("\nsummary (cosine_topk, and with other kernels forced):")
     for r in rows:
-        if r.method == "cosine_topk":
+        if r.method.startswith("cosine_topk"):
             shared = f" ({r.samples_per_user}/user)" if r.samples_per_user > 1 else ""
+            label = "" if r.method == "cosine_topk" else f"  {r.method}"
             print(f"  {r.dtype:8s} L={r.length:<7d}{shared:10s} x{r.vs_reference:6.1f} vs reference   "
-                  f"{r.vs_index_select:5.2f} of bare index_select   {r.behaviors_per_s / 1e6:7.2f} M behaviors/s")
+                  f"{r.vs_index_select:5.2f} of bare index_select   {r.behaviors_per_s / 1e6:7.2f} M behaviors/s{label}")

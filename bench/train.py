@@ -1,8 +1,11 @@
 """``muse bench train``: MUSE training samples/s on 1 and 2 CPU ranks, and the fraction of step time
 the trainer waits for data (the GSU runs in the data workers, ahead of the step).
 
-Shapes: the Taobao-MM one (batch 1000 per rank, L = 1,000, K = 50, ID dim 16) and L = 100,000 with a
-smaller batch, the latter with the GSU online over the history store (shuffled, and with batches grouped by user:
+Shapes: the Taobao-MM one (batch 1000 per rank, L = 1,000, K = 50, ID dim 16) on two datasets, a small
+table (10,000 items, 64 categories: 1.3 MB of int8 content rows, cache-resident) and a large one
+(``--large-items``, default 300,000 items, and ``--large-categories``, default 1,000: 38 MB of content rows,
+beyond a 32 MB L3, so the GSU's gathers miss the caches as on real data; ``--skip-large`` leaves it out),
+and L = 100,000 with a smaller batch, the latter with the GSU online over the history store (shuffled, and with batches grouped by user:
 ``muse train --group-users``, so the GSU scores each history once for all of a user's samples) and from a stored
 retrieval (``muse retrieve`` once, then batches without any history scoring). Each point is one real ``muse train`` job launched through torchx on a synthetic dataset
 of that history length (built once, cached under --runs-dir). Throughput and data wait are measured
@@ -33,6 +36,7 @@ class Shape:
     steps: int
     synth: SynthConfig
     shard_rows: int
+    name: str = ""  # dataset label in the results ("small" / "large" table at L = 1,000)
     group_users: bool = False
     stored: bool = False  # batches from a stored retrieval (`muse retrieve`, made once) instead of the online GSU
 
@@ -44,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-batch-size", type=int, default=16, help="batch per rank at L=100,000 (default 16)")
     parser.add_argument("--long-steps", type=int, default=30, help="steps per run at L=100,000 (default 30)")
     parser.add_argument("--skip-long", action="store_true", help="only the L=1,000 shape")
+    parser.add_argument("--skip-large", action="store_true", help="leave out the large-table L=1,000 dataset")
+    parser.add_argument("--skip-small", action="store_true", help="leave out the small-table L=1,000 dataset")
+    parser.add_argument("--large-items", type=int, default=300_000,
+                        help="items of the large-table dataset (default 300,000: 38 MB of int8 content rows)")
+    parser.add_argument("--large-categories", type=int, default=1000,
+                        help="categories of the large-table dataset (default 1,000)")
     parser.add_argument("--num-workers", type=int, default=1, help="data workers per rank (default 1)")
     parser.add_argument("--threads-per-rank", type=int, default=0,
                         help="intra-op threads per rank (default: cores // (ranks x (1 + workers)), at least 1: "
@@ -53,8 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _shapes(args: argparse.Namespace) -> List[Shape]:
-    shapes = [Shape(1000, args.batch_size, args.steps,
-                    SynthConfig(users=2000, items=10000, samples=40000, seq_len=1000, seed=0), 4000)]
+    shapes = []
+    if not args.skip_small:
+        shapes.append(Shape(1000, args.batch_size, args.steps,
+                            SynthConfig(users=2000, items=10000, samples=40000, seq_len=1000, seed=0), 4000, name="small"))
+    if not args.skip_large:
+        large = SynthConfig(users=2000, items=args.large_items, samples=40000, seq_len=1000,
+                            categories=args.large_categories, seed=0)
+        shapes.append(Shape(1000, args.batch_size, args.steps, large, 4000, name="large"))
     if not args.skip_long:
         # 1,280 samples (10 per user): an epoch (72 batches of 16 on one rank) outlasts the measured steps, as on
         # real data, where epoch boundaries are rare; only the stream's steady state is measured.
@@ -66,13 +82,22 @@ def _shapes(args: argparse.Namespace) -> List[Shape]:
 
 
 def _dataset(shape: Shape, runs_dir: str) -> str:
-    root = os.path.join(runs_dir, f"data-L{shape.seq_len}-{shape.synth.samples}")
+    root = os.path.join(runs_dir, f"data-L{shape.seq_len}-{shape.synth.samples}" + _large_suffix(shape))
     prepared = os.path.join(root, "prepared")
     if not os.path.exists(os.path.join(prepared, "metadata.json")):
         print(f"building the L={shape.seq_len} dataset in {root} (once) ...", flush=True)
         synthesize(shape.synth, os.path.join(root, "raw"), force=True)
         prepare(PrepareConfig(raw=os.path.join(root, "raw"), out=prepared, shard_rows=shape.shard_rows, force=True))
     return prepared
+
+
+def _large_suffix(shape: Shape) -> str:
+    """Names the large-table dataset and its runs apart (the small one keeps its historical names)."""
+    return f"-items{shape.synth.items}-cats{shape.synth.categories}" if shape.name == "large" else ""
+
+
+def _table_label(shape: Shape) -> str:
+    return f"{shape.synth.items:,} items / {shape.synth.categories:,} cats"
 
 
 def _stored_retrieval(data: str) -> None:
@@ -118,17 +143,21 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--ranks {args.ranks}: expected comma-separated integers") from None
     if not ranks or min(ranks) < 1:
         raise UserError(f"--ranks {args.ranks}: rank counts must be >= 1")
-    for flag, minimum in (("batch_size", 1), ("steps", 2), ("long_batch_size", 1), ("long_steps", 2), ("num_workers", 0), ("threads_per_rank", 0)):
+    for flag, minimum in (("batch_size", 1), ("steps", 2), ("long_batch_size", 1), ("long_steps", 2), ("num_workers", 0),
+                          ("threads_per_rank", 0), ("large_items", 100_000), ("large_categories", 1000)):
         if getattr(args, flag) < minimum:
             raise UserError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {getattr(args, flag)}")
+    shapes = _shapes(args)
+    if not shapes:
+        raise UserError("--skip-small --skip-large --skip-long: nothing left to run")
     results = []
-    for shape in _shapes(args):
+    for shape in shapes:
         data = _dataset(shape, args.runs_dir)
         if shape.stored:
             _stored_retrieval(data)
         for world in ranks:
             run_dir = os.path.join(args.runs_dir, f"muse-L{shape.seq_len}-{world}r" + ("-by-user" if shape.group_users else "")
-                                   + ("-stored" if shape.stored else ""))
+                                   + ("-stored" if shape.stored else "") + _large_suffix(shape))
             shutil.rmtree(run_dir, ignore_errors=True)
             log_every = max(1, shape.steps // 5)
             app = components.train(
@@ -138,20 +167,23 @@ def run(args: argparse.Namespace) -> int:
                 *(["--group-users"] if shape.group_users else []), "--retrieval", "auto" if shape.stored else "none",
                 nproc_per_node=world, cpu=world * _threads(args, world), max_restarts=0,
             )
-            print(f"== MUSE L={shape.seq_len} batch {shape.batch_size}/rank on {world} rank(s)"
+            print(f"== MUSE L={shape.seq_len} batch {shape.batch_size}/rank on {world} rank(s), {_table_label(shape)}"
                   + (", batches grouped by user" if shape.group_users else "")
                   + (", stored retrieval" if shape.stored else ", GSU online over the history store"), flush=True)
             if not launch(app, "local_cwd", log_dir=os.path.join(args.runs_dir, "torchx-logs")):
                 raise UserError(f"bench run {run_dir} failed (see the log above)")
             results.append({"seq_len": shape.seq_len, "batch_per_rank": shape.batch_size, "ranks": world,
+                            "items": shape.synth.items, "categories": shape.synth.categories,
                             "batches": "by user" if shape.group_users else "shuffled",
                             "gsu": "stored retrieval" if shape.stored else "online",
                             "threads_per_rank": _threads(args, world), "k": 50,
                             "id_dim": 16, **_steady_state(run_dir, shape.batch_size * world)})
-    print(tabulate([(r["seq_len"], r["batch_per_rank"], r["batches"], r["gsu"], r["ranks"], f"{r['samples_per_s']:.0f}",
+    print(tabulate([(r["seq_len"], f"{r['items']:,} / {r['categories']:,}", r["batch_per_rank"], r["batches"], r["gsu"],
+                     r["ranks"], f"{r['samples_per_s']:.0f}",
                      f"{r['samples_per_s'] / r['batch_per_rank'] / r['ranks']:.1f}", f"{r['step_ms']:.0f}",
                      f"{100 * r['data_wait_fraction']:.1f}%") for r in results],
-                   headers=("L", "batch/rank", "batches", "GSU", "ranks", "samples/s", "steps/s", "step ms", "waiting for data")))
+                   headers=("L", "items / cats", "batch/rank", "batches", "GSU", "ranks", "samples/s", "steps/s", "step ms",
+                            "waiting for data")))
     if args.json:
         write_text_atomic(args.json, json.dumps({"benchmark": "train", "results": results}, indent=2), flag="--json")
         print(f"wrote {args.json}")

@@ -5,7 +5,7 @@ input-pipeline stage ``RawBatch -> Batch``, ``model.gsu.stage``), plus the pair 
 Modules: ``inputs`` (argument checks, work sizes, norms and shadow caches), ``shadow`` (the int8 filter
 shadow of bf16/float32 tables), ``filter`` (prefilter dot products and thresholds), ``ranking`` (running top-k
 keys), ``cosine`` (exact pair cosines and rescoring), ``topk`` (the streaming top-k), ``stage`` (the pipeline
-stage).
+stage), ``kernels`` (which exact int8 product kernel runs, measured on the host once per process).
 """
 
 from model.gsu.cosine import history_cosines, pair_cosine

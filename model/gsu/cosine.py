@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from model.gsu import kernels
 from model.gsu.inputs import chunk_rows_for
 from model.gsu.table import RowNorms
 
@@ -12,11 +13,12 @@ from model.gsu.table import RowNorms
 def exact_dots(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """float64 [...] dot products over the last dim of ``rows`` and ``targets`` (broadcastable, table dtype), one
     pair at a time with the same operations wherever the pair occurs, so equal pairs always get equal scores.
-    int8: multiplied in int16 (|products| <= 2**14) and summed in int32, exact integers (6x faster than float
-    conversions); bf16: summed in float32, where its products are exact so only the sum rounds (~1e-7
-    relative); float32: multiplied and summed in float64."""
+    int8: the exact integer dots, by the kernel measured fastest on the host (``model.gsu.kernels``: int16
+    products summed in int32, or float32 products and sums, exact for D <= 1024), so every kernel gives the same
+    value; bf16: summed in float32, where its products are exact so only the sum rounds (~1e-7 relative);
+    float32: multiplied and summed in float64."""
     if rows.dtype == torch.int8:
-        return (rows.to(torch.int16) * targets.to(torch.int16)).sum(-1, dtype=torch.int32).double()
+        return kernels.dots_kernel(rows.shape[-1]).dots(rows, targets)
     work = torch.float64 if rows.dtype == torch.float32 else torch.float32
     return (rows.to(work) * targets.to(work)).sum(-1).double()
 

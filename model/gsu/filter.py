@@ -1,8 +1,10 @@
 """The prefilter of ``cosine_topk``: dot products of gathered history rows with their targets in the table's
 own precision, and the smallest such dot a row needs to possibly reach a sample's running k-th score.
 
-The filter dot is exact for int8 (int8 x int8 -> int32 with ``torch._int_mm``). For bf16/float32 tables it is
-either the int32 dot of the rows' int8 shadow with the target quantized the same way (``model.gsu.shadow``,
+The filter dot is exact for int8 (int8 x int8 -> the exact integer, by the kernel ``model.gsu.kernels`` measured
+fastest on the host: ``torch._int_mm`` with int32 out, or float32 ``torch.mm`` of converted rows, which is exact
+for these widths; the dots then are float32 integers). For bf16/float32 tables it is
+either the exact dot of the rows' int8 shadow with the target quantized the same way (``model.gsu.shadow``,
 the default: half the bytes gathered of a bf16 row), within the quantization bound derived in
 ``_shadow_need``, or a matmul in the table's dtype (float32 accumulation), within the _FILTER_* allowances.
 Rows are gathered ``gather_rows`` at a time into one reused buffer that stays in L2 (``model.gsu.inputs.GATHER_BYTES``), and
@@ -18,11 +20,14 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from model.gsu import kernels
 from model.gsu.inputs import gather, gather_rows_for
 from model.gsu.shadow import FilterShadow
 from model.gsu.table import RowNorms
 
 _INT32_MIN, _INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
+# Thresholds of float32 filter dots are clamped to +-this: an even float32 just past every exact dot (<= 2**24).
+_FLOAT_DOT_LIMIT = 2 ** 24 + 2
 # Rounding allowances of the float filters (see thresholds): bf16 output rounding is <= 2**-8 relative,
 # float32 accumulation over D <= 128 terms is far below 2**-10 of |t| |r|.
 _FILTER_REL = 2.0 ** -6
@@ -46,30 +51,31 @@ class FilterDots:
         self.norms = norms
         self.exact_int = table.dtype == torch.int8  # filter dots are the exact dots
         self.shadow = None if self.exact_int else shadow
-        self.int_filter = self.exact_int or self.shadow is not None  # filter dots are int32
+        self.int_filter = self.exact_int or self.shadow is not None  # filter dots are exact integers
         self.filter_table = table if self.shadow is None else self.shadow.rows  # the rows the filter gathers
         self.targets = table.index_select(0, target_ids)  # [B, D], table dtype
         self.sq_t = norms.sq_norm.index_select(0, target_ids).double()  # [B]
         self.inv_t = [1.0 / math.sqrt(v) if v > 0 else 0.0 for v in self.sq_t.tolist()]
         self.inv_min, self.inv_max = 1.0 / norms.max_norm, 1.0 / norms.min_norm
         self.filter_targets = self.targets if self.shadow is None else self._quantized_targets()
-        # _int_mm is wrong for D = 1 on CPU (torch 2.13): float32 is exact there and used instead.
-        self.int_mm = self.int_filter and table.shape[1] > 1
-        self.dot_dtype = torch.int32 if self.int_filter else table.dtype
+        # The int8 product's kernel, measured once per process (model.gsu.kernels; never _int_mm at D = 1, where
+        # it is wrong on CPU in torch 2.13). Its dots are exact integers, int32 or float32.
+        self.kernel = kernels.filter_kernel(table.shape[1]) if self.int_filter else None
+        self.dot_dtype = self.kernel.out_dtype if self.int_filter else table.dtype
         self.gather_rows = gather_rows_for(self.filter_table, chunk_rows)
         self.buffer = torch.empty(self.gather_rows, table.shape[1], dtype=self.filter_table.dtype)
+        self._work = self.kernel.workspace(self.gather_rows, table.shape[1]) if self.kernel is not None else None
         self._scratch = torch.empty(0, dtype=self.dot_dtype)
         self._columns: Dict[Tuple[int, ...], torch.Tensor] = {}
 
     def columns(self, samples: List[int]) -> torch.Tensor:
-        """Targets of ``samples`` as a contiguous [D, G'] matrix, G' = G or (int8, G > 1) G rounded up to a multiple
-        of 8 with zero columns, which _int_mm runs much faster. Cached: a sample's columns are reused per piece."""
+        """Targets of ``samples`` as a contiguous [D, G'] matrix as the kernel takes it (int8 filters: G' = G, or G
+        rounded up to a multiple of 8 with zero columns for ``_int_mm``; float32 for the float32 kernel).
+        Cached: a sample's columns are reused per piece."""
         key = tuple(samples)
         if key not in self._columns:
             columns = self.filter_targets[samples].t()
-            if self.int_mm and len(samples) > 1 and len(samples) % 8:
-                columns = torch.nn.functional.pad(columns, (0, 8 - len(samples) % 8))
-            self._columns[key] = columns.contiguous()
+            self._columns[key] = self.kernel.columns(columns) if self.kernel is not None else columns.contiguous()
         return self._columns[key]
 
     def block_dots(self, ids: torch.Tensor, samples: List[int]) -> torch.Tensor:
@@ -99,14 +105,12 @@ class FilterDots:
         except IndexError:
             gather(self.table, ids)  # raises the ValueError naming history_ids
 
-    def _mm(self, rows: torch.Tensor, columns: torch.Tensor, out) -> torch.Tensor:
-        """rows [R, D] x columns [D, G'] in the filter's precision, into ``out`` [R, G'] when given."""
-        if self.int_mm:
-            return torch._int_mm(rows, columns) if out is None else torch._int_mm(rows, columns, out=out)
-        if self.int_filter:
-            result = torch.mm(rows.to(torch.float32), columns.to(torch.float32)).to(torch.int32)
-            return result if out is None else out.copy_(result)
-        return torch.mm(rows, columns) if out is None else torch.mm(rows, columns, out=out)
+    def _mm(self, rows: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
+        """out [R, G'] = rows [R, D] x columns [D, G'] in the filter's precision (int8: the exact integers)."""
+        if self.kernel is not None:
+            self.kernel.mm(rows, columns, out, self._work)
+        else:
+            torch.mm(rows, columns, out=out)
 
     def thresholds(self, taus: List[float], samples: List[int]) -> List[float]:
         """Per sample, the smallest filter dot a row needs for its exact score to possibly reach tau.
@@ -136,11 +140,16 @@ class FilterDots:
         return out
 
     def threshold_tensor(self, needs: List[float]) -> torch.Tensor:
-        """[G] thresholds in a dtype the filter dots compare with exactly, rounded down (int32 for int8, float32
-        otherwise)."""
+        """[G] thresholds in the filter dots' dtype, rounded down: for int filters the integer floor(need) - 1
+        clamped to int32, as int32 or, for float32 dots (|dot| <= 2**24, ``model.gsu.kernels``), clamped further
+        to +-(2**24 + 2), float32 integers that every dot compares with as with the int32 threshold (none reaches
+        one above 2**24, all reach one below -2**24); float32 otherwise."""
         if self.int_filter:
-            return torch.tensor([_INT32_MIN if n == -math.inf else _INT32_MAX if n == math.inf
-                                 else max(_INT32_MIN, min(_INT32_MAX, math.floor(n) - 1)) for n in needs], dtype=torch.int32)
+            ints = [_INT32_MIN if n == -math.inf else _INT32_MAX if n == math.inf
+                    else max(_INT32_MIN, min(_INT32_MAX, math.floor(n) - 1)) for n in needs]
+            if self.dot_dtype == torch.int32:
+                return torch.tensor(ints, dtype=torch.int32)
+            return torch.tensor([max(-_FLOAT_DOT_LIMIT, min(_FLOAT_DOT_LIMIT, n)) for n in ints], dtype=torch.float32)
         return torch.tensor([_float32_at_most(n) for n in needs], dtype=torch.float32)
 
 
@@ -169,7 +178,7 @@ class FilterDots:
         The exact score sums the bf16 products in float32 (``exact_dots``): its dot differs from r . t by at most
         (D - 1) 2**-24 sum|r_i t_i| <= D 2**-24 |r| |t|, so the cosine bound is lowered by 2 D 2**-24 first.
         A zero row has q_r . q_t = 0 and score 0, consistent with the bound. The result is lowered by a margin
-        for its own float64 rounding, then rounded down to an int32 by ``threshold_tensor``.
+        for its own float64 rounding, then rounded down to an integer by ``threshold_tensor``.
         """
         shadow = self.shadow
         low -= 2.0 * self.table.shape[1] * 2.0 ** -24

@@ -9,6 +9,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from datapipes.batch import HISTORY_FEATURES, SEQUENCE_FEATURES, SPARSE_FEATURES, Batch, RawBatch
+from model.gsu import kernels
 from model.gsu.cosine import history_cosines, pair_cosine
 from model.gsu.topk import cosine_topk
 from model.gsu.table import MMTable, RowNorms
@@ -73,6 +74,7 @@ class GsuStage:
                 raise ValueError(f"config: has no field {field!r} (expected a ModelConfig)")
         if config.gsu not in ("none", "category", "multimodal", "id", "attention"):
             raise ValueError(f"config.gsu: unknown GSU {config.gsu!r}")
+        kernels.check_override()  # a bad MUSE_GSU_KERNEL fails here, in the process that builds the stage
         self.config = config
         self.mm_table = mm_table if isinstance(mm_table, MMTable) else MMTable(mm_table)
         self.chunk_rows = chunk_rows

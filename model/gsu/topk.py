@@ -3,7 +3,8 @@ frozen multimodal table.
 
 The history is streamed in pieces of positions, newest first, so memory stays bounded by the piece whatever
 L is (no float [B, L, D] tensor ever exists). Per piece the rows are gathered a few hundred KB at a time and
-their dot products with the target taken at once (``model.gsu.filter``): exact int32 for int8 tables, on the
+their dot products with the target taken at once (``model.gsu.filter``, by the kernel measured fastest on the
+host, ``model.gsu.kernels``): exact integers for int8 tables, on the
 table's int8 shadow for bf16/float32 ones (``model.gsu.shadow``, with its quantization error bounded);
 only rows whose dot could still reach the running K-th best cosine are kept: the bound uses the smallest
 norm of any table row, so no row that belongs in the top K is dropped. Those few candidates get their

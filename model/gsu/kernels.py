@@ -1,0 +1,387 @@
+"""Kernel selection for the GSU's exact int8 products: which implementation of each hot-path product runs is
+measured on the host, once per process, instead of assumed.
+
+Two products, both exact integer dot products of int8 rows of width D:
+
+- ``filter`` (``model.gsu.filter``): gathered rows int8 [R, D] x targets int8 [D, G] -> dots [R, G], the
+  prefilter of every piece of history (int8 tables, and the int8 shadow of bf16/float32 tables).
+  Candidates: ``int_mm`` (``torch._int_mm``, int32 out: fast where oneDNN has VNNI/AMX int8 kernels, ~20x
+  slower than ``float32`` on an AVX2-only AMD EPYC) and ``float32`` (the rows converted into a reused float32
+  buffer, ``torch.mm`` with float32 out).
+- ``dots`` (``model.gsu.cosine.exact_dots``): row-wise pairs int8 [n, D] . int8 [n, D] -> dots [n], the exact
+  rescoring of candidates, the recent-window and SIM-hard scores and whole-history scores (serving runs the
+  same stage, so it uses the same kernels). Candidates: ``int16`` (products in int16, sum in int32) and
+  ``float32`` (products and sum in float32).
+
+Why every candidate is exact (so results are bit-identical whichever runs): an int8 entry has |v| <= 128, so
+a product has |p| <= 2**14 and a dot of D products has every partial sum an integer of magnitude
+<= D * 2**14. For D <= FLOAT32_EXACT_WIDTH = 1024 that is <= 2**24, and every integer of magnitude <= 2**24
+is a float32: each product, each partial sum in any order (blocked BLAS, FMA, vectorised reductions) and the
+result are exact, so float32 gives the same integer as int32 arithmetic (for D = 128: |dot| <= 128 * 127**2
+= 2,064,512 < 2**24 with the table's [-127, 127] values). int16 holds every product (2**14 < 2**15) and int32
+every sum. ``float32`` is therefore offered only for D <= 1024, ``int_mm`` not for D = 1 (wrong on CPU in
+torch 2.13), and each candidate is also checked against a float64 product on the probe data before it is
+timed (a candidate that disagrees is excluded, with the reason recorded).
+
+Measurement: lazily, the first time a product of a given width is needed in a process (a DataLoader worker
+measures in its own process; a forked one inherits its parent's measurements, taken on the same host), on a
+representative probe (``_FILTER_ROWS`` gathered rows against 1 and 16 targets; ``_DOT_PAIRS`` pairs), best of
+a few runs, a few ms in all, cached per (product, D, torch threads) behind a lock. The fastest candidate runs.
+
+Override: ``MUSE_GSU_KERNEL=<name>`` forces ``name`` for every product that has it (``float32`` forces both),
+``MUSE_GSU_KERNEL=filter=int_mm,dots=int16`` names them per product; an unknown name is a ``UserError``. A
+forced candidate that is not exact at the table's width (``int_mm`` at D = 1, ``float32`` at D > 1024) is not
+used (the measured choice runs, and the choice says why). ``choose(op, width)`` returns the ``Choice`` (kernel,
+measured times, CPU capability); ``choices()`` lists those made in this process.
+"""
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from common.errors import UserError
+
+ENV_VAR = "MUSE_GSU_KERNEL"
+FILTER = "filter"
+DOTS = "dots"
+# Widest D whose int8 dots are exact in float32: every partial sum <= D * 128**2 <= 2**24 (module docstring).
+FLOAT32_EXACT_WIDTH = 2 ** 24 // 128 ** 2
+# Probe sizes: 1,024 gathered rows (128 KB at D = 128, L2-resident like the filter's 512 KB gathers) against one
+# target (a long single-sample history) and against 16 (a packed block or a shared user); 2,048 pairs.
+_FILTER_ROWS = 1024
+_FILTER_COLUMNS = (1, 16)
+_DOT_PAIRS = 2048
+_REPEATS = 3
+# A candidate already this many times slower than the best after one timed run is not timed again.
+_GIVE_UP = 4.0
+
+
+class FilterKernel:
+    """int8 rows [R, D] x int8 columns [D, G] -> exact dots [R, G] of ``out_dtype``.
+
+    ``columns(targets)`` prepares a target matrix once (the filter caches it per block of samples; its width
+    G' >= G, extra columns zero); ``workspace(rows, width)`` is the caller's reusable scratch;
+    ``mm(rows, columns, out, work)`` writes ``out`` [R, G'] (R <= the workspace's rows)."""
+
+    name = ""
+    out_dtype = torch.int32
+
+    def supports(self, width: int) -> bool:
+        raise NotImplementedError
+
+    def columns(self, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def workspace(self, rows: int, width: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mm(self, rows: torch.Tensor, columns: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class IntMM(FilterKernel):
+    """``torch._int_mm``: int32 out; G > 1 padded with zero columns to a multiple of 8 (much faster there)."""
+
+    name = "int_mm"
+    out_dtype = torch.int32
+
+    def supports(self, width: int) -> bool:
+        return width > 1
+
+    def columns(self, targets: torch.Tensor) -> torch.Tensor:
+        count = targets.shape[1]
+        if count > 1 and count % 8:
+            targets = torch.nn.functional.pad(targets, (0, 8 - count % 8))
+        return targets.contiguous()
+
+    def workspace(self, rows: int, width: int) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.int8)
+
+    def mm(self, rows: torch.Tensor, columns: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> None:
+        torch._int_mm(rows, columns, out=out)
+
+
+class Float32MM(FilterKernel):
+    """float32 ``torch.mm`` of the rows converted into a reused buffer: float32 out, the exact integers."""
+
+    name = "float32"
+    out_dtype = torch.float32
+
+    def supports(self, width: int) -> bool:
+        return width <= FLOAT32_EXACT_WIDTH
+
+    def columns(self, targets: torch.Tensor) -> torch.Tensor:
+        return targets.to(torch.float32).contiguous()
+
+    def workspace(self, rows: int, width: int) -> torch.Tensor:
+        return torch.empty(rows, width, dtype=torch.float32)
+
+    def mm(self, rows: torch.Tensor, columns: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> None:
+        converted = work[: rows.shape[0]]
+        converted.copy_(rows)
+        torch.mm(converted, columns, out=out)
+
+
+class DotsKernel:
+    """Row-wise int8 pairs [..., D] . [..., D] (broadcastable) -> float64 [...] exact dots."""
+
+    name = ""
+
+    def supports(self, width: int) -> bool:
+        raise NotImplementedError
+
+    def dots(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int16Dots(DotsKernel):
+    """Products in int16 (|p| <= 2**14), summed in int32."""
+
+    name = "int16"
+
+    def supports(self, width: int) -> bool:
+        return True
+
+    def dots(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (rows.to(torch.int16) * targets.to(torch.int16)).sum(-1, dtype=torch.int32).double()
+
+
+class Float32Dots(DotsKernel):
+    """Products and sum in float32 (exact for D <= FLOAT32_EXACT_WIDTH)."""
+
+    name = "float32"
+
+    def supports(self, width: int) -> bool:
+        return width <= FLOAT32_EXACT_WIDTH
+
+    def dots(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (rows.to(torch.float32) * targets.to(torch.float32)).sum(-1).double()
+
+
+KERNELS: Dict[str, Tuple] = {FILTER: (Float32MM(), IntMM()), DOTS: (Int16Dots(), Float32Dots())}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The kernel one product runs at one width in this process.
+
+    name: the kernel; forced: named by MUSE_GSU_KERNEL; times_ms: measured best ms of each timed candidate on
+    the probe; excluded: candidate -> why it was not timed (not exact at this width, or disagreed with float64);
+    note: why a forced kernel was not used (empty otherwise); cpu_capability:
+    ``torch.backends.cpu.get_cpu_capability()`` (e.g. AVX2, AVX512); threads: torch threads when measured."""
+
+    op: str
+    width: int
+    name: str
+    forced: bool
+    times_ms: Dict[str, float]
+    excluded: Dict[str, str]
+    cpu_capability: str
+    threads: int
+    note: str = ""
+    kernel: object = field(default=None, repr=False, compare=False)
+
+    def describe(self) -> str:
+        """One line: the kernel, how it was chosen and every candidate's measured time."""
+        how = "forced by " + ENV_VAR if self.forced else "fastest measured"
+        times = ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(self.times_ms.items(), key=lambda item: item[1]))
+        extra = "".join(f"; {n} excluded ({why})" for n, why in self.excluded.items())
+        note = f"; {self.note}" if self.note else ""
+        return (f"{self.op} (D={self.width}): {self.name} ({how}; {times or 'nothing timed'}{extra}{note}; "
+                f"cpu {self.cpu_capability}, {self.threads} thread(s))")
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"op": self.op, "width": self.width, "kernel": self.name, "forced": self.forced,
+                "times_ms": dict(self.times_ms), "excluded": dict(self.excluded), "note": self.note,
+                "cpu_capability": self.cpu_capability, "threads": self.threads}
+
+
+@dataclass(frozen=True)
+class _Measured:
+    times_ms: Dict[str, float]
+    excluded: Dict[str, str]
+    cpu_capability: str
+
+
+_LOCK = threading.Lock()
+_MEASURED: Dict[Tuple[str, int, int], _Measured] = {}
+_CHOICES: Dict[Tuple[str, int, int, str], Choice] = {}
+measure_count = 0  # probes measured in this process (one per product, width and thread count)
+
+
+def _after_fork_in_child() -> None:
+    global _LOCK
+    _LOCK = threading.Lock()  # a fork while another thread held the lock must not leave the child blocked
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def filter_kernel(width: int) -> FilterKernel:
+    """The ``FilterKernel`` the prefilter runs for rows of ``width`` int8 values."""
+    return choose(FILTER, width).kernel
+
+
+def dots_kernel(width: int) -> DotsKernel:
+    """The ``DotsKernel`` exact rescoring runs for pairs of ``width`` int8 values."""
+    return choose(DOTS, width).kernel
+
+
+def choose(op: str, width: int) -> Choice:
+    """The ``Choice`` for product ``op`` (FILTER | DOTS) at row width ``width``: the override if set and exact at
+    this width, else the fastest measured candidate (measured once per process, width and thread count)."""
+    if op not in KERNELS:
+        raise ValueError(f"op: expected one of {', '.join(KERNELS)}, got {op!r}")
+    setting = os.environ.get(ENV_VAR, "")
+    threads = torch.get_num_threads()
+    key = (op, width, threads, setting)
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return choice
+    forced = parse_override(setting).get(op)
+    with _LOCK:
+        choice = _CHOICES.get(key)  # another thread may have made it meanwhile
+        if choice is None:
+            measured = _MEASURED.get(key[:3])
+            if measured is None:
+                measured = _measure(op, width)
+                _MEASURED[key[:3]] = measured
+            choice = _decide(op, width, threads, forced, measured)
+            _CHOICES[key] = choice
+    return choice
+
+
+def choices() -> List[Choice]:
+    """Every ``Choice`` made in this process (all overrides seen), in the order they were made."""
+    return list(_CHOICES.values())
+
+
+def check_override() -> None:
+    """UserError if MUSE_GSU_KERNEL is set to something unknown (call where the user's settings are read)."""
+    parse_override(os.environ.get(ENV_VAR, ""))
+
+
+def parse_override(setting: str) -> Dict[str, str]:
+    """MUSE_GSU_KERNEL's value -> {op: kernel name}. "" -> {}; "float32" -> every op that has it;
+    "filter=int_mm,dots=int16" -> per op. UserError (one line naming the variable) for anything unknown."""
+    setting = setting.strip()
+    if not setting:
+        return {}
+    known = "; ".join(f"{op}: {', '.join(k.name for k in KERNELS[op])}" for op in KERNELS)
+    out: Dict[str, str] = {}
+    for part in (p.strip() for p in setting.split(",")):
+        op, _, name = part.rpartition("=")
+        ops = [op] if op else [o for o in KERNELS if any(k.name == name for k in KERNELS[o])]
+        if op and op not in KERNELS:
+            raise UserError(f"{ENV_VAR}={setting}: unknown product {op!r} (known: {', '.join(KERNELS)})")
+        if not ops or any(all(k.name != name for k in KERNELS[o]) for o in ops):
+            raise UserError(f"{ENV_VAR}={setting}: unknown kernel {name!r} (known: {known})")
+        out.update({o: name for o in ops})
+    return out
+
+
+def _decide(op: str, width: int, threads: int, forced: Optional[str], measured: _Measured) -> Choice:
+    by_name = {k.name: k for k in KERNELS[op]}
+    note = ""
+    if forced is not None and forced in measured.excluded:
+        note = f"{ENV_VAR} names {forced}, not used: {measured.excluded[forced]}"
+        forced = None
+    if forced is not None:
+        name = forced
+    elif measured.times_ms:
+        name = min(measured.times_ms, key=measured.times_ms.get)
+    else:
+        raise RuntimeError(f"no exact {op} kernel for width {width}: {measured.excluded}")
+    return Choice(op, width, name, forced is not None, dict(measured.times_ms), dict(measured.excluded),
+                  measured.cpu_capability, threads, note, by_name[name])
+
+
+def _measure(op: str, width: int) -> _Measured:
+    """Best-of-_REPEATS ms of every candidate exact at ``width`` on the probe (after one warm-up run that is
+    also checked against float64); a candidate far behind the best is timed once."""
+    global measure_count
+    measure_count += 1
+    generator = torch.Generator().manual_seed(width)
+    run, reference = _FILTER_PROBE if op == FILTER else _DOTS_PROBE
+    probe = _probe_data(op, width, generator)
+    expected = reference(*probe)
+    times: Dict[str, float] = {}
+    excluded: Dict[str, str] = {}
+    for kernel in KERNELS[op]:
+        if not kernel.supports(width):
+            excluded[kernel.name] = (f"not exact for D={width}" if kernel.name == "float32"
+                                     else f"unsupported for D={width}")
+            continue
+        try:
+            prepared = run(kernel, *probe, None)
+            if not all(torch.equal(got.double(), want) for got, want in zip(prepared[0], expected)):
+                excluded[kernel.name] = "disagreed with float64 on the probe"
+                continue
+        except RuntimeError as err:
+            excluded[kernel.name] = f"failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            continue
+        best = math.inf
+        for attempt in range(_REPEATS):
+            start = time.perf_counter()
+            run(kernel, *probe, prepared[1])
+            best = min(best, time.perf_counter() - start)
+            if attempt == 0 and times and best > _GIVE_UP * min(times.values()) / 1e3:
+                break
+        times[kernel.name] = best * 1e3
+    return _Measured(times, excluded, _cpu_capability())
+
+
+def _probe_data(op: str, width: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
+    """Random int8 probe data including the extremes -128 and 127 (the exactness bound's worst case)."""
+    if op == FILTER:
+        rows = torch.randint(-128, 128, (_FILTER_ROWS, width), dtype=torch.int8, generator=generator)
+        targets = torch.randint(-128, 128, (width, max(_FILTER_COLUMNS)), dtype=torch.int8, generator=generator)
+        rows[0], targets[:, 0] = -128, -128
+        return rows, targets
+    rows = torch.randint(-128, 128, (_DOT_PAIRS, width), dtype=torch.int8, generator=generator)
+    targets = torch.randint(-128, 128, (_DOT_PAIRS, width), dtype=torch.int8, generator=generator)
+    rows[0], targets[0] = -128, -128
+    return rows, targets
+
+
+def _filter_run(kernel: FilterKernel, rows: torch.Tensor, targets: torch.Tensor, state) -> Tuple[List[torch.Tensor], object]:
+    """The probe of FILTER: rows against each of _FILTER_COLUMNS target counts. state: prepared columns,
+    outputs and workspace from the first (untimed) run, or None there."""
+    if state is None:
+        work = kernel.workspace(rows.shape[0], rows.shape[1])
+        prepared = [kernel.columns(targets[:, :count]) for count in _FILTER_COLUMNS]
+        outs = [torch.empty(rows.shape[0], c.shape[1], dtype=kernel.out_dtype) for c in prepared]
+        state = (work, prepared, outs)
+    work, prepared, outs = state
+    for columns, out in zip(prepared, outs):
+        kernel.mm(rows, columns, out, work)
+    return [out[:, :count] for out, count in zip(outs, _FILTER_COLUMNS)], state
+
+
+def _filter_reference(rows: torch.Tensor, targets: torch.Tensor) -> List[torch.Tensor]:
+    return [torch.mm(rows.double(), targets[:, :count].double()) for count in _FILTER_COLUMNS]
+
+
+def _dots_run(kernel: DotsKernel, rows: torch.Tensor, targets: torch.Tensor, state) -> Tuple[List[torch.Tensor], object]:
+    return [kernel.dots(rows, targets)], True
+
+
+def _dots_reference(rows: torch.Tensor, targets: torch.Tensor) -> List[torch.Tensor]:
+    return [(rows.double() * targets.double()).sum(-1)]
+
+
+_FILTER_PROBE = (_filter_run, _filter_reference)
+_DOTS_PROBE = (_dots_run, _dots_reference)
+
+
+def _cpu_capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"

@@ -1,0 +1,176 @@
+"""Kernel selection (model/gsu/kernels.py): every kernel gives the same exact products, so forcing any of them
+leaves cosine_topk, the filter's dots and the pair scores bit-identical; the MUSE_GSU_KERNEL override and its
+errors; one measurement per process and width."""
+
+import threading
+
+import pytest
+import torch
+
+from cli.main import main
+from common.errors import UserError
+from model.config import ModelConfig
+from model.gsu import GsuStage, cosine_topk, history_cosines, pair_cosine
+from model.gsu import kernels
+from model.gsu.cosine import exact_dots
+from model.gsu.filter import FilterDots
+from model.gsu.shadow import filter_shadow
+from model.gsu.table import row_norms
+
+# Every (filter, dots) pair of kernels, as the override names them.
+SETTINGS = [f"filter={f},dots={d}" for f in ("int_mm", "float32") for d in ("int16", "float32")]
+
+
+def extreme_table(n: int, d: int, seed: int) -> torch.Tensor:
+    """Random int8 rows with many entries at the extremes -127 and 127 (the exactness bound's worst case), a few
+    rows entirely at an extreme, and row 0 padding."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(-127, 128, (n, d), dtype=torch.int8, generator=g)
+    extreme = torch.rand(n, d, generator=g) < 0.3
+    table[extreme] = torch.where(torch.rand(int(extreme.sum()), generator=g) < 0.5, -127, 127).to(torch.int8)
+    table[1:4] = 127
+    table[4:6] = -127
+    table[0] = 0
+    return table
+
+
+def history(batch: int, length: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.randint(1, n, (batch, length), generator=g)
+    hist[1, : length // 3] = 0  # left padding
+    hist[2::3] = hist[0]  # shared histories (packed blocks)
+    return hist
+
+
+def under(monkeypatch, setting: str, fn):
+    monkeypatch.setenv(kernels.ENV_VAR, setting)
+    return fn()
+
+
+@pytest.mark.parametrize("width", [1, 3, 128])
+def test_forcing_each_kernel_gives_identical_cosine_topk(monkeypatch, width):
+    table = extreme_table(3000, width, width)
+    hist = history(12, 700, table.shape[0], width)
+    targets = torch.tensor([1, 4, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16])
+    norms = row_norms(table)
+    results = {s: under(monkeypatch, s, lambda: cosine_topk(table, targets, hist, 20, norms=norms, chunk_rows=256))
+               for s in SETTINGS}
+    first = results[SETTINGS[0]]
+    for setting, result in results.items():
+        for got, want in zip(result, first):
+            assert torch.equal(got, want), setting
+    # and they are the exact top-k: every selected score equals the pair's own cosine
+    scores, positions, valid = first
+    ids = hist.gather(1, positions)[valid]
+    assert torch.equal(scores[valid], pair_cosine(table, norms, ids, targets[:, None].expand_as(positions)[valid]))
+
+
+@pytest.mark.parametrize("width", [1, 3, 128])
+def test_forcing_each_kernel_gives_identical_filter_products(monkeypatch, width):
+    """FilterDots' block products equal the int64 products for every kernel (int8 table and a bf16 table's shadow)."""
+    table = extreme_table(5000, width, 10 + width)
+    ids = torch.randint(0, table.shape[0], (4500,), generator=torch.Generator().manual_seed(width))  # > one gather
+    ids[:3] = torch.tensor([1, 4, 0])
+    targets = torch.tensor([1, 4, 2, 5, 6, 7, 8, 9, 10, 11])
+    samples = list(range(targets.shape[0]))
+    bf16 = (table.float() / 127).to(torch.bfloat16)
+    for source in (table, bf16):
+        norms = row_norms(source)
+        shadow = None if source.dtype == torch.int8 else filter_shadow(source, norms.sq_norm)
+        rows = table if shadow is None else shadow.rows
+        for count in (1, len(samples)):
+            outputs = []
+            for setting in SETTINGS:
+                filters = under(monkeypatch, setting, lambda: FilterDots(source, norms, targets, 8192, shadow))
+                if width > 1:
+                    assert filters.kernel.name == setting.split(",")[0].split("=")[1]
+                dots = filters.block_dots(ids, samples[:count])
+                assert dots.dtype == filters.kernel.out_dtype
+                outputs.append(dots.long())
+            expected = rows[ids].long() @ filters.filter_targets[:count].long().t()
+            for setting, got in zip(SETTINGS, outputs):
+                assert torch.equal(got, expected), (source.dtype, count, setting)
+
+
+@pytest.mark.parametrize("width", [1, 128, 1024, 1025])
+def test_forcing_each_kernel_gives_identical_exact_dots(monkeypatch, width):
+    """Exact dots at the extremes, up to the widest float32-exact width (1024, where -128 x -128 rows reach 2**24)
+    and past it (float32 is then not used even when forced)."""
+    g = torch.Generator().manual_seed(width)
+    rows = torch.randint(-128, 128, (300, width), dtype=torch.int8, generator=g)
+    targets = torch.randint(-128, 128, (300, width), dtype=torch.int8, generator=g)
+    rows[0], targets[0], rows[1], targets[1] = -128, -128, 127, -127
+    expected = (rows.long() * targets.long()).sum(-1).double()
+    for setting in ("dots=int16", "dots=float32"):
+        assert torch.equal(under(monkeypatch, setting, lambda: exact_dots(rows, targets)), expected), setting
+    choice = under(monkeypatch, "dots=float32", lambda: kernels.choose(kernels.DOTS, width))
+    assert choice.forced == (width <= kernels.FLOAT32_EXACT_WIDTH)
+    assert choice.name == ("float32" if width <= 1024 else "int16")
+
+
+def test_pair_and_history_scores_are_identical_under_each_kernel(monkeypatch):
+    table = extreme_table(800, 16, 3)
+    norms = row_norms(table)
+    hist = history(5, 300, table.shape[0], 3)
+    targets = torch.tensor([1, 2, 4, 5, 9])
+    results = [under(monkeypatch, s, lambda: history_cosines(table, norms, targets, hist, chunk_rows=200))
+               for s in SETTINGS]
+    for got in results[1:]:
+        assert torch.equal(got, results[0])
+
+
+def test_the_override_forces_and_names_kernels(monkeypatch):
+    for setting, filt, dots in (("float32", "float32", "float32"), ("int_mm", "int_mm", None),
+                                ("filter=int_mm, dots=int16", "int_mm", "int16"), ("dots=float32", None, "float32")):
+        monkeypatch.setenv(kernels.ENV_VAR, setting)
+        f, d = kernels.choose(kernels.FILTER, 64), kernels.choose(kernels.DOTS, 64)
+        assert (f.name, f.forced) == ((filt, True) if filt else (f.name, False)), setting
+        assert (d.name, d.forced) == ((dots, True) if dots else (d.name, False)), setting
+    monkeypatch.setenv(kernels.ENV_VAR, "int_mm")
+    narrow = kernels.choose(kernels.FILTER, 1)  # _int_mm is not used at D = 1 even when forced
+    assert narrow.name == "float32" and not narrow.forced and "int_mm" in narrow.note and "int_mm" in narrow.excluded
+    monkeypatch.delenv(kernels.ENV_VAR)
+    measured = kernels.choose(kernels.FILTER, 64)
+    assert not measured.forced and measured.name == min(measured.times_ms, key=measured.times_ms.get)
+    assert set(measured.times_ms) == {"int_mm", "float32"} and all(t > 0 for t in measured.times_ms.values())
+    assert measured.cpu_capability == torch.backends.cpu.get_cpu_capability()
+    assert "int_mm" in measured.describe() and measured.to_dict()["kernel"] == measured.name
+    assert measured in kernels.choices()
+
+
+@pytest.mark.parametrize("setting", ["bogus", "filter=int16", "dots=int_mm", "gather=float32", "float32,nope"])
+def test_a_bad_override_is_one_clear_user_error(monkeypatch, setting):
+    monkeypatch.setenv(kernels.ENV_VAR, setting)
+    with pytest.raises(UserError) as err:
+        kernels.choose(kernels.FILTER, 128)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{kernels.ENV_VAR}={setting}: unknown")
+    with pytest.raises(UserError):  # the stage checks it where it is built, before any data worker starts
+        GsuStage(ModelConfig.preset("muse"), extreme_table(10, 8, 0))
+
+
+def test_bench_gsu_refuses_a_bad_override_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv(kernels.ENV_VAR, "fast")
+    assert main(["bench", "gsu", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and kernels.ENV_VAR in err
+
+
+def test_the_cache_measures_once_per_width(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    width = 37  # used by no other test
+    before = kernels.measure_count
+    threads = [threading.Thread(target=kernels.choose, args=(kernels.FILTER, width)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = kernels.choose(kernels.FILTER, width)
+    for setting in ("float32", "int_mm", ""):  # another override makes another choice, not another measurement
+        monkeypatch.setenv(kernels.ENV_VAR, setting)
+        kernels.choose(kernels.FILTER, width)
+    monkeypatch.delenv(kernels.ENV_VAR)
+    assert kernels.measure_count == before + 1
+    assert kernels.choose(kernels.FILTER, width) is first
+    kernels.choose(kernels.DOTS, width)
+    assert kernels.measure_count == before + 2
