@@ -128,9 +128,10 @@ def test_eval_metrics_match_brute_force(one_rank_group):
     metrics = accumulator.compute()
     probs = torch.sigmoid(logits).double()
     assert metrics["auc"] == pytest.approx(_pairwise_auc(probs, labels), abs=1e-6)
-    per_user = [_pairwise_auc(probs[users == u], labels[users == u]) for u in users.unique()
+    per_user = [(_pairwise_auc(probs[users == u], labels[users == u]), int((users == u).sum())) for u in users.unique()
                 if 0 < labels[users == u].sum() < (users == u).sum()]
-    assert metrics["gauc"] == pytest.approx(sum(per_user) / len(per_user), abs=1e-6)
+    assert metrics["gauc_unweighted"] == pytest.approx(sum(a for a, _ in per_user) / len(per_user), abs=1e-6)
+    assert metrics["gauc"] == pytest.approx(sum(a * w for a, w in per_user) / sum(w for _, w in per_user), abs=1e-6)
     assert metrics["gauc_users"] == len(per_user)
     assert metrics["ctr"] == pytest.approx(float(labels.mean()), abs=1e-6)
     p = float(labels.mean())
