@@ -98,7 +98,7 @@ class TargetAttention(nn.Module):
         self.gates = nn.Parameter(torch.empty(3, device=device)) if similarity_aware else None
         self.r_temperature_init = r_temperature
         self.temperature = (
-            nn.Parameter(torch.empty((), device=device)) if similarity_aware and r_temperature is not None else None
+            nn.Parameter(torch.empty(1, device=device)) if similarity_aware and r_temperature is not None else None
         )
         self.reset_parameters()
 
