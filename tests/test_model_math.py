@@ -214,7 +214,7 @@ def test_r_temperature_divides_r_and_is_learned():
     plain = TargetAttention(dim=6, attention_dim=4, similarity_aware=True)
     torch.manual_seed(7)
     tempered = TargetAttention(dim=6, attention_dim=4, similarity_aware=True, r_temperature=0.1)
-    assert float(tempered.temperature) == pytest.approx(0.1)
+    assert float(tempered.temperature.detach()) == pytest.approx(0.1)
     with torch.no_grad():
         for module in (plain, tempered):
             module.gates.copy_(torch.tensor([0.7, -1.3, 2.1]))
