@@ -8,6 +8,7 @@ any valid position pools to a zero vector.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.jagged import length_mask, pad_values
@@ -51,31 +52,66 @@ class DinAttention(nn.Module):
         return attention_pool(weights, pad_values(keys, offsets, length))
 
 
+class Projection(nn.Linear):
+    """``SiLU(W x + b)``, the released SA-TA's query/key/value layer: [..., in] -> [..., out].
+
+    Initialised as the released code does: W normal with std 1/sqrt(in), b = 0.1.
+    """
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.in_features))
+        nn.init.constant_(self.bias, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))
+
+
 class TargetAttention(nn.Module):
     """Target attention over ID embeddings, optionally similarity-aware (SA-TA).
 
-    a_id_j = (W_q q + b_q) . (W_k e_j) / sqrt(h)  -- computed as e_j . (W_k^T (W_q q + b_q)), so the behaviors
-    are never projected (cheap over a whole history for TWIN).
+    Without projections (``projections=False``):
+      a_id_j = (W_q q + b_q) . (W_k e_j) / sqrt(h)  -- computed as e_j . (W_k^T (W_q q + b_q)), so the behaviors
+      are never projected (cheap over a whole history for TWIN); values v_j = e_j.
+    With projections (the released SA-TA): q' = SiLU(W_q q + b_q), k'_j = SiLU(W_k e_j + b_k),
+      v_j = SiLU(W_v e_j + b_v) (width E), a_id_j = q' . k'_j (unscaled).
     TA:    a_j = a_id_j
-    SA-TA: a_j = g1 * a_id_j + g2 * R_j + g3 * a_id_j * R_j, learnable scalars g (initialised to 1).
-    Output: sum_j softmax_valid(a)_j e_j.
+    SA-TA: a_j = g1 * a_id_j + g2 * R'_j + g3 * a_id_j * R'_j, learnable scalars g (initialised to 1), with
+           R'_j = R_j / tau for a learned temperature tau initialised to ``r_temperature`` (released: 0.1), or
+           R'_j = R_j when ``r_temperature`` is None.
+    Output: sum_j softmax_valid(a)_j v_j  [B, E].
     """
 
-    def __init__(self, dim: int, attention_dim: int, similarity_aware: bool, device: torch.device | None = None) -> None:
+    def __init__(self, dim: int, attention_dim: int, similarity_aware: bool, device: torch.device | None = None,
+                 r_temperature: float | None = None, projections: bool = False) -> None:
         super().__init__()
-        self.query = nn.Linear(dim, attention_dim, device=device)
-        self.key = nn.Linear(dim, attention_dim, bias=False, device=device)
-        self.scale = 1.0 / math.sqrt(attention_dim)
+        self.projections = projections
+        if projections:
+            self.query: nn.Linear = Projection(dim, attention_dim, device=device)
+            self.key: nn.Linear = Projection(dim, attention_dim, device=device)
+            self.value = Projection(dim, dim, device=device)
+            self.scale = 1.0
+        else:
+            self.query = nn.Linear(dim, attention_dim, device=device)
+            self.key = nn.Linear(dim, attention_dim, bias=False, device=device)
+            self.scale = 1.0 / math.sqrt(attention_dim)
         self.similarity_aware = similarity_aware
         self.gates = nn.Parameter(torch.empty(3, device=device)) if similarity_aware else None
+        self.r_temperature_init = r_temperature
+        self.temperature = (
+            nn.Parameter(torch.empty(1, device=device)) if similarity_aware and r_temperature is not None else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.gates is not None:
             nn.init.ones_(self.gates)
+        if self.temperature is not None:
+            nn.init.constant_(self.temperature, self.r_temperature_init)
 
     def id_scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """a_id [B, L] for query [B, E] and behaviors [B, L, E]."""
+        if self.projections:
+            return torch.bmm(self.key(keys), self.query(query).unsqueeze(-1)).squeeze(-1)
         folded = self.query(query) @ self.key.weight  # [B, E]
         return torch.bmm(keys, folded.unsqueeze(-1)).squeeze(-1) * self.scale
 
@@ -84,6 +120,8 @@ class TargetAttention(nn.Module):
         a_id = self.id_scores(query, keys)
         if self.gates is None:
             return a_id
+        if self.temperature is not None:
+            similarity = similarity / self.temperature
         return self.gates[0] * a_id + self.gates[1] * similarity + self.gates[2] * a_id * similarity
 
     def weights(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
@@ -91,5 +129,6 @@ class TargetAttention(nn.Module):
         return masked_softmax(self.scores(query, keys, similarity), mask)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
-        """Pooled behaviors [B, E]."""
-        return attention_pool(self.weights(query, keys, mask, similarity), keys)
+        """Pooled values [B, E]."""
+        values = self.value(keys) if self.projections else keys
+        return attention_pool(self.weights(query, keys, mask, similarity), values)

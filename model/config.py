@@ -10,12 +10,25 @@ The family has two switches and a handful of sizes:
   model on the whole history because they need the trained ID embeddings.
 - ``esu`` picks how the K behaviors are summarised: ``"ta"`` (target attention over ID embeddings),
   ``"simtier"`` (histogram of multimodal cosines over tiers of [-1, 1]), ``"sata"`` (similarity-aware target
-  attention, ``a = g1*a_id + g2*R + g3*a_id*R``) or a ``+`` of an attention and SimTier. Unused when
-  ``gsu == "none"`` (no lifelong behaviors).
+  attention, ``a = g1*a_id + g2*R + g3*a_id*R``) or a ``+`` of an attention and SimTier. With ``gsu == "none"``
+  (no lifelong behaviors) only the part that needs none stays: the SimTier over the recent behaviors' cosines,
+  when ``esu`` has SimTier and ``simtier_recent`` is set (the released code's DIN); otherwise there is no ESU.
+
+Two families of presets:
+
+- ID-only baselines (``din``, ``sim_hard``, ``sim_soft``, ``twin``) and MUSE with its ablations: the baselines
+  summarise their K behaviors by target attention over ID embeddings only (no multimodal signal in the ESU).
+- The paper protocol (``paper_*``), the released code's definitions (github.com/alimama-tech/MUSE,
+  ``model/muse.py``): every method is the same model, SA-TA with R (learned temperature from 0.1, SiLU
+  query/key/value projections) + SimTier over the K behaviors + SimTier over the recent 50, tower 256-128-64,
+  ID tables initialised at std 1e-3; only the GSU changes. The released DIN keeps only the recent SimTier
+  (its lifelong features are zeroed). The released code has no TWIN; ``paper_twin`` is the same model with
+  TWIN's GSU (top-K by the attention's ID score). MISS (paper table) does not fit: its GSU is a learned
+  multimodal tree index, which neither the released code nor this family has.
 """
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 GSU_KINDS = ("none", "category", "multimodal", "id", "attention")
 PIPELINE_GSU = ("category", "multimodal")
@@ -30,6 +43,15 @@ def reject_unknown_fields(cls: type, data: dict[str, Any]) -> None:
     unknown = sorted(set(data) - {f.name for f in fields(cls)})
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+
+
+# What every paper-protocol preset shares (the released MUSE_DIN model): SA-TA with R over the K behaviors,
+# SimTier (tier width 0.1, one value per tier) over the K and the recent 50 cosines, the 256-128-64 Dice tower.
+_PAPER: dict[str, Any] = {
+    "esu": "sata+simtier", "simtier_recent": True, "tier_width": 0.1, "tier_dim": 1, "k": 50, "recent_len": 50,
+    "attention_dim": 32, "mlp_dims": (256, 128, 64), "activation": "dice", "r_temperature": 0.1,
+    "attention_projections": True, "embedding_init_std": 1e-3,
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,14 @@ class ModelConfig:
     din_dims:        hidden widths of the DIN attention unit's MLP over [q, k, q-k, q*k].
     mlp_dims:        hidden widths of the prediction tower.
     activation:      ``"dice"`` or ``"prelu"``, used in the tower and the DIN attention unit.
+    r_temperature:   SA-TA divides R by a learned temperature initialised to this (released code: 0.1, so R
+                     enters ~10x stronger at initialisation); None: R enters as is.
+    attention_projections: TA/SA-TA project query, key and value, each ``SiLU(W x + b)`` (the released SA-TA),
+                     scores ``q'.k'`` unscaled and pools the projected values; False: ``a_id = (W_q q + b_q).(W_k e)
+                     / sqrt(attention_dim)`` pooling the behaviors themselves.
+    embedding_init_std: ID tables start uniform with this standard deviation (released: truncated normal, std
+                     1e-3; TorchRec's sharded kernels initialise uniformly); None: TorchRec's default,
+                     uniform in +-sqrt(1 / rows).
     """
 
     name: str = "muse"
@@ -64,6 +94,9 @@ class ModelConfig:
     din_dims: tuple[int, ...] = (80, 40)
     mlp_dims: tuple[int, ...] = (200, 80)
     activation: str = "dice"
+    r_temperature: Optional[float] = None
+    attention_projections: bool = False
+    embedding_init_std: Optional[float] = None
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "din": {"gsu": "none", "esu": "ta"},
@@ -78,7 +111,14 @@ class ModelConfig:
         "muse_sata": {"gsu": "multimodal", "esu": "sata"},
         "muse_sata_simtier": {"gsu": "multimodal", "esu": "sata+simtier"},
         "muse_gsu_id": {"gsu": "id", "esu": "sata+simtier"},
+        # The paper protocol: the released code's model for every method, only the GSU changes.
+        "paper_din": {**_PAPER, "gsu": "none"},
+        "paper_sim_hard": {**_PAPER, "gsu": "category"},
+        "paper_sim_soft": {**_PAPER, "gsu": "id"},
+        "paper_twin": {**_PAPER, "gsu": "attention"},
+        "paper_muse": {**_PAPER, "gsu": "multimodal"},
     }
+    PAPER_PRESETS: ClassVar[tuple[str, ...]] = ("paper_din", "paper_sim_hard", "paper_sim_soft", "paper_twin", "paper_muse")
 
     def __post_init__(self) -> None:
         if self.gsu not in GSU_KINDS:
@@ -97,8 +137,13 @@ class ModelConfig:
                 raise ValueError(f"{field} must be a non-empty tuple of positive ints, got {dims!r}")
         if self.gsu == "attention" and self.attention_kind is None:
             raise ValueError(f"esu must contain an attention ('ta' or 'sata') when gsu is 'attention' (TWIN selects by it), got {self.esu!r}")
-        if not isinstance(self.simtier_recent, bool):
-            raise ValueError(f"simtier_recent must be a bool, got {self.simtier_recent!r}")
+        for field in ("simtier_recent", "attention_projections"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be a bool, got {getattr(self, field)!r}")
+        for field in ("r_temperature", "embedding_init_std"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"{field} must be None or a positive number, got {value!r}")
         width = self.tier_width
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 2:
             raise ValueError(f"tier_width must be in (0, 2], got {width!r}")
@@ -119,6 +164,11 @@ class ModelConfig:
     def uses_lifelong(self) -> bool:
         """True when an ESU runs on K behaviors selected from the lifelong history."""
         return self.gsu != "none"
+
+    @property
+    def uses_esu(self) -> bool:
+        """True when the model has an ESU: lifelong behaviors, or (``gsu == "none"``) the recent SimTier."""
+        return self.uses_lifelong or (self.uses_simtier and self.simtier_recent)
 
     @property
     def attention_kind(self) -> str | None:

@@ -14,14 +14,22 @@ class Esu(nn.Module):
     forward(query [B, E], behaviors [B, K, E], mask [B, K], similarity [B, K], recent_similarity [B, S],
     recent_mask [B, S]) -> [B, out_dim] = [attention pooled (E)] ++ [SimTier(K) (T*tier_dim)]
     ++ [SimTier(recent) (T*tier_dim), if cfg.simtier_recent].
+    With ``cfg.gsu == "none"`` only the recent SimTier is built (the parts over K behaviors have no input).
+    The attention takes ``cfg.r_temperature`` and ``cfg.attention_projections`` (see ``TargetAttention``).
     """
 
     def __init__(self, cfg: ModelConfig, device: torch.device | None = None) -> None:
         super().__init__()
         dim = 2 * cfg.id_dim
-        kind = cfg.attention_kind
-        self.attention = TargetAttention(dim, cfg.attention_dim, kind == "sata", device=device) if kind else None
-        self.simtier = SimTier(cfg.num_tiers, cfg.tier_width, cfg.tier_dim, device=device) if cfg.uses_simtier else None
+        kind = cfg.attention_kind if cfg.uses_lifelong else None
+        self.attention = (
+            TargetAttention(dim, cfg.attention_dim, kind == "sata", device=device, r_temperature=cfg.r_temperature,
+                            projections=cfg.attention_projections)
+            if kind else None
+        )
+        self.simtier = (
+            SimTier(cfg.num_tiers, cfg.tier_width, cfg.tier_dim, device=device) if cfg.uses_simtier and cfg.uses_lifelong else None
+        )
         self.recent_simtier = (
             SimTier(cfg.num_tiers, cfg.tier_width, cfg.tier_dim, device=device) if cfg.uses_simtier and cfg.simtier_recent else None
         )

@@ -36,7 +36,7 @@ class InterestArch(nn.Module):
     Inputs: embeddings {feature: JaggedTensor} of the EmbeddingCollection; recent_scores [B, S];
     gsu_scores [B, K]; history_scores [B, L] (in-model GSU only, else unused).
     Output [B, out_dim]: target item ++ category (2*id_dim) ++ DIN over the recent S (2*id_dim)
-    ++ ESU features (lifelong variants only).
+    ++ ESU features (lifelong variants; with gsu "none" the recent SimTier, if configured).
     """
 
     def __init__(self, cfg: ModelConfig, device: torch.device | None = None) -> None:
@@ -44,7 +44,7 @@ class InterestArch(nn.Module):
         self.cfg = cfg
         dim = 2 * cfg.id_dim
         self.din = DinAttention(dim, cfg.din_dims, cfg.activation, device=device)
-        self.esu = Esu(cfg, device=device) if cfg.uses_lifelong else None
+        self.esu = Esu(cfg, device=device) if cfg.uses_esu else None
         self.out_dim = 2 * dim + (self.esu.out_dim if self.esu is not None else 0)
 
     def forward(
@@ -82,7 +82,7 @@ class InterestArch(nn.Module):
         if self.cfg.gsu == "id":
             relevance = id_relevance(target, history)
         else:
-            relevance = self.esu.attention.scores(target, history, history_scores)
+            relevance = self.esu.attention.id_scores(target, history)  # TWIN: the ESU's attention over IDs
         positions, mask = topk_positions(relevance, history_mask, self.cfg.k)
         similarity = gather_positions(history_scores, positions) * mask
         return gather_positions(history, positions), mask, similarity

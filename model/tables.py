@@ -3,9 +3,10 @@
 The EmbeddingCollection (per-position lookups) holds ``item`` and ``category``, shared by the target, the
 recent behaviors, the GSU-selected behaviors and (for in-model GSU) the whole history. The
 EmbeddingBagCollection (one pooled id per sample) holds ``user``, ``profile_1..5``, ``item_city`` and
-``item_province``. Every table has ``vocab_size + 1`` rows; row 0 is padding/unknown.
+``item_province``. Every table has ``vocab_size + 1`` rows; row 0 is padding/unknown. ``cfg.embedding_init_std`` sets their initial spread.
 """
 
+import math
 from typing import Mapping
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
@@ -38,12 +39,16 @@ def check_vocab_sizes(vocab_sizes: Mapping[str, int]) -> None:
 def embedding_configs(cfg: ModelConfig, vocab_sizes: Mapping[str, int]) -> tuple[list[EmbeddingConfig], list[EmbeddingBagConfig]]:
     """(EmbeddingCollection tables, EmbeddingBagCollection tables) for ``cfg``, ``id_dim`` wide, ``vocab + 1`` rows."""
     check_vocab_sizes(vocab_sizes)
+    # cfg.embedding_init_std: uniform in +-sqrt(3) std (TorchRec's sharded kernels initialise uniformly).
+    bound = None if cfg.embedding_init_std is None else math.sqrt(3.0) * cfg.embedding_init_std
+    init = {} if bound is None else {"weight_init_min": -bound, "weight_init_max": bound}
     features_by_space: dict[str, list[str]] = {}
     for feature in sequence_feature_names(cfg):
         space = {**SEQUENCE_FEATURES, **HISTORY_FEATURES}[feature]
         features_by_space.setdefault(space, []).append(feature)
     sequence_tables = [
-        EmbeddingConfig(name=space, embedding_dim=cfg.id_dim, num_embeddings=vocab_sizes[space] + 1, feature_names=features)
+        EmbeddingConfig(name=space, embedding_dim=cfg.id_dim, num_embeddings=vocab_sizes[space] + 1, feature_names=features,
+                        **init)
         for space, features in features_by_space.items()
     ]
     sparse_tables = [
@@ -53,6 +58,7 @@ def embedding_configs(cfg: ModelConfig, vocab_sizes: Mapping[str, int]) -> tuple
             num_embeddings=vocab_sizes[space] + 1,
             feature_names=[feature],
             pooling=PoolingType.SUM,
+            **init,
         )
         for feature, space in SPARSE_TABLES.items()
     ]

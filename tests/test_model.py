@@ -22,6 +22,9 @@ def test_presets_cover_the_paper_baselines_and_ablations():
         "muse": ("multimodal", "sata+simtier"), "muse_ta": ("multimodal", "ta"), "muse_simtier": ("multimodal", "simtier"),
         "muse_ta_simtier": ("multimodal", "ta+simtier"), "muse_sata": ("multimodal", "sata"),
         "muse_sata_simtier": ("multimodal", "sata+simtier"), "muse_gsu_id": ("id", "sata+simtier"),
+        "paper_din": ("none", "sata+simtier"), "paper_sim_hard": ("category", "sata+simtier"),
+        "paper_sim_soft": ("id", "sata+simtier"), "paper_twin": ("attention", "sata+simtier"),
+        "paper_muse": ("multimodal", "sata+simtier"),
     }
     assert {name: (ModelConfig.preset(name).gsu, ModelConfig.preset(name).esu) for name in PRESETS} == expected
     cfg = ModelConfig.preset("muse", k=20)
@@ -122,7 +125,8 @@ def _perturbed(batch, field, where):
 
 @pytest.mark.parametrize(
     "preset, uses_recent, uses_gsu",
-    [("din", False, False), ("sim_hard", False, False), ("muse_sata", False, True), ("muse", True, True), ("muse_ta_simtier", True, True)],
+    [("din", False, False), ("sim_hard", False, False), ("muse_sata", False, True), ("muse", True, True), ("muse_ta_simtier", True, True),
+     ("paper_din", True, False), ("paper_sim_hard", True, True)],
 )
 def test_multimodal_scores_enter_only_where_the_switches_say_and_padding_never(preset, uses_recent, uses_gsu):
     cfg = ModelConfig.preset(preset)

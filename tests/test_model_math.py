@@ -9,8 +9,9 @@ import torch
 from model.attention import DinAttention, TargetAttention, masked_softmax
 from model.config import ModelConfig
 from model.in_model_gsu import gather_positions, topk_positions
-from model.jagged import behavior_values, length_mask
+from model.jagged import behavior_values, length_mask, padded_behaviors
 from model.muse import build_model
+from model.tables import embedding_configs
 from model.simtier import SimTier, tier_counts
 from tests.model_inputs import SMALL_VOCAB, random_batch
 
@@ -198,3 +199,113 @@ def test_gather_positions_on_2d_and_3d():
     positions = torch.tensor([[3, 0], [1, 1]])
     assert gather_positions(values, positions).tolist() == [[values[0, 3].tolist(), values[0, 0].tolist()], [values[1, 1].tolist()] * 2]
     assert gather_positions(values[..., 0], positions).tolist() == [[9.0, 0.0], [15.0, 15.0]]
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def _linear(layer, x: np.ndarray) -> np.ndarray:
+    return x @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+
+
+def test_r_temperature_divides_r_and_is_learned():
+    torch.manual_seed(7)
+    plain = TargetAttention(dim=6, attention_dim=4, similarity_aware=True)
+    torch.manual_seed(7)
+    tempered = TargetAttention(dim=6, attention_dim=4, similarity_aware=True, r_temperature=0.1)
+    assert float(tempered.temperature.detach()) == pytest.approx(0.1)
+    with torch.no_grad():
+        for module in (plain, tempered):
+            module.gates.copy_(torch.tensor([0.7, -1.3, 2.1]))
+        tempered.temperature.fill_(0.25)  # the learned value, not the initial one, divides R
+    query, keys, similarity = torch.randn(3, 6), torch.randn(3, 5, 6), torch.rand(3, 5) * 2 - 1
+    torch.testing.assert_close(tempered.scores(query, keys, similarity), plain.scores(query, keys, similarity / 0.25))
+    a_id = plain.id_scores(query, keys)
+    # R's own term grows by 1/temperature; a_id's does not.
+    torch.testing.assert_close(tempered.scores(query, keys, similarity) - plain.scores(query, keys, similarity),
+                               -1.3 * similarity * 3 + 2.1 * a_id * similarity * 3)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    tempered(query, keys, mask, similarity).pow(2).sum().backward()
+    assert tempered.temperature.grad is not None and tempered.temperature.grad != 0
+
+
+def test_projections_apply_silu_query_key_value_and_pool_the_values():
+    torch.manual_seed(8)
+    module = TargetAttention(dim=6, attention_dim=4, similarity_aware=True, r_temperature=0.1, projections=True)
+    with torch.no_grad():
+        module.gates.copy_(torch.tensor([0.5, 1.5, -0.8]))
+    b, length = 4, 7
+    query, keys, similarity = torch.randn(b, 6), torch.randn(b, length, 6), torch.rand(b, length) * 2 - 1
+    mask = length_mask(torch.tensor([7, 3, 0, 1]), length)
+    q = _silu(_linear(module.query, query.double().numpy()))  # [B, 4]
+    k = _silu(_linear(module.key, keys.double().numpy()))  # [B, L, 4]
+    v = _silu(_linear(module.value, keys.double().numpy()))  # [B, L, 6]
+    a_id = np.einsum("bh,blh->bl", q, k)  # unscaled, as the released SA-TA
+    r = similarity.double().numpy() / 0.1
+    a = 0.5 * a_id + 1.5 * r - 0.8 * a_id * r
+    np.testing.assert_allclose(module.scores(query, keys, similarity).detach().double().numpy(), a, rtol=1e-5, atol=1e-6)
+    expected = np.zeros((b, 6))
+    for i in range(b):
+        valid = mask[i].numpy()
+        if valid.any():
+            e = np.exp(a[i, valid] - a[i, valid].max())
+            expected[i] = (e / e.sum()) @ v[i, valid]
+    np.testing.assert_allclose(module(query, keys, mask, similarity).detach().double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    # Released initialisation of the projections: bias 0.1, weights of std 1/sqrt(in).
+    big = TargetAttention(dim=256, attention_dim=256, similarity_aware=False, projections=True)
+    assert (big.query.bias == 0.1).all() and (big.value.bias == 0.1).all()
+    assert float(big.key.weight.std()) == pytest.approx(1 / 16, rel=0.05)
+
+
+def test_default_attention_has_no_new_parameters():
+    names = {n for n, _ in TargetAttention(dim=6, attention_dim=4, similarity_aware=True).named_parameters()}
+    assert names == {"query.weight", "query.bias", "key.weight", "gates"}
+    cfg = ModelConfig.preset("muse")
+    assert cfg.r_temperature is None and not cfg.attention_projections and cfg.embedding_init_std is None
+
+
+def test_paper_presets_are_one_model_where_only_the_gsu_changes():
+    paper = {name: ModelConfig.preset(name) for name in ModelConfig.PAPER_PRESETS}
+    assert {name: cfg.gsu for name, cfg in paper.items()} == {
+        "paper_din": "none", "paper_sim_hard": "category", "paper_sim_soft": "id", "paper_twin": "attention",
+        "paper_muse": "multimodal",
+    }
+    shared = [{k: v for k, v in cfg.to_dict().items() if k not in ("name", "gsu")} for cfg in paper.values()]
+    assert all(s == shared[0] for s in shared)
+    muse = paper["paper_muse"]
+    assert (muse.esu, muse.r_temperature, muse.attention_projections, muse.mlp_dims) == ("sata+simtier", 0.1, True, (256, 128, 64))
+    sequence, sparse = embedding_configs(muse, SMALL_VOCAB)
+    bound = math.sqrt(3) * 1e-3
+    assert all((t.weight_init_min, t.weight_init_max) == pytest.approx((-bound, bound)) for t in sequence + sparse)
+    table = build_model(muse, SMALL_VOCAB).sequence_ec.embeddings["item"].weight
+    assert float(table.std()) == pytest.approx(1e-3, rel=0.1)
+
+
+def test_paper_din_keeps_only_the_recent_simtier_and_the_id_din_none():
+    paper_din = build_model(ModelConfig.preset("paper_din"), SMALL_VOCAB).interest_arch.esu
+    assert paper_din.attention is None and paper_din.simtier is None and paper_din.recent_simtier is not None
+    assert build_model(ModelConfig.preset("din"), SMALL_VOCAB).interest_arch.esu is None
+
+
+def test_paper_twin_selects_by_the_attention_id_score_not_by_r():
+    cfg = ModelConfig.preset("paper_twin", k=5)
+    torch.manual_seed(9)
+    model = build_model(cfg, SMALL_VOCAB)
+    batch = random_batch(cfg, batch_size=4, history_len=30, seed=10)
+    embeddings = model.sequence_ec(batch.sequence_features)
+    target = behavior_values(embeddings["target_item"], embeddings["target_cat"])
+    with torch.no_grad():
+        behaviors, mask, similarity = model.interest_arch._select_from_history(target, embeddings, batch.history_scores)
+        flipped = model.interest_arch._select_from_history(target, embeddings, -batch.history_scores)
+    torch.testing.assert_close(flipped[0], behaviors)
+    torch.testing.assert_close(flipped[2], -similarity)
+    history, history_mask = padded_behaviors(embeddings["hist_item"], embeddings["hist_cat"], batch.history_scores.shape[1])
+    with torch.no_grad():
+        relevance = model.interest_arch.esu.attention.id_scores(target, history).masked_fill(~history_mask, float("-inf"))
+        chosen = model.interest_arch.esu.attention.id_scores(target, behaviors)
+    for i in range(4):
+        n = int(mask[i].sum())
+        assert n == min(cfg.k, int(history_mask[i].sum()))
+        # The chosen behaviors carry the n highest ID scores (repeated items tie, so compare scores, not positions).
+        torch.testing.assert_close(chosen[i, :n], relevance[i].sort(descending=True).values[:n])

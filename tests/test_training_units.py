@@ -128,9 +128,10 @@ def test_eval_metrics_match_brute_force(one_rank_group):
     metrics = accumulator.compute()
     probs = torch.sigmoid(logits).double()
     assert metrics["auc"] == pytest.approx(_pairwise_auc(probs, labels), abs=1e-6)
-    per_user = [_pairwise_auc(probs[users == u], labels[users == u]) for u in users.unique()
+    per_user = [(_pairwise_auc(probs[users == u], labels[users == u]), int((users == u).sum())) for u in users.unique()
                 if 0 < labels[users == u].sum() < (users == u).sum()]
-    assert metrics["gauc"] == pytest.approx(sum(per_user) / len(per_user), abs=1e-6)
+    assert metrics["gauc_unweighted"] == pytest.approx(sum(a for a, _ in per_user) / len(per_user), abs=1e-6)
+    assert metrics["gauc"] == pytest.approx(sum(a * w for a, w in per_user) / sum(w for _, w in per_user), abs=1e-6)
     assert metrics["gauc_users"] == len(per_user)
     assert metrics["ctr"] == pytest.approx(float(labels.mean()), abs=1e-6)
     p = float(labels.mean())
@@ -155,6 +156,7 @@ def test_metrics_log_appends_json_lines(tmp_path):
     (["train", "--data", "/no/such/dir", "--batch-size", "0"], "/no/such/dir"),
     (["evaluate", "--run", "/no/such/run"], "/no/such/run"),
     (["compare", "--data", "/no/such/dir"], "/no/such/dir"),
+    (["compare", "--protocol", "paper", "--dense-lr", "0.01"], "--dense-lr 0.01: --protocol paper sets it"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert muse_main(argv) == 2
@@ -192,3 +194,18 @@ def test_resume_refuses_a_table_whose_optimizer_changed():
     other = CheckpointInfo("RUN/checkpoints/step-00000002", 2, {"world_size": 2, "data_parallel_tables": ["profile_2"]})
     with pytest.raises(UserError, match="profile_1, profile_2"):
         _check_same_optimizers(other, Plan())
+
+
+def test_paper_recipe_is_the_released_one_with_a_cpu_stand_in_for_adam():
+    from cli.compare import protocol_models
+    from training.recipe import PAPER_RECIPE
+
+    cuda = PAPER_RECIPE.train_values("cuda")
+    assert cuda == {"batch_size": 1000, "epochs": 1, "dense_lr": 2e-4, "weight_decay": 0.01,
+                    "embedding_optimizer": "adam", "embedding_lr": 2e-3}
+    cpu = PAPER_RECIPE.train_values("cpu")
+    assert cpu["embedding_optimizer"] == "rowwise_adagrad" and {k: v for k, v in cpu.items() if "embedding" not in k} == {
+        k: v for k, v in cuda.items() if "embedding" not in k}
+    assert "stands in for adam" in PAPER_RECIPE.describe("cpu") and "stands in" not in PAPER_RECIPE.describe("cuda")
+    assert protocol_models("paper") == ModelConfig.PAPER_PRESETS
+    assert "muse" in protocol_models("id") and not set(protocol_models("id")) & set(ModelConfig.PAPER_PRESETS)

@@ -59,7 +59,7 @@ def train(config: TrainConfig, run_dir: str, resume: bool = False, explicit: Ite
         metrics = evaluate(env, config, dataset, model, retrieval)
         log.write("eval", max(step, total_steps), metrics, model=config.model.name, world_size=env.world_size)
         log.close()
-        _print_main(env, "test " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("auc", "gauc", "ne", "ctr")))
+        _print_main(env, "test " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("auc", "gauc", "gauc_unweighted", "ne", "ctr")))
         return metrics
     finally:
         shutdown()
@@ -83,7 +83,7 @@ def evaluate_run(run_dir: str) -> Dict[str, float]:
         log = MetricsLog(run_dir, env.rank)
         log.write("eval", latest.step, metrics, model=config.model.name, world_size=env.world_size, source="evaluate")
         log.close()
-        _print_main(env, f"{run_dir} step {latest.step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("auc", "gauc", "ne", "ctr")))
+        _print_main(env, f"{run_dir} step {latest.step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("auc", "gauc", "gauc_unweighted", "ne", "ctr")))
         return metrics
     finally:
         shutdown()
@@ -190,7 +190,7 @@ def _save(config: TrainConfig, model: ShardedModel, stream: TrainStream, checkpo
 
 def evaluate(env: DistEnv, config: TrainConfig, dataset: PreparedDataset, model: ShardedModel,
              retrieval: Optional[str] = None) -> Dict[str, float]:
-    """AUC, GAUC (by user), NE and CTR of ``model`` on the test split, over all ranks.
+    """AUC, GAUC (by user: impression-weighted and unweighted), NE and CTR of ``model`` on the test split, over all ranks.
 
     Ranks may hold one batch more or less than others (the split's rows need not divide evenly);
     a rank without a batch repeats its last one and discards the output, so the sharded model's

@@ -1,9 +1,9 @@
-"""Evaluation metrics from TorchRec (AUC, GAUC grouped by user, NE, CTR) and the run's metric log.
+"""Evaluation metrics: exact GAUC by user (``training.gauc``), TorchRec's AUC, NE and CTR, and the run's metric log.
 
-GAUC needs every sample of a user in one contiguous group, while the test split is spread over ranks
-and batches. ``EvalAccumulator`` keeps (user, probability, label) per rank, sends each user's samples
-to rank ``user % world_size`` (one all-to-all), sorts by user and feeds TorchRec's ``GAUCMetric`` the
-group sizes as ``num_candidates``; the four metrics then reduce over ranks themselves.
+``EvalAccumulator`` keeps (user, logit, label) per rank. ``compute`` all-gathers them (one variable-size
+all_gather over gloo) and runs the segmented GAUC pass on the whole split: ``gauc`` is the impression-weighted
+mean of the users' AUCs (the paper's headline), ``gauc_unweighted`` the plain mean over users. AUC, NE and CTR
+are TorchRec's metrics fed each rank's own samples; they reduce over ranks themselves.
 """
 
 import json
@@ -14,17 +14,17 @@ import torch
 import torch.distributed as dist
 from torchrec.metrics.auc import AUCMetric
 from torchrec.metrics.ctr import CTRMetric
-from torchrec.metrics.gauc import GAUCMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.ne import NEMetric
 from torchrec.metrics.rec_metric import RecMetric
 
 from common.io import path_manager
+from training.gauc import all_gather_variable, gauc
 
 _TASK = RecTaskInfo(name="ctr", label_name="label", prediction_name="prediction", weight_name="weight")
-_METRICS = {"auc": AUCMetric, "gauc": GAUCMetric, "ne": NEMetric, "ctr": CTRMetric}
+_METRICS = {"auc": AUCMetric, "ne": NEMetric, "ctr": CTRMetric}
 # TorchRec's report key for each metric (AUC has only a window value; its window spans the whole split).
-_REPORT_KEYS = {"auc": "auc-ctr|window_auc", "gauc": "gauc-ctr|lifetime_gauc", "ne": "ne-ctr|lifetime_ne", "ctr": "ctr-ctr|lifetime_ctr"}
+_REPORT_KEYS = {"auc": "auc-ctr|window_auc", "ne": "ne-ctr|lifetime_ne", "ctr": "ctr-ctr|lifetime_ctr"}
 
 
 class EvalAccumulator:
@@ -32,42 +32,39 @@ class EvalAccumulator:
 
     def __init__(self) -> None:
         self._users: List[torch.Tensor] = []
-        self._probs: List[torch.Tensor] = []
+        self._logits: List[torch.Tensor] = []
         self._labels: List[torch.Tensor] = []
 
     def add(self, user_ids: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """user_ids int64 [B], logits float32 [B], labels float32 [B] (1.0 = click)."""
         self._users.append(user_ids.detach().cpu().long())
-        self._probs.append(torch.sigmoid(logits.detach().float()).cpu())
+        self._logits.append(logits.detach().float().cpu())
         self._labels.append(labels.detach().float().cpu())
 
     def compute(self) -> Dict[str, float]:
-        """{"auc", "gauc", "ne", "ctr", "gauc_users", "samples"} over every rank's samples."""
-        users, probs, labels = _group_by_user(_cat(self._users, torch.long), _cat(self._probs, torch.float), _cat(self._labels, torch.float))
-        order = torch.sort(users, stable=True).indices
-        users, probs, labels = users[order], probs[order], labels[order]
+        """{"auc", "gauc", "gauc_unweighted", "gauc_users", "ne", "ctr", "samples"} over every rank's samples.
+
+        GAUC ranks users' samples by logit (the model's exact order; a saturated sigmoid would add ties).
+        """
+        users, logits, labels = _cat(self._users, torch.long), _cat(self._logits, torch.float), _cat(self._labels, torch.float)
+        group = _cpu_group()
+        all_users, all_logits, all_labels = all_gather_variable([users, logits, labels], group)
+        grouped = gauc(all_users.long(), all_logits, all_labels)
+        out: Dict[str, float] = {"samples": float(all_users.numel()), "gauc": grouped.weighted,
+                                 "gauc_unweighted": grouped.unweighted, "gauc_users": float(grouped.users)}
         local_n = int(users.numel())
-        world = dist.get_world_size()
-        total = torch.tensor([local_n])
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
         largest = torch.tensor([max(local_n, 1)])
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-        batch = int(largest)
-        out: Dict[str, float] = {"samples": float(total)}
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+        batch, world = int(largest), dist.get_world_size()
+        probs = torch.sigmoid(logits)
         for name, cls in _METRICS.items():
             metric: RecMetric = cls(
                 world_size=world, my_rank=dist.get_rank(), batch_size=batch, tasks=[_TASK],
-                window_size=batch * world, compute_on_all_ranks=True,
+                window_size=batch * world, compute_on_all_ranks=True, process_group=group,
             )
             if local_n:
-                extra: Dict[str, Any] = {}
-                if name == "gauc":
-                    extra["num_candidates"] = torch.unique_consecutive(users, return_counts=True)[1]
-                metric.update(predictions={"ctr": probs}, labels={"ctr": labels}, weights={"ctr": torch.ones_like(probs)}, **extra)
-            report = metric.compute()
-            out[name] = float(report[_REPORT_KEYS[name]])
-            if name == "gauc":
-                out["gauc_users"] = float(report["gauc-ctr|lifetime_gauc_num_samples"])
+                metric.update(predictions={"ctr": probs}, labels={"ctr": labels}, weights={"ctr": torch.ones_like(probs)})
+            out[name] = float(metric.compute()[_REPORT_KEYS[name]])
         return out
 
 
@@ -75,22 +72,12 @@ def _cat(parts: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 
 
-def _group_by_user(users: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor):
-    """All-to-all so that rank r holds every sample whose ``user % world_size == r``."""
-    world = dist.get_world_size()
-    if world == 1:
-        return users, probs, labels
-    dest = users % world
-    order = torch.sort(dest, stable=True).indices
-    users, probs, labels, dest = users[order], probs[order], labels[order], dest[order]
-    send_counts = torch.bincount(dest, minlength=world)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts)
-    send, recv = send_counts.tolist(), recv_counts.tolist()
-    packed = torch.stack([users.double(), probs.double(), labels.double()], dim=1)
-    received = packed.new_empty((sum(recv), 3))
-    dist.all_to_all_single(received, packed, output_split_sizes=recv, input_split_sizes=send)
-    return received[:, 0].long(), received[:, 1].float(), received[:, 2].float()
+def _cpu_group() -> Optional[dist.ProcessGroup]:
+    """The process group for the CPU tensors of evaluation: the default one under gloo, else a gloo group
+    over the same ranks (nccl cannot move CPU tensors). Collective: every rank calls it."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
 
 
 class MetricsLog:

@@ -1,4 +1,5 @@
-"""Result tables over runs: test AUC/GAUC (and NE, samples/s) per model, as text, markdown or JSON."""
+"""Result tables over runs: test GAUC (impression-weighted and unweighted), AUC, NE and samples/s per model,
+as text, markdown or JSON."""
 
 from typing import Any, Dict, List, Mapping
 
@@ -6,7 +7,7 @@ from tabulate import tabulate
 
 from training.metrics import read_metrics
 
-COLUMNS = ("model", "gauc", "auc", "ne", "samples_per_s", "run")
+COLUMNS = ("model", "gauc", "gauc_unweighted", "auc", "ne", "samples_per_s", "run")
 
 
 def run_row(model: str, run_dir: str) -> Dict[str, Any]:
@@ -18,6 +19,7 @@ def run_row(model: str, run_dir: str) -> Dict[str, Any]:
     return {
         "model": model,
         "gauc": ev.get("gauc"),
+        "gauc_unweighted": ev.get("gauc_unweighted"),
         "auc": ev.get("auc"),
         "ne": ev.get("ne"),
         "samples_per_s": summary.get("samples_per_s"),
@@ -27,9 +29,10 @@ def run_row(model: str, run_dir: str) -> Dict[str, Any]:
 
 def format_rows(rows: List[Mapping[str, Any]], tablefmt: str = "simple") -> str:
     """Rows as a table (``tablefmt`` "simple" for the terminal, "github" for markdown)."""
-    headers = ("model", "GAUC", "AUC", "NE", "samples/s", "run")
+    headers = ("model", "GAUC (weighted)", "GAUC (unweighted)", "AUC", "NE", "samples/s", "run")
     body = [
-        (r["model"], _num(r["gauc"], 4), _num(r["auc"], 4), _num(r["ne"], 4), _num(r["samples_per_s"], 0), r["run"])
+        (r["model"], _num(r["gauc"], 4), _num(r.get("gauc_unweighted"), 4), _num(r["auc"], 4), _num(r["ne"], 4),
+         _num(r["samples_per_s"], 0), r["run"])
         for r in rows
     ]
     return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
@@ -41,4 +44,4 @@ def print_runs(runs: Mapping[str, str]) -> None:
 
 
 def _num(value: Any, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
