@@ -13,6 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from common.errors import DataError
+from common.io import path_manager
 from datapipes import schema as S
 from datapipes.rawread import sha256_file
 from datapipes.tempdir import atomic_output_dir
@@ -48,6 +50,8 @@ def _content_files(cfg: PretrainConfig) -> List[str]:
 def fingerprint(cfg: PretrainConfig) -> str:
     """sha256 of the training options and the bytes of the content and pair source files."""
     source = cfg.pairs or os.path.join(cfg.raw, S.TRAIN_USER_FEATURES)
+    if not path_manager.exists(source):
+        raise DataError(f"{source}: (file): file not found (the source of the pairs)")
     spec = {"options": cfg.training_fields(), "content": [sha256_file(p) for p in _content_files(cfg)],
             "pairs_source": "scl" if cfg.pairs else "i2i", "source": sha256_file(source)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
