@@ -28,6 +28,7 @@ from pretraining.content import ContentTable
 PAIRS_QUERY = "query_item"
 PAIRS_ITEM = "item"
 _BATCH_ROWS = 65536
+_HISTORY_BATCH_BYTES = 16 << 20   # raw history values per batch: the per-offset candidate arrays are a few times this
 
 
 @dataclass
@@ -126,7 +127,8 @@ def mine_i2i(raw_dir: str, content: ContentTable, window: int, max_pairs: int, s
     reservoir = BottomK(max_pairs)
     seen = 0
     try:
-        for batch in rf.batches([S.HIST_ITEMS]):
+        rows = max(1, int(_HISTORY_BATCH_BYTES / max(1.0, rf.bytes_per_row([S.HIST_ITEMS]))))
+        for batch in rf.batches([S.HIST_ITEMS], max_rows=rows):
             hist = batch[S.HIST_ITEMS]
             real = hist.values != 0
             items = hist.values[real].astype(np.int64)
