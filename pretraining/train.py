@@ -86,7 +86,7 @@ def train(cfg: PretrainConfig, content: ContentTable, pairs: np.ndarray, ckpt: C
             optimizer.step()
             moco.enqueue(keys)
             step += 1
-            acc_sum, acc_n = acc_sum + float(loss), acc_n + 1
+            acc_sum, acc_n = acc_sum + float(loss.detach()), acc_n + 1
             if step % cfg.log_every == 0 or step == total:
                 losses.append((step, acc_sum / acc_n))
                 acc_sum, acc_n = 0.0, 0
