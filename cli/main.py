@@ -15,6 +15,7 @@ from common import quiet
 SUBCOMMANDS = {
     "demo": "the main job on embedded defaults: synth, prepare, train MUSE and DIN, export, plan",
     "synth": "write synthetic data in the Taobao-MM raw schema",
+    "pretrain": "learn the frozen 128-d multimodal table from raw content vectors (I2I or SCL contrastive)",
     "prepare": "raw Taobao-MM parquet -> vocabularies, multimodal table, joined shards",
     "retrieve": "run a model's GSU once over a dataset and store its results for training",
     "train": "train a model (launches ranks through torchx unless already under torchrun)",

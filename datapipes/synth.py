@@ -12,11 +12,16 @@ Generative story (all deterministic per seed):
   old part of the history are clicked far more often than random ones, which only a model reading the
   whole sequence (e.g. MUSE's cosine top-K over content embeddings) can tell apart; DIN sees only the
   recent 50. Tail items are rare in training, so their ID embeddings are poor while content helps.
+- Optionally (``RawContentConfig``, on for ``muse synth``), ``raw_content.parquet``: each item's raw content
+  vector, a noisy higher-dimensional view of its semantics as an encoder of text/images would give it: a
+  random linear lift of (centroid + noise) to ``dim`` dimensions, plus a "style" vector shared by items of
+  all clusters (content similarity that says nothing about behavior), plus isotropic noise. ``muse pretrain``
+  learns the 128-d table from it; the six release files are the same with or without it.
 """
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -65,6 +70,27 @@ class SynthConfig:
             raise UserError(f"--test-fraction: must be in (0, 1), got {self.test_fraction}")
 
 
+@dataclass(frozen=True)
+class RawContentConfig:
+    """The raw content file ``raw_content.parquet`` (columns ``205`` item id, ``content`` list<float32> of ``dim``)."""
+
+    dim: int = 256
+    semantic_noise: float = 1.0   # per-item noise around the cluster centroid (relative to the unit centroid)
+    styles: int = 8               # style vectors, assigned to items independently of their cluster
+    style: float = 1.0            # norm of the style vector (the lifted semantics have norm ~1)
+    noise: float = 0.5            # norm of the isotropic observation noise
+
+    def validate(self) -> None:
+        if self.dim < 1:
+            raise UserError(f"--raw-content-dim: must be at least 1 (or 0 for no raw content), got {self.dim}")
+        if self.styles < 1:
+            raise UserError(f"raw content styles: must be at least 1, got {self.styles}")
+
+
+RAW_CONTENT = "raw_content.parquet"
+RAW_CONTENT_COLUMN = "content"
+
+
 def hashed_ids(rng: np.random.Generator, n: int) -> np.ndarray:
     """``n`` distinct random nonzero int64 ids (negatives included), in random order."""
     out = np.empty(0, dtype=np.int64)
@@ -86,6 +112,7 @@ class _World:
     item_city: np.ndarray         # [I] hashed
     item_province: np.ndarray     # [I] hashed
     embeddings: np.ndarray        # [I, 128] int8
+    centroids: np.ndarray         # [C, 128] unit cluster centroids
     by_cluster: np.ndarray        # [I] item indices sorted by cluster
     cum_pop: np.ndarray           # [I] cumulative popularity over by_cluster (normalized per cluster)
     cluster_start: np.ndarray     # [C] first position of each cluster in by_cluster
@@ -142,7 +169,7 @@ def _build_world(cfg: SynthConfig) -> _World:
     return _World(
         item_ids=hashed_ids(rng, n_items), item_cluster=item_cluster, item_cat=cat_hashes[item_cat],
         item_city=city_hashes[item_city_idx], item_province=province_hashes[item_city_idx % 34],
-        embeddings=embeddings, by_cluster=by_cluster, cum_pop=cum_pop, cluster_start=cluster_start,
+        embeddings=embeddings, centroids=centroids, by_cluster=by_cluster, cum_pop=cum_pop, cluster_start=cluster_start,
         cluster_size=cluster_size, user_ids=hashed_ids(rng, n_users), interests=interests,
         hist_len=hist_len, unpadded=unpadded, profile=profile)
 
@@ -180,6 +207,22 @@ def _write_items(cfg: SynthConfig, world: _World, out: str) -> None:
     _write_table(os.path.join(out, S.SCL_EMBEDDINGS), pa.table(
         {S.ITEM: world.item_ids[keep], S.EMBEDDING: _list_array(emb.reshape(-1), offsets)},
         schema=S.arrow_schema(S.SCL_EMBEDDINGS)))
+
+
+def _write_raw_content(cfg: SynthConfig, content: RawContentConfig, world: _World, out: str) -> None:
+    """``raw_content.parquet``: [I] rows in a random order, float32 vectors of ``content.dim``
+    (own random stream, so the release files do not depend on it)."""
+    rng = np.random.default_rng([cfg.seed, 4])
+    n = cfg.items
+    semantic = world.centroids[world.item_cluster] + content.semantic_noise * rng.standard_normal((n, S.MM_DIM)) / np.sqrt(S.MM_DIM)
+    lift = rng.standard_normal((S.MM_DIM, content.dim)) / np.sqrt(content.dim)
+    style_vectors = rng.standard_normal((content.styles, content.dim))
+    style_vectors *= content.style / np.linalg.norm(style_vectors, axis=1, keepdims=True)
+    vectors = (semantic @ lift + style_vectors[rng.integers(0, content.styles, n)]
+               + content.noise * rng.standard_normal((n, content.dim)) / np.sqrt(content.dim)).astype(np.float32)
+    order = rng.permutation(n)
+    values = pa.FixedSizeListArray.from_arrays(pa.array(vectors[order].reshape(-1)), content.dim)
+    _write_table(os.path.join(out, RAW_CONTENT), pa.table({S.ITEM: world.item_ids[order], RAW_CONTENT_COLUMN: values}))
 
 
 def _write_samples(cfg: SynthConfig, world: _World, out: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -267,13 +310,20 @@ def _write_user_features(cfg: SynthConfig, world: _World, out: str, train_users:
             files[name].close()
 
 
-def synthesize(cfg: SynthConfig, out: str, force: bool = False) -> Dict[str, int]:
-    """Write the six raw files under ``out`` (atomically); returns row counts per file."""
+def synthesize(cfg: SynthConfig, out: str, force: bool = False, raw_content: Optional[RawContentConfig] = None) -> Dict[str, int]:
+    """Write the six raw files under ``out`` (atomically), and ``raw_content.parquet`` when ``raw_content``
+    is given; returns row counts per file."""
     cfg.validate()
+    if raw_content is not None:
+        raw_content.validate()
     world = _build_world(cfg)
     with atomic_output_dir(out, force=force, flag="--out") as tmp:
         _write_items(cfg, world, tmp)
         train_users, test_users = _write_samples(cfg, world, tmp)
         _write_user_features(cfg, world, tmp, train_users, test_users)
-        counts = {name: pq.ParquetFile(os.path.join(tmp, name)).metadata.num_rows for name in S.RAW_FILES}
+        names = S.RAW_FILES
+        if raw_content is not None:
+            _write_raw_content(cfg, raw_content, world, tmp)
+            names = names + (RAW_CONTENT,)
+        counts = {name: pq.ParquetFile(os.path.join(tmp, name)).metadata.num_rows for name in names}
     return counts
