@@ -37,7 +37,7 @@ class PretrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     hidden: int = 512
-    temperature: float = 0.07
+    temperature: float = 0.5
     queue: int = 4096
     momentum: float = 0.99
     seed: int = 0
