@@ -47,7 +47,16 @@ OWN_USERS, OWN_ITEMS, OWN_SAMPLES = 40, 50_000, 400
 Request = Tuple[Dict[str, int], torch.Tensor, torch.Tensor]
 
 
+MAX_CLIENTS, MAX_SECONDS = 64, 300
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help="load a running `muse serve` (e.g. http://127.0.0.1:8000) instead "
+                        "of the package in process: --clients concurrent keep-alive clients for --seconds")
+    parser.add_argument("--clients", type=int, default=1, help=f"with --url: concurrent clients, at most {MAX_CLIENTS} (default 1)")
+    parser.add_argument("--seconds", type=float, default=10.0, help=f"with --url: duration, at most {MAX_SECONDS} (default 10)")
+    parser.add_argument("--prefetch", action="store_true", help="with --url: rank users by id, each rank preceded by "
+                        "POST /prefetch on the same connection (default: explicit histories in the body)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--package", metavar="PATH", help="package written by `muse export`")
     source.add_argument("--run", metavar="RUN_DIR", help="training run to export first (into --workdir)")
@@ -152,7 +161,107 @@ def measure(package: str, data_dir: Optional[str], candidates: int, history: int
     }
 
 
+def _load_url(args: argparse.Namespace) -> Dict[str, object]:
+    """Drive ``--url`` with ``--clients`` threads for ``--seconds``; rank latency statistics (ms), QPS, errors."""
+    import http.client
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(args.url)
+    if url.scheme != "http" or not url.hostname:
+        raise UserError(f"--url {args.url}: expected http://HOST:PORT")
+    if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
+        raise UserError(f"--clients / --seconds: at most {MAX_CLIENTS} clients and {MAX_SECONDS} s")
+    port = url.port or 80
+    try:
+        conn = http.client.HTTPConnection(url.hostname, port, timeout=30)
+        conn.request("GET", "/health")
+        health = json.loads(conn.getresponse().read())
+    except (OSError, ValueError) as err:
+        raise UserError(f"--url {args.url}: no muse server answering /health ({err})") from None
+    data_dir = args.data or health["package"]["dataset"]
+    dataset = PreparedDataset.open(data_dir)
+    ids = RawIds(dataset)
+    store = dataset.histories("test")
+    lengths = store.offsets[:, 1] - store.offsets[:, 0]
+    users = [int(u) for u in np.argsort(-lengths)[:32] if lengths[u] > 0]
+    if not users:
+        raise UserError(f"--data {data_dir}: the test split's store has no user with a history")
+    item_keys = ids("item", torch.arange(1, dataset.metadata.vocab_sizes["item"] + 1))
+    bodies = []
+    gen = torch.Generator().manual_seed(args.seed)
+    for u in users:
+        cands = item_keys[torch.randint(0, item_keys.numel(), (args.candidates,), generator=gen)].tolist()
+        raw_user = int(ids("user", torch.tensor([u]))[0])
+        if args.prefetch:
+            bodies.append((raw_user, json.dumps({"user_id": raw_user, "candidates": cands}).encode()))
+        else:
+            items, cats = (torch.from_numpy(a.astype(np.int64)) for a in store.history(u))
+            items, cats = _repeat_to(items, args.history), _repeat_to(cats, args.history)
+            bodies.append((raw_user, json.dumps({"user_id": raw_user, "history_items": ids("item", items).tolist(),
+                                                 "history_categories": ids("category", cats).tolist(),
+                                                 "candidates": cands}).encode()))
+    latencies: List[float] = []
+    history_lengths: List[int] = []
+    errors = [0]
+    lock = threading.Lock()
+    deadline = time.perf_counter() + args.seconds
+
+    def client(offset: int) -> None:
+        conn = http.client.HTTPConnection(url.hostname, port, timeout=60)
+        i = offset
+        while time.perf_counter() < deadline:
+            raw_user, body = bodies[i % len(bodies)]
+            i += 1
+            try:
+                if args.prefetch:
+                    conn.request("POST", "/prefetch", body=json.dumps({"user_id": raw_user}).encode())
+                    conn.getresponse().read()
+                start = time.perf_counter()
+                conn.request("POST", "/rank", body=body)
+                response = conn.getresponse()
+                answer = response.read()
+                elapsed = (time.perf_counter() - start) * 1000
+                ok = response.status == 200
+            except OSError:
+                conn.close()
+                conn = http.client.HTTPConnection(url.hostname, port, timeout=60)
+                ok = False
+            with lock:
+                if ok:
+                    latencies.append(elapsed)
+                    history_lengths.append(json.loads(answer)["history_length"])
+                else:
+                    errors[0] += 1
+
+    begin = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - begin
+    if not latencies:
+        raise UserError(f"--url {args.url}: no request succeeded ({errors[0]} errors)")
+    return {"url": args.url, "clients": args.clients, "seconds": wall, "prefetch": args.prefetch,
+            "candidates": args.candidates, "history_mean": float(np.mean(history_lengths)),
+            "requests": len(latencies), "errors": errors[0], "qps": len(latencies) / wall,
+            "p50_ms": _percentile(latencies, 50), "p99_ms": _percentile(latencies, 99),
+            "mean_ms": float(np.mean(latencies)), "max_ms": float(max(latencies)),
+            "mm_table_rows": health["package"]["mm_table_rows"], "load": os.getloadavg()}
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.url:
+        result = _load_url(args)
+        print(tabulate([[result["clients"], "yes" if result["prefetch"] else "no", result["candidates"],
+                         f"{result['history_mean']:,.0f}", result["requests"], f"{result['qps']:.1f}",
+                         f"{result['p50_ms']:.1f}", f"{result['p99_ms']:.1f}", result["errors"]]],
+                       headers=["clients", "prefetch", "candidates", "history", "requests", "QPS", "p50 ms", "p99 ms",
+                                "errors"]))
+        if args.json:
+            write_text_atomic(args.json, json.dumps(result, indent=2), flag="--json")
+        return 0
     if args.json:
         check_output_path(args.json, "--json")
     for flag in ("candidates", "history"):

@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "compare": "train every baseline and ablation on one dataset and print one table",
     "export": "write a torch.package inference model from a run",
     "predict": "score a prepared dataset with an exported package",
+    "serve": "serve an exported package over HTTP: rank, prefetch, health, metrics",
     "plan": "embedding capacity plan for a cluster and a data scale",
     "bench": "benchmarks: gsu, data, train, serve",
 }
