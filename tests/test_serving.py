@@ -19,46 +19,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from datapipes.prepared import PreparedDataset
 from inference import load_predictor
 from inference.export import export_package
 from inference.predict import RawIds
 from model.config import ModelConfig
-from model.muse import build_model
-from model.train_module import MuseTrain
 from serving.cache import PrefetchCache
 from serving.engine import load_engine
 from serving.metrics import LAYOUT, Metrics
 from serving.schema import BadRequest, Limits, parse_object, rank_request
-from training.config import TrainConfig, save_config
+from test_inference import make_run
 
 VENV_BIN = os.path.dirname(sys.executable)
 MAX_CANDIDATES, MAX_BODY = 1500, 1_000_000
 ENGINE_CONFIG = SimpleNamespace(cache_bytes=1 << 26, cache_users=100)
-
-
-def _make_run(root, data_dir: str, seed: int) -> str:
-    """A MUSE run directory in the trainer's layout with random weights (``seed``), as tests/test_inference.py."""
-    run = os.path.join(str(root), f"run-{seed}")
-    config = TrainConfig(data=data_dir, model=ModelConfig.preset("muse"), batch_size=64, steps=5)
-    save_config(run, config)
-    torch.manual_seed(seed)
-    wrapper = MuseTrain(build_model(config.model, PreparedDataset.open(data_dir).metadata.vocab_sizes))
-    with torch.no_grad():
-        for _, buf in wrapper.named_buffers():
-            if buf.dtype.is_floating_point:
-                buf.add_(torch.rand_like(buf))
-    step_dir = os.path.join(run, "checkpoints", "step-00000005")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": wrapper.state_dict()}, checkpoint_id=step_dir, no_dist=True)
-    with open(os.path.join(step_dir, "meta.json"), "w") as f:
-        json.dump({"step": 5, "world_size": 1}, f)
-    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
-        f.write(json.dumps({"kind": "eval", "step": 5, "auc": 0.5, "gauc": 0.5}) + "\n")
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +41,9 @@ def packages(prepared_dataset, tmp_path_factory):
     """(package served, with its test-split store beside it; a second package of other weights)."""
     root = tmp_path_factory.mktemp("serve")
     first = str(root / "model.pt")
-    export_package(_make_run(root, prepared_dataset, 0), first, histories="test")
+    export_package(make_run(root / "seed-0", prepared_dataset, "muse", seed=0), first, histories="test")
     second = str(root / "other.pt")
-    export_package(_make_run(root, prepared_dataset, 1), second)
+    export_package(make_run(root / "seed-1", prepared_dataset, "muse", seed=1), second)
     return first, second
 
 
