@@ -39,9 +39,18 @@ class ListColumn:
 Column = Union[np.ndarray, ListColumn]
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (at most 300 characters), for a user-facing error."""
     text = " ".join(str(err).split())
     return text[:300] or type(err).__name__
+
+
+def open_parquet(handle, path: str) -> pq.ParquetFile:
+    """The parquet file behind the open binary ``handle``; an unreadable one is a one-line DataError naming ``path``."""
+    try:
+        return pq.ParquetFile(handle)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: {FILE_LEVEL}: not a readable parquet file (truncated or corrupt?): {one_line(err)}") from None
 
 
 def _list_parts(arr: pa.Array) -> ListColumn:
@@ -72,9 +81,9 @@ class RawFile:
             raise DataError(f"{self.path}: {FILE_LEVEL}: file not found")
         try:
             self._handle = path_manager.open(self.path, "rb")
-            self._pf = pq.ParquetFile(self._handle)
-        except (pa.ArrowException, OSError) as err:
-            raise DataError(f"{self.path}: {FILE_LEVEL}: not a readable parquet file (truncated or corrupt?): {_one_line(err)}") from None
+        except OSError as err:
+            raise DataError(f"{self.path}: {FILE_LEVEL}: not a readable parquet file (truncated or corrupt?): {one_line(err)}") from None
+        self._pf = open_parquet(self._handle, self.path)
         schema = self._pf.schema_arrow
         for name, col in self.expected.items():
             if name not in schema.names:
@@ -134,8 +143,8 @@ class RawFile:
             try:
                 self._pf.read_row_group(group, columns=[name])
             except (pa.ArrowException, OSError) as col_err:
-                return self.fail(name, f"cannot read row group {group} (truncated or corrupt?): {_one_line(col_err)}")
-        return self.fail(FILE_LEVEL, f"cannot read parquet near row {start} (truncated or corrupt?): {_one_line(err)}")
+                return self.fail(name, f"cannot read row group {group} (truncated or corrupt?): {one_line(col_err)}")
+        return self.fail(FILE_LEVEL, f"cannot read parquet near row {start} (truncated or corrupt?): {one_line(err)}")
 
     def _column(self, arr: pa.Array, name: str, start: int) -> Column:
         spec = self.expected[name]

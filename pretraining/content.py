@@ -15,12 +15,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from common.errors import DataError
 from common.io import path_manager
 from datapipes import schema as S
-from datapipes.rawread import RawFile
+from datapipes.rawread import RawFile, one_line, open_parquet
 
 _CHUNK_ROWS = 65536
 
@@ -84,10 +83,7 @@ def read_content(path: str, id_column: str = "205", vector_column: str = "conten
 
 def _read_parquet(path: str, id_column: str, vector_column: str) -> Tuple[np.ndarray, np.ndarray]:
     with path_manager.open(path, "rb") as handle:
-        try:
-            pf = pq.ParquetFile(handle)
-        except (pa.ArrowException, OSError) as err:
-            raise DataError(f"{path}: (file): not a readable parquet file: {' '.join(str(err).split())[:200]}") from None
+        pf = open_parquet(handle, path)
         schema = pf.schema_arrow
         for name in (id_column, vector_column):
             if name not in schema.names:
@@ -133,7 +129,7 @@ def _read_parquet(path: str, id_column: str, vector_column: str) -> Tuple[np.nda
                     start += rows
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{path}: (file): cannot read near row {start} (truncated or corrupt?): "
-                            f"{' '.join(str(err).split())[:200]}") from None
+                            f"{one_line(err)}") from None
     if vectors is None:
         return np.empty(0, np.int64), np.empty((0, 0), np.float32)
     return ids, vectors
@@ -145,7 +141,7 @@ def _load_array(path: str, what: str, mmap: bool) -> np.ndarray:
     try:
         return np.load(path_manager.get_local_path(path), mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise DataError(f"{path}: (file): not a readable .npy file ({what}): {' '.join(str(err).split())[:200]}") from None
+        raise DataError(f"{path}: (file): not a readable .npy file ({what}): {one_line(err)}") from None
 
 
 def _check_arrays(path: str, ids: np.ndarray, vectors: np.ndarray, ids_name: str) -> Tuple[np.ndarray, np.ndarray]:

@@ -17,12 +17,11 @@ from typing import List, Tuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from common.errors import DataError
 from common.io import path_manager
 from datapipes import schema as S
-from datapipes.rawread import RawFile
+from datapipes.rawread import RawFile, one_line, open_parquet
 from pretraining.content import ContentTable
 
 PAIRS_QUERY = "query_item"
@@ -107,17 +106,22 @@ def window_candidates(items: np.ndarray, rows: np.ndarray, user: np.ndarray, pos
         if items.size <= d:
             break
         same_user = user[d:] == user[:-d]
-        item_a, item_b = items[:-d][same_user], items[d:][same_user]
-        row_a, row_b = rows[:-d][same_user], rows[d:][same_user]
-        same = item_a == item_b
-        missing = ~same & ((row_a < 0) | (row_b < 0))
-        ok = ~same & ~missing
-        stats.candidates += int(item_a.size)
-        stats.same_item += int(same.sum())
-        stats.missing_content += int(missing.sum())
-        stats.usable += int(ok.sum())
-        keys = position[:-d][same_user][ok] * window + (d - 1)
-        reservoir.add(_priority(keys, seed), np.stack([row_a[ok], row_b[ok]], axis=1))
+        _offer(items[:-d][same_user], items[d:][same_user], rows[:-d][same_user], rows[d:][same_user],
+               position[:-d][same_user] * window + (d - 1), seed, reservoir, stats)
+
+
+def _offer(item_a: np.ndarray, item_b: np.ndarray, row_a: np.ndarray, row_b: np.ndarray, keys: np.ndarray,
+           seed: int, reservoir: BottomK, stats: PairStats) -> None:
+    """Count candidate pairs [n] (raw item ids, content rows with -1 for none, unique int64 keys) as same-item,
+    missing content or usable, and offer the usable ones to ``reservoir`` by the seeded priority of their key."""
+    same = item_a == item_b
+    missing = ~same & ((row_a < 0) | (row_b < 0))
+    ok = ~same & ~missing
+    stats.candidates += int(item_a.size)
+    stats.same_item += int(same.sum())
+    stats.missing_content += int(missing.sum())
+    stats.usable += int(ok.sum())
+    reservoir.add(_priority(keys[ok], seed), np.stack([row_a[ok], row_b[ok]], axis=1))
 
 
 def mine_i2i(raw_dir: str, content: ContentTable, window: int, max_pairs: int, seed: int) -> Tuple[np.ndarray, PairStats]:
@@ -152,10 +156,7 @@ def read_scl_pairs(path: str, content: ContentTable, max_pairs: int, seed: int) 
     stats = PairStats(source=path)
     reservoir = BottomK(max_pairs)
     with path_manager.open(path, "rb") as handle:
-        try:
-            pf = pq.ParquetFile(handle)
-        except (pa.ArrowException, OSError) as err:
-            raise DataError(f"{path}: (file): not a readable parquet file: {' '.join(str(err).split())[:200]}") from None
+        pf = open_parquet(handle, path)
         schema = pf.schema_arrow
         for name in (PAIRS_QUERY, PAIRS_ITEM):
             if name not in schema.names:
@@ -173,20 +174,12 @@ def read_scl_pairs(path: str, content: ContentTable, max_pairs: int, seed: int) 
                             raise DataError(f"{path}: {name}: null values in rows {start}..{start + batch.num_rows - 1}")
                     query = batch.column(PAIRS_QUERY).to_numpy().astype(np.int64)
                     item = batch.column(PAIRS_ITEM).to_numpy().astype(np.int64)
-                    row_q, row_i = content.rows(query), content.rows(item)
-                    same = query == item
-                    missing = ~same & ((row_q < 0) | (row_i < 0))
-                    ok = ~same & ~missing
-                    stats.candidates += int(query.size)
-                    stats.same_item += int(same.sum())
-                    stats.missing_content += int(missing.sum())
-                    stats.usable += int(ok.sum())
-                    keys = start + np.flatnonzero(ok).astype(np.int64)
-                    reservoir.add(_priority(keys, seed), np.stack([row_q[ok], row_i[ok]], axis=1))
+                    keys = start + np.arange(query.size, dtype=np.int64)
+                    _offer(query, item, content.rows(query), content.rows(item), keys, seed, reservoir, stats)
                     start += batch.num_rows
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{path}: (file): cannot read near row {start} (truncated or corrupt?): "
-                            f"{' '.join(str(err).split())[:200]}") from None
+                            f"{one_line(err)}") from None
     if stats.usable == 0:
         raise DataError(f"{path}: {PAIRS_QUERY}: none of the {stats.candidates} pairs has two different items with "
                         f"content vectors ({stats.same_item} same-item, {stats.missing_content} without content)")
