@@ -72,12 +72,19 @@ def _cat(parts: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 
 
+_GLOO_GROUPS: Dict[int, dist.ProcessGroup] = {}
+
+
 def _cpu_group() -> Optional[dist.ProcessGroup]:
     """The process group for the CPU tensors of evaluation: the default one under gloo, else a gloo group
-    over the same ranks (nccl cannot move CPU tensors). Collective: every rank calls it."""
+    over the same ranks (nccl cannot move CPU tensors), made once per process and reused by every evaluation.
+    Collective the first time: every rank calls it."""
     if dist.get_backend() == "gloo":
         return None
-    return dist.new_group(backend="gloo")
+    key = id(dist.group.WORLD)
+    if key not in _GLOO_GROUPS:
+        _GLOO_GROUPS[key] = dist.new_group(backend="gloo")
+    return _GLOO_GROUPS[key]
 
 
 class MetricsLog:
