@@ -11,14 +11,14 @@ from cli.main import main
 from common.errors import UserError
 from model.config import ModelConfig
 from model.gsu import GsuStage, cosine_topk, history_cosines, pair_cosine
-from model.gsu import kernels
+from model.gsu import kernels, native
 from model.gsu.cosine import exact_dots
 from model.gsu.filter import FilterDots
 from model.gsu.shadow import filter_shadow
 from model.gsu.table import row_norms
 
 # Every (filter, dots) pair of kernels, as the override names them.
-SETTINGS = [f"filter={f},dots={d}" for f in ("int_mm", "float32") for d in ("int16", "float32")]
+SETTINGS = [f"filter={f},dots={d}" for f in ("int_mm", "float32", "native") for d in ("int16", "float32")]
 
 
 def extreme_table(n: int, d: int, seed: int) -> torch.Tensor:
@@ -128,11 +128,12 @@ def test_the_override_forces_and_names_kernels(monkeypatch):
         assert (d.name, d.forced) == ((dots, True) if dots else (d.name, False)), setting
     monkeypatch.setenv(kernels.ENV_VAR, "int_mm")
     narrow = kernels.choose(kernels.FILTER, 1)  # _int_mm is not used at D = 1 even when forced
-    assert narrow.name == "float32" and not narrow.forced and "int_mm" in narrow.note and "int_mm" in narrow.excluded
+    assert narrow.name != "int_mm" and not narrow.forced and "int_mm" in narrow.note and "int_mm" in narrow.excluded
     monkeypatch.delenv(kernels.ENV_VAR)
     measured = kernels.choose(kernels.FILTER, 64)
     assert not measured.forced and measured.name == min(measured.times_ms, key=measured.times_ms.get)
-    assert set(measured.times_ms) == {"int_mm", "float32"} and all(t > 0 for t in measured.times_ms.values())
+    offered = {"int_mm", "float32"} | ({"native"} if native.library() is not None else set())
+    assert set(measured.times_ms) == offered and all(t > 0 for t in measured.times_ms.values())
     assert measured.cpu_capability == torch.backends.cpu.get_cpu_capability()
     assert "int_mm" in measured.describe() and measured.to_dict()["kernel"] == measured.name
     assert measured in kernels.choices()
@@ -174,3 +175,49 @@ def test_the_cache_measures_once_per_width(monkeypatch):
     assert kernels.choose(kernels.FILTER, width) is first
     kernels.choose(kernels.DOTS, width)
     assert kernels.measure_count == before + 2
+
+
+@pytest.mark.parametrize("setting", ["filter=native", "filter=float32"])
+def test_an_id_outside_the_table_is_a_value_error_naming_history_ids(monkeypatch, setting):
+    table = extreme_table(500, 128, 3)
+    hist = history(4, 600, table.shape[0], 4)
+    hist[2, 590] = table.shape[0]  # past the last row, in the newest piece
+    monkeypatch.setenv(kernels.ENV_VAR, setting)
+    with pytest.raises(ValueError, match="history_ids"):
+        cosine_topk(table, torch.tensor([1, 2, 3, 4]), hist, 10, chunk_rows=256)
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler here: " + native.unavailable_reason())
+@pytest.mark.parametrize("width", [16, 48, 128, 130])
+@pytest.mark.parametrize("count", [1, 8, 11])
+def test_the_native_kernel_gives_the_int64_products(width, count):
+    """Both C branches (AVX2 for D % 16 == 0, portable otherwise), one target and blocks of 8 with padding."""
+    table = extreme_table(3000, width, width + count)
+    g = torch.Generator().manual_seed(count)
+    ids = torch.randint(0, table.shape[0], (1000,), generator=g)
+    targets = table[torch.randint(1, table.shape[0], (count,), generator=g)].t()  # [D, G]
+    kernel = kernels.NativeFilter()
+    columns = kernel.columns(targets)
+    out = torch.full((ids.shape[0], columns.shape[1]), 7, dtype=torch.int32)
+    assert kernel.gather_mm(table, ids, columns, out) == -1
+    want = table.index_select(0, ids).long() @ targets.long()
+    assert torch.equal(out[:, :count].long(), want)
+    assert not bool(out[:, count:].any())  # the padding targets are zeros
+    bad = ids.clone()
+    bad[321] = -1
+    assert kernel.gather_mm(table, bad, columns, out) == 321
+
+
+def test_without_a_compiler_the_native_kernel_is_not_offered(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    assert native.library() is None and "no-such-cc" in native.unavailable_reason()
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "_MEASURED", {})
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    choice = kernels.choose(kernels.FILTER, 128)
+    assert choice.name != "native" and "unavailable" in choice.excluded["native"]
+    monkeypatch.setenv(kernels.ENV_VAR, "filter=native")  # forced but unavailable: the measured choice runs
+    forced = kernels.choose(kernels.FILTER, 128)
+    assert forced.name == choice.name and not forced.forced and "native" in forced.note

@@ -2,12 +2,13 @@
 own precision, and the smallest such dot a row needs to possibly reach a sample's running k-th score.
 
 The filter dot is exact for int8 (int8 x int8 -> the exact integer, by the kernel ``model.gsu.kernels`` measured
-fastest on the host: ``torch._int_mm`` with int32 out, or float32 ``torch.mm`` of converted rows, which is exact
-for these widths; the dots then are float32 integers). For bf16/float32 tables it is
+fastest on the host: ``torch._int_mm`` with int32 out, float32 ``torch.mm`` of converted rows, which is exact
+for these widths (the dots then are float32 integers), or the native C loop that gathers and dots in one pass,
+int32 out). For bf16/float32 tables it is
 either the exact dot of the rows' int8 shadow with the target quantized the same way (``model.gsu.shadow``,
 the default: half the bytes gathered of a bf16 row), within the quantization bound derived in
 ``_shadow_need``, or a matmul in the table's dtype (float32 accumulation), within the _FILTER_* allowances.
-Rows are gathered ``gather_rows`` at a time into one reused buffer that stays in L2 (``model.gsu.inputs.GATHER_BYTES``), and
+With the torch kernels, rows are gathered ``gather_rows`` at a time into one reused buffer that stays in L2 (``model.gsu.inputs.GATHER_BYTES``), and
 each gathered block is multiplied at once, before the next gather evicts it; only the dot products
 (a few bytes per row and target) are kept for the whole piece. A block of several short histories is multiplied
 against all of its samples' targets in one product (the per-op cost dominates there), and the caller keeps each
@@ -63,7 +64,8 @@ class FilterDots:
         self.kernel = kernels.filter_kernel(table.shape[1]) if self.int_filter else None
         self.dot_dtype = self.kernel.out_dtype if self.int_filter else table.dtype
         self.gather_rows = gather_rows_for(self.filter_table, chunk_rows)
-        self.buffer = torch.empty(self.gather_rows, table.shape[1], dtype=self.filter_table.dtype)
+        gathers = self.kernel is not None and self.kernel.gathers  # then no gather buffer is needed
+        self.buffer = torch.empty(0 if gathers else self.gather_rows, table.shape[1], dtype=self.filter_table.dtype)
         self._work = self.kernel.workspace(self.gather_rows, table.shape[1]) if self.kernel is not None else None
         self._scratch = torch.empty(0, dtype=self.dot_dtype)
         self._columns: Dict[Tuple[int, ...], torch.Tensor] = {}
@@ -95,7 +97,12 @@ class FilterDots:
         return self._scratch[:size]
 
     def _dots_into(self, ids: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
-        """out [R, G'] = rows ``ids`` [R] x columns [D, G'], gathered ``gather_rows`` at a time."""
+        """out [R, G'] = rows ``ids`` [R] x columns [D, G'], gathered ``gather_rows`` at a time (or all at once by
+        a kernel that gathers itself)."""
+        if self.kernel is not None and self.kernel.gathers:
+            if self.kernel.gather_mm(self.filter_table, ids, columns, out) >= 0:
+                gather(self.table, ids)  # raises the ValueError naming history_ids
+            return
         if ids.shape[0] <= self.gather_rows:
             self._mm(gather(self.filter_table, ids, self.buffer), columns, out)
             return

@@ -6,8 +6,10 @@ Two products, both exact integer dot products of int8 rows of width D:
 - ``filter`` (``model.gsu.filter``): gathered rows int8 [R, D] x targets int8 [D, G] -> dots [R, G], the
   prefilter of every piece of history (int8 tables, and the int8 shadow of bf16/float32 tables).
   Candidates: ``int_mm`` (``torch._int_mm``, int32 out: fast where oneDNN has VNNI/AMX int8 kernels, ~20x
-  slower than ``float32`` on an AVX2-only AMD EPYC) and ``float32`` (the rows converted into a reused float32
-  buffer, ``torch.mm`` with float32 out).
+  slower than ``float32`` on an AVX2-only AMD EPYC), ``float32`` (the rows converted into a reused float32
+  buffer, ``torch.mm`` with float32 out) and ``native`` (``model.gsu.native``: a C loop compiled on the host that
+  gathers the rows itself, prefetching ahead, and takes their int32 dots as it goes; offered only where a C
+  compiler builds it). The filter's probe times each candidate on the gather it needs as well as its product.
 - ``dots`` (``model.gsu.cosine.exact_dots``): row-wise pairs int8 [n, D] . int8 [n, D] -> dots [n], the exact
   rescoring of candidates, the recent-window and SIM-hard scores and whole-history scores (serving runs the
   same stage, so it uses the same kernels). Candidates: ``int16`` (products in int16, sum in int32) and
@@ -45,15 +47,17 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from common.errors import UserError
+from model.gsu import native
 
 ENV_VAR = "MUSE_GSU_KERNEL"
 FILTER = "filter"
 DOTS = "dots"
 # Widest D whose int8 dots are exact in float32: every partial sum <= D * 128**2 <= 2**24 (module docstring).
 FLOAT32_EXACT_WIDTH = 2 ** 24 // 128 ** 2
-# Probe sizes: 1,024 gathered rows (128 KB at D = 128, L2-resident like the filter's 512 KB gathers) against one
-# target (a long single-sample history) and against 16 (a packed block or a shared user); 2,048 pairs.
+# Probe sizes: 1,024 rows gathered from a probe table (128 KB at D = 128) against one target (a long
+# single-sample history) and against 16 (a packed block or a shared user); 2,048 pairs.
 _FILTER_ROWS = 1024
+_PROBE_TABLE_ROWS = 8192  # 1 MB at D = 128: the probe's gathers leave L1 and most of L2, as the real ones do
 _FILTER_COLUMNS = (1, 16)
 _DOT_PAIRS = 2048
 _REPEATS = 3
@@ -66,10 +70,13 @@ class FilterKernel:
 
     ``columns(targets)`` prepares a target matrix once (the filter caches it per block of samples; its width
     G' >= G, extra columns zero); ``workspace(rows, width)`` is the caller's reusable scratch;
-    ``mm(rows, columns, out, work)`` writes ``out`` [R, G'] (R <= the workspace's rows)."""
+    ``mm(rows, columns, out, work)`` writes ``out`` [R, G'] (R <= the workspace's rows). A kernel with
+    ``gathers`` set reads the rows itself: ``gather_mm(table, ids, columns, out)`` writes the dots of rows
+    ``ids`` [R] of ``table`` [N, D] (any R) and returns -1, or the first index of ``ids`` outside the table."""
 
     name = ""
     out_dtype = torch.int32
+    gathers = False
 
     def supports(self, width: int) -> bool:
         raise NotImplementedError
@@ -127,6 +134,36 @@ class Float32MM(FilterKernel):
         torch.mm(converted, columns, out=out)
 
 
+class NativeFilter(FilterKernel):
+    """``model.gsu.native``: the rows gathered and dotted in one prefetching C loop (int16 products, int32 sums),
+    compiled on the host; offered only where it builds. Columns: [D, G'] int16, the transpose of a contiguous
+    [G', D] (each target's entries adjacent, as the loop reads them); G' = 1 or G rounded up to a multiple of 8
+    (zero targets)."""
+
+    name = "native"
+    out_dtype = torch.int32
+    gathers = True
+
+    def supports(self, width: int) -> bool:
+        return native.library() is not None
+
+    def columns(self, targets: torch.Tensor) -> torch.Tensor:
+        columns = targets.t().to(torch.int16)
+        count = columns.shape[0]
+        if count > 1 and count % 8:
+            columns = torch.nn.functional.pad(columns, (0, 0, 0, 8 - count % 8))
+        return columns.contiguous().t()
+
+    def workspace(self, rows: int, width: int) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.int8)
+
+    def mm(self, rows: torch.Tensor, columns: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> None:
+        self.gather_mm(rows, torch.arange(rows.shape[0]), columns, out)
+
+    def gather_mm(self, table: torch.Tensor, ids: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> int:
+        return native.gather_dots(table.contiguous(), ids.contiguous(), columns.t(), out)
+
+
 class DotsKernel:
     """Row-wise int8 pairs [..., D] . [..., D] (broadcastable) -> float64 [...] exact dots."""
 
@@ -163,7 +200,7 @@ class Float32Dots(DotsKernel):
         return (rows.to(torch.float32) * targets.to(torch.float32)).sum(-1).double()
 
 
-KERNELS: Dict[str, Tuple] = {FILTER: (Float32MM(), IntMM()), DOTS: (Int16Dots(), Float32Dots())}
+KERNELS: Dict[str, Tuple] = {FILTER: (Float32MM(), IntMM(), NativeFilter()), DOTS: (Int16Dots(), Float32Dots())}
 
 
 @dataclass(frozen=True)
@@ -269,7 +306,7 @@ def check_override() -> None:
 
 def parse_override(setting: str) -> Dict[str, str]:
     """MUSE_GSU_KERNEL's value -> {op: kernel name}. "" -> {}; "float32" -> every op that has it;
-    "filter=int_mm,dots=int16" -> per op. UserError (one line naming the variable) for anything unknown."""
+    "filter=native,dots=int16" -> per op. UserError (one line naming the variable) for anything unknown."""
     setting = setting.strip()
     if not setting:
         return {}
@@ -316,6 +353,7 @@ def _measure(op: str, width: int) -> _Measured:
     for kernel in KERNELS[op]:
         if not kernel.supports(width):
             excluded[kernel.name] = (f"not exact for D={width}" if kernel.name == "float32"
+                                     else f"unavailable: {native.unavailable_reason()}" if kernel.name == "native"
                                      else f"unsupported for D={width}")
             continue
         try:
@@ -338,34 +376,43 @@ def _measure(op: str, width: int) -> _Measured:
 
 
 def _probe_data(op: str, width: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
-    """Random int8 probe data including the extremes -128 and 127 (the exactness bound's worst case)."""
+    """Random int8 probe data including the extremes -128 and 127 (the exactness bound's worst case). FILTER:
+    (table [_PROBE_TABLE_ROWS, D], ids [_FILTER_ROWS] of random rows, targets [D, max columns]), so every
+    candidate is timed on the gather it needs as well as its product; DOTS: (rows, targets) pairs."""
     if op == FILTER:
-        rows = torch.randint(-128, 128, (_FILTER_ROWS, width), dtype=torch.int8, generator=generator)
+        table = torch.randint(-128, 128, (_PROBE_TABLE_ROWS, width), dtype=torch.int8, generator=generator)
+        ids = torch.randint(0, _PROBE_TABLE_ROWS, (_FILTER_ROWS,), generator=generator)
         targets = torch.randint(-128, 128, (width, max(_FILTER_COLUMNS)), dtype=torch.int8, generator=generator)
-        rows[0], targets[:, 0] = -128, -128
-        return rows, targets
+        table[ids[0]], targets[:, 0] = -128, -128
+        return table, ids, targets
     rows = torch.randint(-128, 128, (_DOT_PAIRS, width), dtype=torch.int8, generator=generator)
     targets = torch.randint(-128, 128, (_DOT_PAIRS, width), dtype=torch.int8, generator=generator)
     rows[0], targets[0] = -128, -128
     return rows, targets
 
 
-def _filter_run(kernel: FilterKernel, rows: torch.Tensor, targets: torch.Tensor, state) -> Tuple[List[torch.Tensor], object]:
-    """The probe of FILTER: rows against each of _FILTER_COLUMNS target counts. state: prepared columns,
-    outputs and workspace from the first (untimed) run, or None there."""
+def _filter_run(kernel: FilterKernel, table: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
+                state) -> Tuple[List[torch.Tensor], object]:
+    """The probe of FILTER: the rows ``ids`` of ``table`` gathered (by ``index_select`` into a reused buffer, or
+    by a gathering kernel itself) and multiplied by each of _FILTER_COLUMNS target counts. state: buffer,
+    prepared columns, outputs and workspace from the first (untimed) run, or None there."""
     if state is None:
-        work = kernel.workspace(rows.shape[0], rows.shape[1])
+        work = kernel.workspace(ids.shape[0], table.shape[1])
         prepared = [kernel.columns(targets[:, :count]) for count in _FILTER_COLUMNS]
-        outs = [torch.empty(rows.shape[0], c.shape[1], dtype=kernel.out_dtype) for c in prepared]
-        state = (work, prepared, outs)
-    work, prepared, outs = state
+        outs = [torch.empty(ids.shape[0], c.shape[1], dtype=kernel.out_dtype) for c in prepared]
+        state = (torch.empty(ids.shape[0], table.shape[1], dtype=table.dtype), work, prepared, outs)
+    buffer, work, prepared, outs = state
     for columns, out in zip(prepared, outs):
-        kernel.mm(rows, columns, out, work)
+        if kernel.gathers:
+            kernel.gather_mm(table, ids, columns, out)
+        else:
+            kernel.mm(torch.index_select(table, 0, ids, out=buffer), columns, out, work)
     return [out[:, :count] for out, count in zip(outs, _FILTER_COLUMNS)], state
 
 
-def _filter_reference(rows: torch.Tensor, targets: torch.Tensor) -> List[torch.Tensor]:
-    return [torch.mm(rows.double(), targets[:, :count].double()) for count in _FILTER_COLUMNS]
+def _filter_reference(table: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> List[torch.Tensor]:
+    rows = table.index_select(0, ids).double()
+    return [torch.mm(rows, targets[:, :count].double()) for count in _FILTER_COLUMNS]
 
 
 def _dots_run(kernel: DotsKernel, rows: torch.Tensor, targets: torch.Tensor, state) -> Tuple[List[torch.Tensor], object]:
