@@ -5,7 +5,7 @@ Shapes: the Taobao-MM one (batch 1000 per rank, L = 1,000, K = 50, ID dim 16) on
 table (10,000 items, 64 categories: 1.3 MB of int8 content rows, cache-resident) and a large one
 (``--large-items``, default 300,000 items, and ``--large-categories``, default 1,000: 38 MB of content rows,
 beyond a 32 MB L3, so the GSU's gathers miss the caches as on real data; ``--skip-large`` leaves it out),
-and L = 100,000 with a smaller batch, the latter with the GSU online over the history store (shuffled, and with batches grouped by user:
+and L = 100,000 with a smaller batch on the large table, the latter with the GSU online over the history store (shuffled, and with batches grouped by user:
 ``muse train --group-users``, so the GSU scores each history once for all of a user's samples) and from a stored
 retrieval (``muse retrieve`` once, then batches without any history scoring). Each point is one real ``muse train`` job launched through torchx on a synthetic dataset
 of that history length (built once, cached under --runs-dir). Throughput and data wait are measured
@@ -36,7 +36,7 @@ class Shape:
     steps: int
     synth: SynthConfig
     shard_rows: int
-    name: str = ""  # dataset label in the results ("small" / "large" table at L = 1,000)
+    name: str = ""  # dataset label in the results ("small" / "large" table at L = 1,000, "long" at L = 100,000)
     group_users: bool = False
     stored: bool = False  # batches from a stored retrieval (`muse retrieve`, made once) instead of the online GSU
 
@@ -74,10 +74,13 @@ def _shapes(args: argparse.Namespace) -> List[Shape]:
     if not args.skip_long:
         # 1,280 samples (10 per user): an epoch (72 batches of 16 on one rank) outlasts the measured steps, as on
         # real data, where epoch boundaries are rare; only the stream's steady state is measured.
-        long_data = SynthConfig(users=128, items=20000, samples=1280, seq_len=100_000, seed=0)
-        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64))
-        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64, group_users=True))
-        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64, stored=True))
+        # Its table is the large one (--large-items / --large-categories), so the online GSU's gathers miss the
+        # caches as on real data.
+        long_data = SynthConfig(users=128, items=args.large_items, samples=1280, seq_len=100_000,
+                                categories=args.large_categories, seed=0)
+        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64, name="long"))
+        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64, group_users=True, name="long"))
+        shapes.append(Shape(100_000, args.long_batch_size, args.long_steps, long_data, 64, stored=True, name="long"))
     return shapes
 
 
@@ -92,8 +95,8 @@ def _dataset(shape: Shape, runs_dir: str) -> str:
 
 
 def _large_suffix(shape: Shape) -> str:
-    """Names the large-table dataset and its runs apart (the small one keeps its historical names)."""
-    return f"-items{shape.synth.items}-cats{shape.synth.categories}" if shape.name == "large" else ""
+    """Names the large-table datasets and their runs apart (the small one keeps its historical names)."""
+    return f"-items{shape.synth.items}-cats{shape.synth.categories}" if shape.name in ("large", "long") else ""
 
 
 def _table_label(shape: Shape) -> str:
