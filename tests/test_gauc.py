@@ -1,6 +1,7 @@
 """training.gauc against a brute-force pairwise reference: ties, single-class users, weighted vs unweighted,
 and the variable-size gather across two gloo ranks."""
 
+import math
 import os
 import socket
 
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.gauc import all_gather_variable, gauc, user_aucs
+from training.gauc import distributed_gauc, gauc, user_aucs
 
 
 def _pairwise_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -86,28 +87,32 @@ def test_no_user_with_both_classes_is_nan_and_bad_shapes_are_refused():
         gauc(torch.tensor([1, 2]), torch.tensor([0.1]), torch.tensor([1.0, 0.0]))
 
 
-def _gather_rank(rank: int, port: int, parts, out_dir: str) -> None:
+def _gauc_rank(rank: int, port: int, parts, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         users, scores, labels = parts[rank]
-        gathered = all_gather_variable([users, scores, labels])
-        result = gauc(gathered[0].long(), gathered[1], gathered[2])
-        torch.save({"gathered": gathered, "result": result.__dict__}, os.path.join(out_dir, f"rank{rank}.pt"))
+        result = distributed_gauc(users, scores, labels)
+        empty = distributed_gauc(users[:0], scores[:0], labels[:0])  # no samples anywhere
+        torch.save({"result": result.__dict__, "empty": empty.__dict__}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_ranks_of_unequal_size_gather_the_whole_split(tmp_path):
+def test_two_ranks_of_unequal_size_give_the_gauc_of_the_whole_split(tmp_path):
     users, scores, labels = _random_split(700, 30, seed=5, levels=8)
     cut = 450  # rank 0 holds 450 rows, rank 1 holds 250; users span both ranks
     parts = [(users[:cut], scores[:cut], labels[:cut]), (users[cut:], scores[cut:], labels[cut:])]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_gather_rank, args=(port, parts, str(tmp_path)), nprocs=2, join=True)
-    want = gauc(users, scores, labels).__dict__
+    mp.spawn(_gauc_rank, args=(port, parts, str(tmp_path)), nprocs=2, join=True)
+    want = gauc(users, scores, labels)
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert torch.equal(saved["gathered"][0].long(), users) and torch.equal(saved["gathered"][1].float(), scores)
-        assert saved["result"] == want
+        got = saved["result"]
+        assert (got["users"], got["samples"]) == (want.users, want.samples)
+        # the same per-user AUCs, summed in another order: equal to float64 rounding
+        assert got["weighted"] == pytest.approx(want.weighted, rel=1e-12, abs=0)
+        assert got["unweighted"] == pytest.approx(want.unweighted, rel=1e-12, abs=0)
+        assert saved["empty"]["users"] == 0 and math.isnan(saved["empty"]["weighted"])

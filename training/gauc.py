@@ -12,11 +12,12 @@ or N_u = 0) have no AUC and are left out of both means, as in the released MUSE 
 - ``unweighted``: the plain mean of AUC_u over users (what TorchRec's GAUCMetric reports).
 
 The pass: sort by (user, score), number the samples within each user, give tied (user, score) runs their
-mean rank, and sum per user with ``index_add``; no per-user loop and no [P, N] matrix.
+mean rank, and sum per user with ``index_add``; no per-user loop and no [P, N] matrix. Across ranks
+(``distributed_gauc``) the samples are exchanged by user, so no rank holds more than its share.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -86,22 +87,39 @@ def gauc(users: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> Gau
     )
 
 
-def all_gather_variable(tensors: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup] = None) -> List[torch.Tensor]:
-    """Concatenate equal-length 1-D CPU tensors of every rank (lengths may differ between ranks), rank order.
+def distributed_gauc(users: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                     group: Optional[dist.ProcessGroup] = None) -> GaucResult:
+    """GAUC over every rank's samples (collective; every rank gets the same result).
 
-    Each rank's tensors are packed as float64 columns (exact for int64 ids below 2**53 and for float32
-    scores), padded to the longest rank and all-gathered once; every rank gets the same result.
+    users int [n], scores float [n], labels [n]: this rank's samples (n may differ between ranks, a user's
+    samples may be on several). Each sample goes to rank ``user mod world`` in one ``all_to_all`` (packed as
+    float64 columns: exact for ids below 2**53 and for float32 scores), so every user's samples meet on one
+    rank; each rank takes its users' exact AUCs (``user_aucs``) and four sums (weighted AUC, impressions, AUC,
+    users) are all-reduced. Traffic and memory per rank are its own share of the split, not the whole split.
+    Equal to ``gauc`` of the concatenated split up to float64 summation order.
     """
     world = dist.get_world_size(group)
-    length = int(tensors[0].numel()) if tensors else 0
-    packed = torch.stack([t.double().reshape(-1) for t in tensors], dim=1) if length else torch.zeros(0, len(tensors), dtype=torch.float64)
-    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(lengths, torch.tensor([length], dtype=torch.int64), group=group)
-    sizes = [int(x) for x in lengths]
-    longest = max(sizes)
-    padded = torch.zeros(longest, len(tensors), dtype=torch.float64)
-    padded[:length] = packed
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded, group=group)
-    whole = torch.cat([part[:size] for part, size in zip(parts, sizes)])
-    return [whole[:, i] for i in range(len(tensors))]
+    if world == 1:
+        return gauc(users, scores, labels)
+    if not (users.shape == scores.shape == labels.shape) or users.dim() != 1:
+        raise ValueError(f"users, scores and labels must be equal 1-D shapes, got {list(users.shape)}, "
+                         f"{list(scores.shape)}, {list(labels.shape)}")
+    destination = torch.remainder(users.long(), world)
+    order = torch.argsort(destination, stable=True)
+    packed = torch.stack([users.double(), scores.double(), labels.double()], dim=1)[order]
+    send = torch.bincount(destination, minlength=world)
+    receive = torch.empty_like(send)
+    dist.all_to_all_single(receive, send, group=group)
+    mine = torch.empty(int(receive.sum()), 3, dtype=torch.float64)
+    dist.all_to_all_single(mine, packed, output_split_sizes=receive.tolist(), input_split_sizes=send.tolist(),
+                           group=group)
+    auc, impressions = user_aucs(mine[:, 0].long(), mine[:, 1], mine[:, 2])
+    weights = impressions.double()
+    sums = torch.stack([(auc * weights).sum(), weights.sum(), auc.sum(),
+                        torch.tensor(float(auc.numel()), dtype=torch.float64)])
+    dist.all_reduce(sums, group=group)
+    weighted_sum, samples, auc_sum, count = sums.tolist()
+    if count == 0:
+        return GaucResult(float("nan"), float("nan"), 0, 0)
+    return GaucResult(weighted=weighted_sum / samples, unweighted=auc_sum / count, users=int(count),
+                      samples=int(samples))

@@ -19,7 +19,7 @@ from torchrec.metrics.ne import NEMetric
 from torchrec.metrics.rec_metric import RecMetric
 
 from common.io import path_manager
-from training.gauc import all_gather_variable, gauc
+from training.gauc import distributed_gauc
 
 _TASK = RecTaskInfo(name="ctr", label_name="label", prediction_name="prediction", weight_name="weight")
 _METRICS = {"auc": AUCMetric, "ne": NEMetric, "ctr": CTRMetric}
@@ -48,11 +48,12 @@ class EvalAccumulator:
         """
         users, logits, labels = _cat(self._users, torch.long), _cat(self._logits, torch.float), _cat(self._labels, torch.float)
         group = _cpu_group()
-        all_users, all_logits, all_labels = all_gather_variable([users, logits, labels], group)
-        grouped = gauc(all_users.long(), all_logits, all_labels)
-        out: Dict[str, float] = {"samples": float(all_users.numel()), "gauc": grouped.weighted,
-                                 "gauc_unweighted": grouped.unweighted, "gauc_users": float(grouped.users)}
+        grouped = distributed_gauc(users, logits, labels, group)
         local_n = int(users.numel())
+        total = torch.tensor([local_n], dtype=torch.int64)
+        dist.all_reduce(total, group=group)
+        out: Dict[str, float] = {"samples": float(total), "gauc": grouped.weighted,
+                                 "gauc_unweighted": grouped.unweighted, "gauc_users": float(grouped.users)}
         largest = torch.tensor([max(local_n, 1)])
         dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
         batch, world = int(largest), dist.get_world_size()
