@@ -3,8 +3,10 @@ the trainer waits for data (the GSU runs in the data workers, ahead of the step)
 
 Shapes: the Taobao-MM one (batch 1000 per rank, L = 1,000, K = 50, ID dim 16) on two datasets, a small
 table (10,000 items, 64 categories: 1.3 MB of int8 content rows, cache-resident) and a large one
-(``--large-items``, default 300,000 items, and ``--large-categories``, default 1,000: 38 MB of content rows,
-beyond a 32 MB L3, so the GSU's gathers miss the caches as on real data; ``--skip-large`` leaves it out),
+(``--large-items``, default 300,000 synthetic items, and ``--large-categories``, default 1,000; ``--skip-large``
+leaves it out). ``muse prepare`` keeps the items that occur (133,131 of the 300,000 at L = 1,000: a 17 MB content
+table; 258,888 at L = 100,000: 33 MB), so the rows and MB of the prepared content table are printed per run;
+tables of that size compete with everything else for a 32 MB L3 but no longer sit in L2,
 and L = 100,000 with a smaller batch on the large table, the latter with the GSU online over the history store (shuffled, and with batches grouped by user:
 ``muse train --group-users``, so the GSU scores each history once for all of a user's samples) and from a stored
 retrieval (``muse retrieve`` once, then batches without any history scoring). Each point is one real ``muse train`` job launched through torchx on a synthetic dataset
@@ -19,6 +21,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Dict, List
 
+import numpy as np
 from tabulate import tabulate
 
 from common.atomic import check_output_path, write_text_atomic
@@ -51,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-large", action="store_true", help="leave out the large-table L=1,000 dataset")
     parser.add_argument("--skip-small", action="store_true", help="leave out the small-table L=1,000 dataset")
     parser.add_argument("--large-items", type=int, default=300_000,
-                        help="items of the large-table dataset (default 300,000: 38 MB of int8 content rows)")
+                        help="synthetic items of the large-table datasets (default 300,000; the prepared table keeps those "
+                             "that occur)")
     parser.add_argument("--large-categories", type=int, default=1000,
                         help="categories of the large-table dataset (default 1,000)")
     parser.add_argument("--num-workers", type=int, default=1, help="data workers per rank (default 1)")
@@ -101,6 +105,12 @@ def _large_suffix(shape: Shape) -> str:
 
 def _table_label(shape: Shape) -> str:
     return f"{shape.synth.items:,} items / {shape.synth.categories:,} cats"
+
+
+def _content_table(data: str) -> Dict[str, float]:
+    """Rows and MB of the prepared dataset's multimodal table (the rows the GSU gathers from)."""
+    table = np.load(os.path.join(data, "mm_table.npy"), mmap_mode="r")
+    return {"mm_rows": int(table.shape[0]), "mm_mb": round(table.nbytes / 1e6, 1)}
 
 
 def _stored_retrieval(data: str) -> None:
@@ -176,16 +186,17 @@ def run(args: argparse.Namespace) -> int:
             if not launch(app, "local_cwd", log_dir=os.path.join(args.runs_dir, "torchx-logs")):
                 raise UserError(f"bench run {run_dir} failed (see the log above)")
             results.append({"seq_len": shape.seq_len, "batch_per_rank": shape.batch_size, "ranks": world,
-                            "items": shape.synth.items, "categories": shape.synth.categories,
+                            "items": shape.synth.items, "categories": shape.synth.categories, **_content_table(data),
                             "batches": "by user" if shape.group_users else "shuffled",
                             "gsu": "stored retrieval" if shape.stored else "online",
                             "threads_per_rank": _threads(args, world), "k": 50,
                             "id_dim": 16, **_steady_state(run_dir, shape.batch_size * world)})
-    print(tabulate([(r["seq_len"], f"{r['items']:,} / {r['categories']:,}", r["batch_per_rank"], r["batches"], r["gsu"],
+    print(tabulate([(r["seq_len"], f"{r['items']:,} / {r['categories']:,}", f"{r['mm_rows']:,} ({r['mm_mb']} MB)",
+                     r["batch_per_rank"], r["batches"], r["gsu"],
                      r["ranks"], f"{r['samples_per_s']:.0f}",
                      f"{r['samples_per_s'] / r['batch_per_rank'] / r['ranks']:.1f}", f"{r['step_ms']:.0f}",
                      f"{100 * r['data_wait_fraction']:.1f}%") for r in results],
-                   headers=("L", "items / cats", "batch/rank", "batches", "GSU", "ranks", "samples/s", "steps/s", "step ms",
+                   headers=("L", "items / cats", "content rows", "batch/rank", "batches", "GSU", "ranks", "samples/s", "steps/s", "step ms",
                             "waiting for data")))
     if args.json:
         write_text_atomic(args.json, json.dumps({"benchmark": "train", "results": results}, indent=2), flag="--json")
