@@ -24,6 +24,7 @@ from inference.manifest import (BLOB_PACKAGE, MANIFEST_NAME, MANIFEST_PACKAGE, P
                                 parse_manifest)
 from model.config import ModelConfig
 from model.gsu import GsuStage, cosine_topk, pair_cosine
+from model.gsu.cosine import cosines
 from model.gsu.stage import Selected, assemble_batch
 from model.gsu.table import MMTable, RowNorms
 from model.muse import MuseModel, build_model
@@ -308,8 +309,7 @@ class Predictor:
         n_recent = recent.shape[0]
         recent_scores = torch.zeros(c, cfg.recent_len, dtype=torch.float32)
         if n_recent:
-            pairs = pair_cosine(table, norms, rows.index_select(0, recent).repeat(c), targets.repeat_interleave(n_recent))
-            recent_scores[:, :n_recent] = pairs.view(c, n_recent)
+            recent_scores[:, :n_recent] = _cross_cosines(table, norms, rows.index_select(0, recent), targets)
         width = min(cfg.k, length)
         if width and bool((items != 0).any()):
             scores, positions, valid = cosine_topk(table, targets, rows[None, :].expand(c, -1), width, norms=norms,
@@ -370,6 +370,18 @@ class Predictor:
                             history_cats=cats[None, :].expand(n, -1))
             out.append(self.score_indices(part))
         return torch.cat(out)
+
+
+def _cross_cosines(table: torch.Tensor, norms: RowNorms, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float32 [C, n]: ``pair_cosine`` of every (target, row) pair, targets int64 [C], rows int64 [n], bit-identical
+    to it. For an int8 table of width D <= 1024 one float32 product gives the exact integer dots (every partial sum
+    is an integer <= D * 128**2 <= 2**24, as the GSU's float32 kernels use it), and ``cosines`` is the formula
+    ``pair_cosine`` applies; other tables take ``pair_cosine`` itself."""
+    c, n = targets.shape[0], rows.shape[0]
+    if table.dtype != torch.int8 or table.shape[1] * 128 * 128 > 2 ** 24:
+        return pair_cosine(table, norms, rows.repeat(c), targets.repeat_interleave(n)).view(c, n)
+    dots = torch.mm(table.index_select(0, targets).to(torch.float32), table.index_select(0, rows).to(torch.float32).t())
+    return cosines(dots.double(), norms.sq_norm.index_select(0, rows)[None, :], norms.sq_norm.index_select(0, targets)[:, None])
 
 
 def _left_padded(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
