@@ -54,8 +54,8 @@ MAX_CLIENTS, MAX_SECONDS = 64, 300
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help="load a running `muse serve` (e.g. http://127.0.0.1:8000) instead "
                         "of the package in process: --clients concurrent keep-alive clients for --seconds")
-    parser.add_argument("--clients", type=int, default=1, help=f"with --url: concurrent clients, at most {MAX_CLIENTS} (default 1)")
-    parser.add_argument("--seconds", type=float, default=10.0, help=f"with --url: duration, at most {MAX_SECONDS} (default 10)")
+    parser.add_argument("--clients", type=int, default=1, help=f"with --url / --serve: concurrent clients, at most {MAX_CLIENTS} (default 1)")
+    parser.add_argument("--seconds", type=float, default=10.0, help=f"with --url / --serve: duration, at most {MAX_SECONDS} (default 10)")
     parser.add_argument("--prefetch", action="store_true", help="with --url / --serve: rank users by id, each rank "
                         "preceded by POST /prefetch on the same connection (default: explicit histories in the body)")
     parser.add_argument("--serve", action="store_true", help="start `muse serve` on the package (a free loopback port, "
