@@ -13,7 +13,7 @@ Ids: every argument holds raw hashed ids of the release; each is mapped through 
 space (unknown ids and 0 -> index 0, the padding/unknown row). Histories are oldest first, newest last.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
@@ -23,8 +23,10 @@ from datapipes.histories import HistoryStore
 from inference.manifest import (BLOB_PACKAGE, MANIFEST_NAME, MANIFEST_PACKAGE, PackageIntegrityError, decode_blob,
                                 parse_manifest)
 from model.config import ModelConfig
-from model.gsu import GsuStage, cosine_topk
-from model.gsu.table import MMTable
+from model.gsu import GsuStage, cosine_topk, pair_cosine
+from model.gsu.cosine import cosines
+from model.gsu.stage import Selected, assemble_batch
+from model.gsu.table import MMTable, RowNorms
 from model.muse import MuseModel, build_model
 
 IdsLike = Union[torch.Tensor, Sequence[int], Any]
@@ -61,6 +63,25 @@ class ItemSide:
     province: torch.Tensor
 
 
+@dataclass(frozen=True)
+class HistoryContent:
+    """The multimodal content rows of one history (``Predictor.history_content``), gathered once, e.g. at a
+    prefetch, so that ranking this history reads only the candidates' rows of the big table.
+
+    slots: int64 [L] each history position's row in ``rows`` (0 = no content row: padding or an unknown item).
+    rows: [U + 1, D] the table's dtype; row 0 zeros, rows 1..U the U distinct items, oldest newest-occurrence first.
+    sq_norm: [U + 1] their squared norms (the table's ``RowNorms.sq_norm``).
+    """
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    sq_norm: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.slots, self.rows, self.sq_norm))
+
+
 class Predictor:
     """Scores (user, item) pairs with the exported model.
 
@@ -70,6 +91,8 @@ class Predictor:
                  then the ESU and tower run on the candidates as one batch.
     rank_user(...): ``rank`` for a user id whose profile and history come from an attached history store
                  (``attach_histories``: a prepared split's store, or the copy exported beside the package).
+    rank_indices(...): ``rank`` in vocabulary indices (``indices``), with optional candidate attributes and the
+                 history's prefetched content rows (``history_content``): what a ranking server calls.
     score_indices(raw): a ``RawBatch`` already in vocabulary indices (a prepared dataset's rows).
     """
 
@@ -142,17 +165,16 @@ class Predictor:
         unknown = sorted(set(user_features) - set(USER_FEATURES))
         if unknown:
             raise ValueError(f"user_features: unknown key(s) {', '.join(unknown)} (expected {', '.join(USER_FEATURES)})")
-        cand = self._map("item", candidate_item_ids).reshape(-1)
-        c = cand.shape[0]
-        if c == 0:
+        cand = self.indices("item", candidate_item_ids).reshape(-1)
+        if cand.shape[0] == 0:
             return torch.zeros(0)
-        items = self._map("item", history_item_ids).reshape(-1)
-        cats = self._map("category", history_category_ids).reshape(-1)
+        items = self.indices("item", history_item_ids).reshape(-1)
+        cats = self.indices("category", history_category_ids).reshape(-1)
         if items.shape != cats.shape:
             raise ValueError(f"history_category_ids: length {cats.shape[0]} differs from history_item_ids {items.shape[0]}")
-        user = self._map("user", [user_features.get("user_id", 0)])
-        prof = torch.cat([self._map(f, [user_features.get(f, 0)]) for f in PROFILE_FIELDS])
-        return self._rank_indices(user, prof, cand, items, cats)
+        user = self.indices("user", [user_features.get("user_id", 0)])
+        prof = torch.cat([self.indices(f, [user_features.get(f, 0)]) for f in PROFILE_FIELDS])
+        return self.rank_indices(user, prof, cand, items, cats)
 
     def attach_histories(self, store: Union[str, HistoryStore]) -> None:
         """Serve users by id (``rank_user``) from a history store: a prepared split's ``<split>/histories`` or the
@@ -169,7 +191,7 @@ class Predictor:
         when it was trained on whole histories). An unknown user has index 0, no history and profile 0."""
         if self.histories is None:
             raise ValueError("no history store attached: pass histories= to load() or call attach_histories(DIR)")
-        user = self._map("user", [user_id])
+        user = self.indices("user", [user_id])
         items, cats = self.histories.history(int(user[0]))
         if self.max_seq_len is not None:
             items, cats = items[-self.max_seq_len:], cats[-self.max_seq_len:]
@@ -180,49 +202,145 @@ class Predictor:
     def rank_user(self, user_id: int, candidate_item_ids: IdsLike) -> torch.Tensor:
         """float32 [C] click probability of each candidate (raw item ids) for the raw ``user_id``, whose profile and
         history come from the attached store (``attach_histories``). Equal to ``rank`` with that history."""
-        cand = self._map("item", candidate_item_ids).reshape(-1)
+        cand = self.indices("item", candidate_item_ids).reshape(-1)
         if cand.shape[0] == 0:
             return torch.zeros(0)
         user, profile, items, cats = self.user_history(user_id)
-        return self._rank_indices(user, profile, cand, items, cats)
+        return self.rank_indices(user, profile, cand, items, cats)
 
-    def _rank_indices(self, user: torch.Tensor, prof: torch.Tensor, cand: torch.Tensor, items: torch.Tensor,
-                      cats: torch.Tensor) -> torch.Tensor:
-        """``rank`` in vocabulary indices: user [1], prof [5], cand [C], history items / cats [L], oldest first."""
+    # ---- ranking in vocabulary indices (what a server calls: ids mapped once, content rows prefetched) ----
+
+    def indices(self, space: str, raw: IdsLike) -> torch.Tensor:
+        """int64 vocabulary indices of raw hashed ids of the id space ``space`` (one of ``ID_SPACES``), same shape
+        as ``raw``; 0 for unknown ids and for 0."""
+        if space not in self.vocabs:
+            raise ValueError(f"space: unknown id space {space!r} (expected one of {', '.join(ID_SPACES)})")
+        return self.vocabs[space].lookup(torch.as_tensor(raw, dtype=torch.int64))
+
+    def history_content(self, history_items: torch.Tensor) -> HistoryContent:
+        """The ``HistoryContent`` of a history of item indices int64 [L] (oldest first): the multimodal rows of its
+        distinct items, gathered once, so that ``rank_indices(..., content=...)`` of that history reads no history
+        row of the big table (only the candidates' rows)."""
+        items = history_items.reshape(-1).to(torch.int64)
+        table, sq_norm = self.stage.mm_table.table, self.stage.mm_table.norms.sq_norm
+        real = torch.nonzero(items != 0).reshape(-1)
+        ids = items.index_select(0, real)
+        distinct, inverse = torch.unique(ids, return_inverse=True)
+        newest = torch.full((distinct.shape[0],), -1, dtype=torch.int64).scatter_reduce_(0, inverse, real, "amax")
+        order = torch.argsort(newest)  # distinct items, oldest newest-occurrence first
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.shape[0])
+        slots = torch.zeros_like(items)
+        slots[real] = rank.index_select(0, inverse) + 1
+        chosen = distinct.index_select(0, order)
+        rows = torch.cat([table[:1], table.index_select(0, chosen)])
+        return HistoryContent(slots, rows, torch.cat([sq_norm[:1], sq_norm.index_select(0, chosen)]))
+
+    @torch.no_grad()
+    def rank_indices(self, user: torch.Tensor, profile: torch.Tensor, candidates: torch.Tensor,
+                     history_items: torch.Tensor, history_cats: torch.Tensor,
+                     candidate_cats: Optional[torch.Tensor] = None, candidate_cities: Optional[torch.Tensor] = None,
+                     candidate_provinces: Optional[torch.Tensor] = None,
+                     content: Optional[HistoryContent] = None) -> torch.Tensor:
+        """float32 [C] click probability of each candidate for one user, everything in vocabulary indices.
+
+        user: int64 [1]; profile: int64 [5] (profile_1..profile_5); candidates: int64 [C] item indices;
+        history_items, history_cats: int64 [L], oldest first (0 = padding / unknown). candidate_cats,
+        candidate_cities, candidate_provinces: int64 [C] the candidates' attribute indices (None: the package's
+        item attributes). content: ``history_content(history_items)`` of this very history (a prefetch), or None
+        (the rows are read from the big table). Equal to ``score`` of the C rows (same user and history, each
+        candidate as the target, its attributes as given), with or without ``content``.
+
+        The multimodal GSU (MUSE) scores the history against all C candidates in one ``cosine_topk`` over its
+        distinct items, and the selected and recent behaviors go to the model directly (no second GSU pass);
+        SIM-hard / DIN select on the few positions they can read; SIM-soft / TWIN read the whole history in the
+        model, in groups of candidates.
+        """
+        cand = candidates.reshape(-1).to(torch.int64)
         c = cand.shape[0]
-        cand_cat, cand_city, cand_prov = self._item_attributes(cand, None, None, None)
+        if c == 0:
+            return torch.zeros(0)
+        items, cats = history_items.reshape(-1).to(torch.int64), history_cats.reshape(-1).to(torch.int64)
+        if items.shape != cats.shape:
+            raise ValueError(f"history_cats: length {cats.shape[0]} differs from history_items {items.shape[0]}")
+        if content is not None and tuple(content.slots.shape) != tuple(items.shape):
+            raise ValueError(f"content: {content.slots.shape[0]} positions for a history of {items.shape[0]} "
+                             "(pass history_content of this history)")
+        user, prof = user.reshape(1).to(torch.int64), profile.reshape(-1).to(torch.int64)
+        given = (candidate_cats, candidate_cities, candidate_provinces)
+        cat, city, prov = (g.reshape(-1).to(torch.int64) if g is not None else d[cand]
+                           for g, d in zip(given, (self.items.category, self.items.city, self.items.province)))
+        for name, values in zip(("candidate_cats", "candidate_cities", "candidate_provinces"), (cat, city, prov)):
+            if values.shape[0] != c:
+                raise ValueError(f"{name}: {values.shape[0]} values for {c} candidates")
+        samples = RawBatch(labels=torch.zeros(c), user_id=user.expand(c), profile=prof[None, :].expand(c, -1),
+                           target_item=cand, target_cat=cat, item_city=city, item_province=prov,
+                           history_items=items[None, :].expand(c, -1), history_cats=cats[None, :].expand(c, -1))
         if self.config.uses_history:
-            return self._rank_whole_history(user, prof, cand, cand_cat, cand_city, cand_prov, items, cats)
-        keep = self._compact_positions(cand, cand_cat, items, cats)
-        hist_items, hist_cats = _left_padded(items, keep), _left_padded(cats, keep)
-        raw = RawBatch(labels=torch.zeros(c), user_id=user.expand(c), profile=prof[None, :].expand(c, -1), target_item=cand,
-                       target_cat=cand_cat, item_city=cand_city, item_province=cand_prov,
-                       history_items=hist_items, history_cats=hist_cats)
-        return self.score_indices(raw)
+            return self._rank_whole_history(samples, items, cats)
+        if self.config.gsu == "multimodal":
+            return torch.sigmoid(self.model(assemble_batch(samples, self._shared_selection(cand, items, cats, content))))
+        keep = self._compact_positions(cand, cat, items, cats)
+        compact = replace(samples, history_items=_left_padded(items, keep), history_cats=_left_padded(cats, keep))
+        return self.score_indices(compact)
+
+    def _shared_selection(self, cand: torch.Tensor, items: torch.Tensor, cats: torch.Tensor,
+                          content: Optional[HistoryContent]) -> Selected:
+        """What the multimodal GSU stage selects for C candidates sharing one history (``GsuStage.select`` of the
+        C rows, without any [C, L] tensor): the recent window (the same for all) and each candidate's top K.
+
+        With ``content``, the cosines are taken in a small table: the content rows, then the candidates' rows.
+        Cosines of int8 rows are exact integer dot products over the stored norms and the GSU's filter bound
+        uses the whole table's smallest norm (kept), and the top K ranks positions, not row numbers, so the
+        selection and every score are the ones the whole table gives.
+        """
+        cfg, mm = self.config, self.stage.mm_table
+        c, length = cand.shape[0], items.shape[0]
+        if content is None:
+            table, norms, targets, rows = mm.table, mm.norms, cand, items
+        else:
+            base = content.rows.shape[0]
+            table = torch.cat([content.rows, mm.table.index_select(0, cand)])
+            norms = RowNorms(torch.cat([content.sq_norm, mm.norms.sq_norm.index_select(0, cand)]),
+                             mm.norms.min_norm, mm.norms.max_norm)
+            targets, rows = torch.arange(base, base + c, dtype=torch.int64), content.slots
+        real_pos = torch.nonzero((items != 0) | (cats != 0)).reshape(-1)
+        recent = real_pos[max(0, real_pos.shape[0] - cfg.recent_len):] if cfg.recent_len else real_pos[:0]
+        n_recent = recent.shape[0]
+        recent_scores = torch.zeros(c, cfg.recent_len, dtype=torch.float32)
+        if n_recent:
+            recent_scores[:, :n_recent] = _cross_cosines(table, norms, rows.index_select(0, recent), targets)
+        width = min(cfg.k, length)
+        if width and bool((items != 0).any()):
+            scores, positions, valid = cosine_topk(table, targets, rows[None, :].expand(c, -1), width, norms=norms,
+                                                   chunk_rows=self.stage.chunk_rows)
+            lengths = valid.sum(1)
+            gsu_scores = torch.where(valid, scores, torch.zeros((), dtype=torch.float32))
+            picked = positions[valid]  # sample-major, valid slots first: each candidate's top K in order
+        else:
+            lengths = torch.zeros(c, dtype=torch.int64)
+            gsu_scores = torch.zeros(c, width, dtype=torch.float32)
+            picked = torch.zeros(0, dtype=torch.int64)
+        if gsu_scores.shape[1] < cfg.k:
+            gsu_scores = torch.nn.functional.pad(gsu_scores, (0, cfg.k - gsu_scores.shape[1]))
+        return Selected(recent_item=items.index_select(0, recent).repeat(c), recent_cat=cats.index_select(0, recent).repeat(c),
+                        recent_lengths=torch.full((c,), n_recent, dtype=torch.int64), recent_scores=recent_scores,
+                        gsu_item=items.index_select(0, picked), gsu_cat=cats.index_select(0, picked),
+                        gsu_lengths=lengths, gsu_scores=gsu_scores)
 
     def _compact_positions(self, cand: torch.Tensor, cand_cat: torch.Tensor, items: torch.Tensor,
                            cats: torch.Tensor) -> torch.Tensor:
-        """Per candidate, the only history positions the GSU stage can read: the ``recent_len`` most recent
-        real behaviors plus the GSU's K picks, computed once for all candidates without any [C, L] tensor
-        (the multimodal top-K scores the shared history against all candidates in one ``cosine_topk``).
-        Returns int64 [C, W] positions (W <= recent_len + K), ascending, -1 padding on the left.
-
-        The stage run on these few positions selects exactly what it selects on the whole history: the
-        recent window is the same, and the K best (score, position) of a superset of the top K are the top K.
-        """
+        """Per candidate, the only history positions the SIM-hard / DIN stage can read: the ``recent_len`` most
+        recent real behaviors plus, for SIM-hard, the K most recent of the candidate's category, computed once for
+        all candidates without any [C, L] tensor. Returns int64 [C, W] positions (W <= recent_len + K), ascending,
+        -1 padding on the left. The stage run on these few positions selects exactly what it selects on the
+        whole history (the recent window is the same, and so are the K newest of a category)."""
         cfg = self.config
         c = cand.shape[0]
         real_pos = torch.nonzero((items != 0) | (cats != 0)).reshape(-1)
         recent = real_pos[-cfg.recent_len:] if cfg.recent_len else real_pos[:0]
         picks = torch.full((c, 0), -1, dtype=torch.int64)
-        if cfg.gsu == "multimodal" and bool((items != 0).any()):
-            k = min(cfg.k, items.shape[0])
-            table, norms = self.stage.mm_table.table, self.stage.mm_table.norms
-            # one history for all candidates: cosine_topk scores each distinct item of it once
-            _, positions, valid = cosine_topk(table, cand, items[None, :].expand(c, -1), k, norms=norms,
-                                              chunk_rows=self.stage.chunk_rows)
-            picks = torch.where(valid, positions, torch.full((), -1))
-        elif cfg.gsu == "category" and real_pos.numel():
+        if cfg.gsu == "category" and real_pos.numel():
             picks = torch.full((c, cfg.k), -1, dtype=torch.int64)
             for value in torch.unique(cand_cat).tolist():
                 if value == 0:
@@ -237,20 +355,33 @@ class Predictor:
         repeat[:, 1:] = merged[:, 1:] == merged[:, :-1]
         return torch.sort(torch.where(repeat, torch.full((), -1), merged), dim=1).values
 
-    def _rank_whole_history(self, user, prof, cand, cand_cat, cand_city, cand_prov, items, cats) -> torch.Tensor:
+    def _rank_whole_history(self, samples: RawBatch, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
         """SIM-soft / TWIN select inside the model from the whole history: candidates in groups of
         ``_IN_MODEL_CHUNK / L`` rows, each with the full history (a broadcast view, never copied)."""
-        c, length = cand.shape[0], items.shape[0]
+        c, length = samples.batch_size, items.shape[0]
         step = max(1, _IN_MODEL_CHUNK // max(1, length))
         out = []
         for s in range(0, c, step):
             n = min(step, c - s)
-            raw = RawBatch(labels=torch.zeros(n), user_id=user.expand(n), profile=prof[None, :].expand(n, -1),
-                           target_item=cand[s:s + n], target_cat=cand_cat[s:s + n], item_city=cand_city[s:s + n],
-                           item_province=cand_prov[s:s + n], history_items=items[None, :].expand(n, -1),
-                           history_cats=cats[None, :].expand(n, -1))
-            out.append(self.score_indices(raw))
+            part = RawBatch(labels=samples.labels[s:s + n], user_id=samples.user_id[s:s + n],
+                            profile=samples.profile[s:s + n], target_item=samples.target_item[s:s + n],
+                            target_cat=samples.target_cat[s:s + n], item_city=samples.item_city[s:s + n],
+                            item_province=samples.item_province[s:s + n], history_items=items[None, :].expand(n, -1),
+                            history_cats=cats[None, :].expand(n, -1))
+            out.append(self.score_indices(part))
         return torch.cat(out)
+
+
+def _cross_cosines(table: torch.Tensor, norms: RowNorms, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float32 [C, n]: ``pair_cosine`` of every (target, row) pair, targets int64 [C], rows int64 [n], bit-identical
+    to it. For an int8 table of width D <= 1024 one float32 product gives the exact integer dots (every partial sum
+    is an integer <= D * 128**2 <= 2**24, as the GSU's float32 kernels use it), and ``cosines`` is the formula
+    ``pair_cosine`` applies; other tables take ``pair_cosine`` itself."""
+    c, n = targets.shape[0], rows.shape[0]
+    if table.dtype != torch.int8 or table.shape[1] * 128 * 128 > 2 ** 24:
+        return pair_cosine(table, norms, rows.repeat(c), targets.repeat_interleave(n)).view(c, n)
+    dots = torch.mm(table.index_select(0, targets).to(torch.float32), table.index_select(0, rows).to(torch.float32).t())
+    return cosines(dots.double(), norms.sq_norm.index_select(0, rows)[None, :], norms.sq_norm.index_select(0, targets)[:, None])
 
 
 def _left_padded(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,11 @@
-"""``muse serve``: the engine's scores equal ``Predictor.score`` (with and without a prefetch, with side features),
+"""``muse serve``: ``Predictor.rank_indices`` and the engine's scores equal ``Predictor.score`` (with and without a
+prefetch, with side features), a package older than ``rank_indices`` still serves, the benchmark's own package,
 request validation, the prefetch cache and metrics in process; then a real server on a loopback port (2
 workers): real requests, every error class a 4xx with one message while the server stays up, a reload under
 load, and a graceful SIGTERM with requests in flight."""
 
+import argparse
+import dataclasses
 import http.client
 import json
 import os
@@ -20,13 +23,14 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 from datapipes.prepared import PreparedDataset
 from inference import load_predictor
 from inference.export import export_package
 from inference.predict import RawIds
 from model.config import ModelConfig
 from serving.cache import PrefetchCache
-from serving.engine import load_engine
+from serving.engine import Engine, load_engine
 from serving.metrics import LAYOUT, Metrics
 from serving.schema import BadRequest, Limits, parse_object, rank_request
 from test_inference import make_run
@@ -121,6 +125,137 @@ def test_engine_scores_equal_predictor_score_with_and_without_prefetch(packages,
                                        **{k: v.tolist() for k, v in side.items()}}, limits))
     assert torch.allclose(got, _reference(predictor, raw_ids, index, raw_user, candidates, side), atol=1e-6, rtol=0)
     assert not torch.allclose(got, _reference(predictor, raw_ids, index, raw_user, candidates), atol=1e-6, rtol=0)
+
+
+def test_rank_indices_with_content_and_side_features_equals_score(packages, users):
+    predictor = load_predictor(packages[0])
+    chosen, raw_ids, items = users
+    raw_user, index = chosen[1]
+    user, profile, hist_items, hist_cats = predictor.user_history(raw_user)
+    content = predictor.history_content(hist_items)
+    distinct = torch.unique(hist_items[hist_items != 0])
+    assert content.slots.shape == hist_items.shape and content.rows.shape[0] == distinct.numel() + 1
+    assert torch.equal(content.rows[content.slots], predictor.stage.mm_table.table[hist_items])
+    candidates = _candidates(items, 50, 3)
+    cand = predictor.indices("item", candidates)
+    side = {"candidate_categories": raw_ids("category", torch.randint(1, 10, (50,), generator=torch.Generator().manual_seed(1))),
+            "candidate_cities": torch.zeros(50, dtype=torch.int64),
+            "candidate_provinces": torch.full((50,), 55555, dtype=torch.int64)}
+    given = {"candidate_cats": predictor.indices("category", side["candidate_categories"]),
+             "candidate_cities": predictor.indices("item_city", side["candidate_cities"]),
+             "candidate_provinces": predictor.indices("item_province", side["candidate_provinces"])}
+    plain = _reference(predictor, raw_ids, index, raw_user, candidates)
+    with_side = _reference(predictor, raw_ids, index, raw_user, candidates, side)
+    for local in (None, content):
+        got = predictor.rank_indices(user, profile, cand, hist_items, hist_cats, content=local)
+        assert torch.allclose(got, plain, atol=1e-6, rtol=0)
+        got = predictor.rank_indices(user, profile, cand, hist_items, hist_cats, content=local, **given)
+        assert torch.allclose(got, with_side, atol=1e-6, rtol=0)
+    assert not torch.allclose(plain, with_side, atol=1e-6, rtol=0)
+    assert predictor.rank_indices(user, profile, cand[:0], hist_items, hist_cats).shape == (0,)
+    with pytest.raises(ValueError, match="content"):  # the content of another history
+        predictor.rank_indices(user, profile, cand, hist_items[1:], hist_cats[1:], content=content)
+    with pytest.raises(ValueError, match="candidate_cats"):
+        predictor.rank_indices(user, profile, cand, hist_items, hist_cats, candidate_cats=given["candidate_cats"][:3])
+
+
+class _OlderPredictor:
+    """What a package exported before ``rank_indices`` offers the engine: its public rank, rank_user, user_history."""
+
+    def __init__(self, predictor) -> None:
+        self.config, self.histories, self._predictor = predictor.config, predictor.histories, predictor
+
+    def rank(self, *args):
+        return self._predictor.rank(*args)
+
+    def rank_user(self, *args):
+        return self._predictor.rank_user(*args)
+
+    def user_history(self, user_id):
+        return self._predictor.user_history(user_id)
+
+
+def test_a_package_older_than_rank_indices_is_served_through_its_public_rank(packages, users):
+    package, _ = packages
+    current = load_engine(package, None, ENGINE_CONFIG, generation=1)
+    assert not current.info.legacy
+    engine = Engine(_OlderPredictor(current.predictor), dataclasses.replace(current.info, legacy=True),
+                    PrefetchCache(1 << 26, 100), 1)
+    assert not engine.local_gsu and engine.has_store
+    predictor = load_predictor(package)
+    chosen, raw_ids, items = users
+    limits = Limits(1000, 10_000)
+    raw_user, index = chosen[0]
+    candidates = _candidates(items, 30, 5)
+    expected = _reference(predictor, raw_ids, index, raw_user, candidates)
+    cold, facts = engine.rank(rank_request({"user_id": raw_user, "candidates": candidates}, limits))
+    assert facts["cache"] == "miss" and facts["history_length"] > 0
+    rows, cached = engine.prefetch(raw_user)
+    assert not cached and rows.local is None
+    warm, facts = engine.rank(rank_request({"user_id": raw_user, "candidates": candidates}, limits))
+    assert facts["cache"] == "hit"
+    explicit, _ = engine.rank(rank_request({**_explicit(predictor, raw_ids, raw_user), "candidates": candidates}, limits))
+    for got in (cold, warm, explicit):
+        assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    with pytest.raises(BadRequest) as caught:
+        engine.rank(rank_request({"user_id": raw_user, "candidates": candidates[:2], "candidate_cities": [1, 2]}, limits))
+    assert caught.value.status == 422 and caught.value.message.startswith("candidate_cities: ")
+
+
+def _bench_args(*flags) -> argparse.Namespace:
+    import bench.serve as serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args([str(f) for f in flags])
+
+
+def test_bench_serve_writes_its_own_package_of_the_asked_table_and_history(tmp_path):
+    import bench.serve as serve
+
+    workdir, out = tmp_path / "own", tmp_path / "inproc.json"
+    args = _bench_args("--items", 3000, "--users", 3, "--history", 400, "--candidates", 30, "--requests", 50,
+                       "--warmup", 1, "--workdir", workdir, "--json", out)
+    assert serve.run(args) == 0
+    result = json.loads(out.read_text())
+    assert result["mm_table_rows"] == 3001 and result["history"] == 400 and result["users"] == 3
+    assert result["requests"] == 50 and 0 < result["p50_ms"] <= result["p99_ms"]
+    distinct = result["own_package"]["history_distinct_items"]
+    assert len(distinct) == 3 and all(1 < d < 400 for d in distinct)  # popular items repeat
+    # the package serves: by user id, with and without a prefetch, equal to score
+    package = str(workdir / "model.pt")
+    engine, predictor = load_engine(package, None, ENGINE_CONFIG, generation=1), load_predictor(package)
+    assert engine.info.mm_table_mapped and engine.info.histories
+    store = predictor.histories
+    raw_user = int(predictor.vocabs["user"].keys[0])
+    user_index = int(predictor.indices("user", [raw_user])[0])
+    assert store.offsets[user_index, 1] - store.offsets[user_index, 0] == 400
+    inverse = {space: dict(zip(predictor.vocabs[space].index.tolist(), predictor.vocabs[space].keys.tolist()))
+               for space in ("item", "category", "profile_1", "profile_2", "profile_3", "profile_4", "profile_5")}
+    raw_ids = lambda space, idx: torch.tensor([inverse[space].get(int(i), 0) for i in idx.reshape(-1)])  # noqa: E731
+    candidates = _candidates(predictor.vocabs["item"].keys, 25, 2)
+    expected = _reference(predictor, raw_ids, user_index, raw_user, candidates)
+    cold, _ = engine.rank(rank_request({"user_id": raw_user, "candidates": candidates}, Limits(100, 1000)))
+    engine.prefetch(raw_user)
+    warm, facts = engine.rank(rank_request({"user_id": raw_user, "candidates": candidates}, Limits(100, 1000)))
+    assert facts == {"history_length": 400, "cache": "hit"}
+    for got in (cold, warm):
+        assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="--items"):
+        serve.run(_bench_args("--items", 10, "--workdir", tmp_path / "tiny"))
+
+
+@pytest.mark.slow
+def test_bench_serve_starts_a_server_on_its_own_package_and_ranks_after_prefetch(tmp_path):
+    import bench.serve as serve
+
+    out = tmp_path / "served.json"
+    args = _bench_args("--serve", "--prefetch", "--items", 3000, "--users", 2, "--history", 300, "--candidates", 40,
+                       "--seconds", 2, "--threads", 1, "--workdir", tmp_path / "own", "--json", out)
+    assert serve.run(args) == 0
+    result = json.loads(out.read_text())
+    assert result["requests"] > 0 and result["errors"] == 0 and result["prefetch"] is True
+    assert result["history_mean"] == 300 and result["mm_table_rows"] == 3001 and not result["legacy_package"]
 
 
 @pytest.mark.parametrize("body, status, field", [
