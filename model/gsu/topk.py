@@ -159,13 +159,19 @@ def _broadcast_topk(table: torch.Tensor, target_ids: torch.Tensor, history: torc
     scores, picked, _ = _streaming_topk(table, target_ids, distinct[None, :].expand(count, -1), width, norms,
                                         chunk_rows, True, shadow)  # [C, width], all valid
     item = by_recency.index_select(0, picked.reshape(-1)).view(count, width)  # index into item_ids
-    nth = torch.arange(k)  # j-th newest occurrence
-    slot = ends.index_select(0, item.reshape(-1)).view(count, width, 1) - 1 - nth  # [C, width, k] into order
-    exists = nth < occurrences.index_select(0, item.reshape(-1)).view(count, width, 1)
-    positions = real.index_select(0, order.index_select(0, slot.clamp_min(0).reshape(-1))).view(count, width, k)
+    counts = occurrences.index_select(0, item.reshape(-1)).view(count, width, 1)
+    # Each selected item's newest min(k, its occurrences) positions: m per item covers them all (most items of a
+    # history occur once or a few times, so [C, width, m] stays far smaller than [C, width, k]).
+    m = min(k, int(counts.max()))
+    nth = torch.arange(m)  # j-th newest occurrence
+    slot = ends.index_select(0, item.reshape(-1)).view(count, width, 1) - 1 - nth  # [C, width, m] into order
+    exists = nth < counts
+    positions = real.index_select(0, order.index_select(0, slot.clamp_min(0).reshape(-1))).view(count, width, m)
     keys = rank_keys(scores, torch.zeros_like(picked))[:, :, None] | positions  # (score, position) of each
     keys = torch.where(exists, keys, torch.full((), NO_KEY)).view(count, -1)
-    state.keys = torch.topk(keys, k, dim=1).values  # width * k >= k candidates, invalid ones NO_KEY (last)
+    if keys.shape[1] < k:  # fewer occurrences than k in all: pad with empty slots
+        keys = torch.cat([keys, torch.full((count, k - keys.shape[1]), NO_KEY)], 1)
+    state.keys = torch.topk(keys, k, dim=1).values  # invalid ones NO_KEY (last)
     return state.result()
 
 
