@@ -13,7 +13,7 @@ from model.config import ModelConfig
 from model.gsu import GsuStage, cosine_topk, history_cosines, pair_cosine
 from model.gsu import kernels, native
 from model.gsu.cosine import exact_dots
-from model.gsu.filter import FilterDots
+from model.gsu.filter import WIDE_FROM, FilterDots
 from model.gsu.shadow import filter_shadow
 from model.gsu.table import row_norms
 
@@ -78,14 +78,16 @@ def test_forcing_each_kernel_gives_identical_filter_products(monkeypatch, width)
         norms = row_norms(source)
         shadow = None if source.dtype == torch.int8 else filter_shadow(source, norms.sq_norm)
         rows = table if shadow is None else shadow.rows
+        assert len(samples) >= WIDE_FROM
         for count in (1, len(samples)):
             outputs = []
             for setting in SETTINGS:
                 filters = under(monkeypatch, setting, lambda: FilterDots(source, norms, targets, 8192, shadow))
+                kernel = filters.product(count).kernel  # count 10 is a wide block: filter= forces both regimes
                 if width > 1:
-                    assert filters.kernel.name == setting.split(",")[0].split("=")[1]
+                    assert kernel.name == setting.split(",")[0].split("=")[1]
                 dots = filters.block_dots(ids, samples[:count])
-                assert dots.dtype == filters.kernel.out_dtype
+                assert dots.dtype == kernel.out_dtype
                 outputs.append(dots.long())
             expected = rows[ids].long() @ filters.filter_targets[:count].long().t()
             for setting, got in zip(SETTINGS, outputs):
@@ -221,3 +223,17 @@ def test_without_a_compiler_the_native_kernel_is_not_offered(monkeypatch, tmp_pa
     monkeypatch.setenv(kernels.ENV_VAR, "filter=native")  # forced but unavailable: the measured choice runs
     forced = kernels.choose(kernels.FILTER, 128)
     assert forced.name == choice.name and not forced.forced and "native" in forced.note
+
+
+def test_filter_names_both_regimes_unless_filter_wide_is_given(monkeypatch):
+    assert kernels.parse_override("filter=int_mm") == {kernels.FILTER: "int_mm", kernels.FILTER_WIDE: "int_mm"}
+    assert kernels.parse_override("filter=int_mm,filter_wide=float32") == {kernels.FILTER: "int_mm",
+                                                                          kernels.FILTER_WIDE: "float32"}
+    assert kernels.parse_override("filter_wide=float32") == {kernels.FILTER_WIDE: "float32"}
+    monkeypatch.setenv(kernels.ENV_VAR, "filter=int_mm,filter_wide=float32")
+    table = extreme_table(400, 64, 2)
+    filters = FilterDots(table, row_norms(table), torch.arange(1, 21), 1024)
+    assert filters.product(1).kernel.name == "int_mm" and filters.product(WIDE_FROM - 1).kernel.name == "int_mm"
+    assert filters.product(WIDE_FROM).kernel.name == "float32" and filters.product(20).dot_dtype == torch.float32
+    wide = kernels.choose(kernels.FILTER_WIDE, 64)
+    assert wide.forced and wide.op == kernels.FILTER_WIDE and "filter_wide" in wide.describe()

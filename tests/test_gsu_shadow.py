@@ -77,7 +77,7 @@ def test_the_filter_keeps_every_row_reaching_the_threshold(dtype, seed):
     for b, target in enumerate(targets.tolist()):
         scores = pair_cosine(table, norms, rows, torch.full_like(rows, target))
         for tau in scores[torch.randperm(rows.shape[0], generator=g)[:40]].tolist() + [-0.9, 0.0, 0.99]:
-            need = int(filters.threshold_tensor(filters.thresholds([tau], [b]))[0])
+            need = int(filters.threshold_tensor(filters.thresholds([tau], [b]), torch.int32)[0])
             reach = scores >= tau
             assert bool((dots[1:, b][reach] >= need).all()), (b, tau)
             dropped_some |= bool((dots[1:, b] < need).any())

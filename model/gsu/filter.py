@@ -38,12 +38,31 @@ _SCORE_SLACK = 2.0 ** -20  # float64 rounding of the norms and the division, far
 _SHADOW_MARGIN = 1e-9
 
 
+# Blocks of at least this many targets take the "filter_wide" kernel (model.gsu.kernels): there the product,
+# not the gather, bounds the time.
+WIDE_FROM = 9
+
+
+class _Product:
+    """One filter kernel's reused state: kernel (None: torch.mm in the table's dtype), the dtype of its dots, its
+    gather buffer (none for a kernel that gathers itself), its workspace and a flat scratch for its dots."""
+
+    def __init__(self, kernel: Optional[kernels.FilterKernel], filter_table: torch.Tensor, gather_rows: int):
+        self.kernel = kernel
+        self.dot_dtype = kernel.out_dtype if kernel is not None else filter_table.dtype
+        width = filter_table.shape[1]
+        gathers = kernel is not None and kernel.gathers
+        self.buffer = torch.empty(0 if gathers else gather_rows, width, dtype=filter_table.dtype)
+        self.work = kernel.workspace(gather_rows, width) if kernel is not None else None
+        self.scratch = torch.empty(0, dtype=self.dot_dtype)
+
+
 class FilterDots:
     """Filter dot products and thresholds for the targets of one ``cosine_topk`` call.
 
     table [N, D], norms its RowNorms, target_ids int64 [B]; shadow: the int8 ``FilterShadow`` of a bf16/float32
     table to filter on, or None (filter on the table itself); chunk_rows bounds the rows of one call of
-    ``shared``/``packed`` (and so the scratch memory: chunk_rows x columns dot products).
+    ``block_dots`` (and so the scratch memory: chunk_rows x columns dot products).
     """
 
     def __init__(self, table: torch.Tensor, norms: RowNorms, target_ids: torch.Tensor, chunk_rows: int,
@@ -59,63 +78,67 @@ class FilterDots:
         self.inv_t = [1.0 / math.sqrt(v) if v > 0 else 0.0 for v in self.sq_t.tolist()]
         self.inv_min, self.inv_max = 1.0 / norms.max_norm, 1.0 / norms.min_norm
         self.filter_targets = self.targets if self.shadow is None else self._quantized_targets()
-        # The int8 product's kernel, measured once per process (model.gsu.kernels; never _int_mm at D = 1, where
-        # it is wrong on CPU in torch 2.13). Its dots are exact integers, int32 or float32.
-        self.kernel = kernels.filter_kernel(table.shape[1]) if self.int_filter else None
-        self.dot_dtype = self.kernel.out_dtype if self.int_filter else table.dtype
         self.gather_rows = gather_rows_for(self.filter_table, chunk_rows)
-        gathers = self.kernel is not None and self.kernel.gathers  # then no gather buffer is needed
-        self.buffer = torch.empty(0 if gathers else self.gather_rows, table.shape[1], dtype=self.filter_table.dtype)
-        self._work = self.kernel.workspace(self.gather_rows, table.shape[1]) if self.kernel is not None else None
-        self._scratch = torch.empty(0, dtype=self.dot_dtype)
+        self._products: Dict[bool, _Product] = {}
         self._columns: Dict[Tuple[int, ...], torch.Tensor] = {}
 
+    def product(self, count: int) -> _Product:
+        """The kernel and state for a block of ``count`` targets: the int8 product's kernel for that regime,
+        measured once per process (model.gsu.kernels; never _int_mm at D = 1, where it is wrong on CPU in torch
+        2.13), whose dots are exact integers (int32 or float32); torch.mm in the table's dtype without a shadow."""
+        wide = count >= WIDE_FROM
+        if wide not in self._products:
+            kernel = kernels.filter_kernel(self.table.shape[1], wide) if self.int_filter else None
+            self._products[wide] = _Product(kernel, self.filter_table, self.gather_rows)
+        return self._products[wide]
+
     def columns(self, samples: List[int]) -> torch.Tensor:
-        """Targets of ``samples`` as a contiguous [D, G'] matrix as the kernel takes it (int8 filters: G' = G, or G
+        """Targets of ``samples`` as a [D, G'] matrix as the block's kernel takes it (int8 filters: G' = G, or G
         rounded up to a multiple of 8 with zero columns for ``_int_mm``; float32 for the float32 kernel).
         Cached: a sample's columns are reused per piece."""
         key = tuple(samples)
         if key not in self._columns:
+            kernel = self.product(len(samples)).kernel
             columns = self.filter_targets[samples].t()
-            self._columns[key] = self.kernel.columns(columns) if self.kernel is not None else columns.contiguous()
+            self._columns[key] = kernel.columns(columns) if kernel is not None else columns.contiguous()
         return self._columns[key]
 
     def block_dots(self, ids: torch.Tensor, samples: List[int]) -> torch.Tensor:
         """[R, S] filter dots of the rows ``ids`` [R] (the histories of a block, one after another) with the targets
         of the block's S ``samples``; the caller keeps the (row, sample) pairs where the row is in the sample's
         history. Rows are gathered ``gather_rows`` at a time and each gather multiplied at once, before the next
-        evicts it from L2."""
+        evicts it from L2 (or all at once by a kernel that gathers itself)."""
+        product = self.product(len(samples))
         columns = self.columns(samples)
-        out = self.scratch(ids.shape[0] * columns.shape[1]).view(ids.shape[0], columns.shape[1])
-        self._dots_into(ids, columns, out)
+        size = ids.shape[0] * columns.shape[1]
+        if product.scratch.numel() < size:  # grown as needed, never shrunk
+            product.scratch = torch.empty(size, dtype=product.dot_dtype)
+        out = product.scratch[:size].view(ids.shape[0], columns.shape[1])
+        self._dots_into(product, ids, columns, out)
         return out[:, : len(samples)]
 
-    def scratch(self, size: int) -> torch.Tensor:
-        """A reused flat buffer of at least ``size`` dot products (grown as needed, never shrunk)."""
-        if self._scratch.numel() < size:
-            self._scratch = torch.empty(size, dtype=self.dot_dtype)
-        return self._scratch[:size]
-
-    def _dots_into(self, ids: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
-        """out [R, G'] = rows ``ids`` [R] x columns [D, G'], gathered ``gather_rows`` at a time (or all at once by
-        a kernel that gathers itself)."""
-        if self.kernel is not None and self.kernel.gathers:
-            if self.kernel.gather_mm(self.filter_table, ids, columns, out) >= 0:
+    def _dots_into(self, product: _Product, ids: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
+        """out [R, G'] = rows ``ids`` [R] x columns [D, G'] by ``product``'s kernel."""
+        kernel = product.kernel
+        if kernel is not None and kernel.gathers:
+            if kernel.gather_mm(self.filter_table, ids, columns, out) >= 0:
                 gather(self.table, ids)  # raises the ValueError naming history_ids
             return
         if ids.shape[0] <= self.gather_rows:
-            self._mm(gather(self.filter_table, ids, self.buffer), columns, out)
+            self._mm(product, gather(self.filter_table, ids, product.buffer), columns, out)
             return
         try:
             for part, part_out in zip(ids.split(self.gather_rows), out.split(self.gather_rows)):
-                self._mm(torch.index_select(self.filter_table, 0, part, out=self.buffer[: part.shape[0]]), columns, part_out)
+                rows = torch.index_select(self.filter_table, 0, part, out=product.buffer[: part.shape[0]])
+                self._mm(product, rows, columns, part_out)
         except IndexError:
             gather(self.table, ids)  # raises the ValueError naming history_ids
 
-    def _mm(self, rows: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
+    @staticmethod
+    def _mm(product: _Product, rows: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
         """out [R, G'] = rows [R, D] x columns [D, G'] in the filter's precision (int8: the exact integers)."""
-        if self.kernel is not None:
-            self.kernel.mm(rows, columns, out, self._work)
+        if product.kernel is not None:
+            product.kernel.mm(rows, columns, out, product.work)
         else:
             torch.mm(rows, columns, out=out)
 
@@ -146,15 +169,15 @@ class FilterDots:
             out.append(need)
         return out
 
-    def threshold_tensor(self, needs: List[float]) -> torch.Tensor:
-        """[G] thresholds in the filter dots' dtype, rounded down: for int filters the integer floor(need) - 1
-        clamped to int32, as int32 or, for float32 dots (|dot| <= 2**24, ``model.gsu.kernels``), clamped further
-        to +-(2**24 + 2), float32 integers that every dot compares with as with the int32 threshold (none reaches
-        one above 2**24, all reach one below -2**24); float32 otherwise."""
+    def threshold_tensor(self, needs: List[float], dot_dtype: torch.dtype) -> torch.Tensor:
+        """[G] thresholds in the filter dots' dtype ``dot_dtype`` (the block's kernel's), rounded down: for int
+        filters the integer floor(need) - 1 clamped to int32, as int32 or, for float32 dots (|dot| <= 2**24,
+        ``model.gsu.kernels``), clamped further to +-(2**24 + 2), float32 integers that every dot compares with as
+        with the int32 threshold (none reaches one above 2**24, all reach one below -2**24); float32 otherwise."""
         if self.int_filter:
             ints = [_INT32_MIN if n == -math.inf else _INT32_MAX if n == math.inf
                     else max(_INT32_MIN, min(_INT32_MAX, math.floor(n) - 1)) for n in needs]
-            if self.dot_dtype == torch.int32:
+            if dot_dtype == torch.int32:
                 return torch.tensor(ints, dtype=torch.int32)
             return torch.tensor([max(-_FLOAT_DOT_LIMIT, min(_FLOAT_DOT_LIMIT, n)) for n in ints], dtype=torch.float32)
         return torch.tensor([_float32_at_most(n) for n in needs], dtype=torch.float32)

@@ -10,6 +10,10 @@ Two products, both exact integer dot products of int8 rows of width D:
   buffer, ``torch.mm`` with float32 out) and ``native`` (``model.gsu.native``: a C loop compiled on the host that
   gathers the rows itself, prefetching ahead, and takes their int32 dots as it goes; offered only where a C
   compiler builds it). The filter's probe times each candidate on the gather it needs as well as its product.
+  Chosen twice, for two regimes that favour different kernels: ``filter`` for blocks of few targets (a
+  sample's own history: the gather bounds the time, probed at 1 and 8 targets) and ``filter_wide`` for blocks
+  of many (a shared user's samples, packed short histories, serving's candidates: the arithmetic bounds it,
+  where a BLAS ``mm`` beats the native loop; probed at 32). ``model.gsu.filter.WIDE_FROM`` divides them.
 - ``dots`` (``model.gsu.cosine.exact_dots``): row-wise pairs int8 [n, D] . int8 [n, D] -> dots [n], the exact
   rescoring of candidates, the recent-window and SIM-hard scores and whole-history scores (serving runs the
   same stage, so it uses the same kernels). Candidates: ``int16`` (products in int16, sum in int32) and
@@ -30,8 +34,9 @@ measures in its own process; a forked one inherits its parent's measurements, ta
 representative probe (``_FILTER_ROWS`` gathered rows against 1 and 16 targets; ``_DOT_PAIRS`` pairs), best of
 a few runs, a few ms in all, cached per (product, D, torch threads) behind a lock. The fastest candidate runs.
 
-Override: ``MUSE_GSU_KERNEL=<name>`` forces ``name`` for every product that has it (``float32`` forces both),
-``MUSE_GSU_KERNEL=filter=int_mm,dots=int16`` names them per product; an unknown name is a ``UserError``. A
+Override: ``MUSE_GSU_KERNEL=<name>`` forces ``name`` for every product that has it (``float32`` forces all),
+``MUSE_GSU_KERNEL=filter=int_mm,dots=int16`` names them per product (``filter=`` names both filter regimes
+unless ``filter_wide=`` is given too); an unknown name is a ``UserError``. A
 forced candidate that is not exact at the table's width (``int_mm`` at D = 1, ``float32`` at D > 1024) is not
 used (the measured choice runs, and the choice says why). ``choose(op, width)`` returns the ``Choice`` (kernel,
 measured times, CPU capability); ``choices()`` lists those made in this process.
@@ -51,6 +56,7 @@ from model.gsu import native
 
 ENV_VAR = "MUSE_GSU_KERNEL"
 FILTER = "filter"
+FILTER_WIDE = "filter_wide"
 DOTS = "dots"
 # Widest D whose int8 dots are exact in float32: every partial sum <= D * 128**2 <= 2**24 (module docstring).
 FLOAT32_EXACT_WIDTH = 2 ** 24 // 128 ** 2
@@ -58,7 +64,7 @@ FLOAT32_EXACT_WIDTH = 2 ** 24 // 128 ** 2
 # single-sample history) and against 16 (a packed block or a shared user); 2,048 pairs.
 _FILTER_ROWS = 1024
 _PROBE_TABLE_ROWS = 8192  # 1 MB at D = 128: the probe's gathers leave L1 and most of L2, as the real ones do
-_FILTER_COLUMNS = (1, 16)
+_FILTER_COLUMNS = {FILTER: (1, 8), FILTER_WIDE: (32,)}
 _DOT_PAIRS = 2048
 _REPEATS = 3
 # A candidate already this many times slower than the best after one timed run is not timed again.
@@ -200,7 +206,8 @@ class Float32Dots(DotsKernel):
         return (rows.to(torch.float32) * targets.to(torch.float32)).sum(-1).double()
 
 
-KERNELS: Dict[str, Tuple] = {FILTER: (Float32MM(), IntMM(), NativeFilter()), DOTS: (Int16Dots(), Float32Dots())}
+_FILTERS = (Float32MM(), IntMM(), NativeFilter())
+KERNELS: Dict[str, Tuple] = {FILTER: _FILTERS, FILTER_WIDE: _FILTERS, DOTS: (Int16Dots(), Float32Dots())}
 
 
 @dataclass(frozen=True)
@@ -260,9 +267,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def filter_kernel(width: int) -> FilterKernel:
-    """The ``FilterKernel`` the prefilter runs for rows of ``width`` int8 values."""
-    return choose(FILTER, width).kernel
+def filter_kernel(width: int, wide: bool = False) -> FilterKernel:
+    """The ``FilterKernel`` the prefilter runs for rows of ``width`` int8 values against a few targets, or against
+    many (``wide``: a shared user's or a packed block's, serving's candidates), where the product, not the gather,
+    bounds the time and another kernel may win."""
+    return choose(FILTER_WIDE if wide else FILTER, width).kernel
 
 
 def dots_kernel(width: int) -> DotsKernel:
@@ -271,7 +280,7 @@ def dots_kernel(width: int) -> DotsKernel:
 
 
 def choose(op: str, width: int) -> Choice:
-    """The ``Choice`` for product ``op`` (FILTER | DOTS) at row width ``width``: the override if set and exact at
+    """The ``Choice`` for product ``op`` (FILTER | FILTER_WIDE | DOTS) at row width ``width``: the override if set and exact at
     this width, else the fastest measured candidate (measured once per process, width and thread count)."""
     if op not in KERNELS:
         raise ValueError(f"op: expected one of {', '.join(KERNELS)}, got {op!r}")
@@ -320,6 +329,8 @@ def parse_override(setting: str) -> Dict[str, str]:
         if not ops or any(all(k.name != name for k in KERNELS[o]) for o in ops):
             raise UserError(f"{ENV_VAR}={setting}: unknown kernel {name!r} (known: {known})")
         out.update({o: name for o in ops})
+    if FILTER in out and not any(p.strip().startswith(FILTER_WIDE + "=") for p in setting.split(",")):
+        out[FILTER_WIDE] = out[FILTER]  # "filter=X" names the filter's kernel in both regimes
     return out
 
 
@@ -341,15 +352,17 @@ def _decide(op: str, width: int, threads: int, forced: Optional[str], measured: 
 
 def _measure(op: str, width: int) -> _Measured:
     """Best-of-_REPEATS ms of every candidate exact at ``width`` on the probe (after one warm-up run that is
-    also checked against float64); a candidate far behind the best is timed once."""
+    also checked against float64). The candidates are timed in turns (one run of each, _REPEATS rounds), so a
+    burst of load from another process slows all of them alike instead of one; a candidate already _GIVE_UP
+    times behind the best after the first round is not timed again."""
     global measure_count
     measure_count += 1
     generator = torch.Generator().manual_seed(width)
-    run, reference = _FILTER_PROBE if op == FILTER else _DOTS_PROBE
+    run, reference = _DOTS_PROBE if op == DOTS else _FILTER_PROBE
     probe = _probe_data(op, width, generator)
     expected = reference(*probe)
-    times: Dict[str, float] = {}
     excluded: Dict[str, str] = {}
+    states: Dict[str, Tuple[FilterKernel, object]] = {}
     for kernel in KERNELS[op]:
         if not kernel.supports(width):
             excluded[kernel.name] = (f"not exact for D={width}" if kernel.name == "float32"
@@ -364,14 +377,16 @@ def _measure(op: str, width: int) -> _Measured:
         except RuntimeError as err:
             excluded[kernel.name] = f"failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
             continue
-        best = math.inf
-        for attempt in range(_REPEATS):
+        states[kernel.name] = (kernel, prepared[1])
+    best: Dict[str, float] = {name: math.inf for name in states}
+    for attempt in range(_REPEATS):
+        for name, (kernel, state) in states.items():
+            if attempt and best[name] > _GIVE_UP * min(best.values()):
+                continue
             start = time.perf_counter()
-            run(kernel, *probe, prepared[1])
-            best = min(best, time.perf_counter() - start)
-            if attempt == 0 and times and best > _GIVE_UP * min(times.values()) / 1e3:
-                break
-        times[kernel.name] = best * 1e3
+            run(kernel, *probe, state)
+            best[name] = min(best[name], time.perf_counter() - start)
+    times = {name: seconds * 1e3 for name, seconds in best.items()}
     return _Measured(times, excluded, _cpu_capability())
 
 
@@ -379,12 +394,12 @@ def _probe_data(op: str, width: int, generator: torch.Generator) -> Tuple[torch.
     """Random int8 probe data including the extremes -128 and 127 (the exactness bound's worst case). FILTER:
     (table [_PROBE_TABLE_ROWS, D], ids [_FILTER_ROWS] of random rows, targets [D, max columns]), so every
     candidate is timed on the gather it needs as well as its product; DOTS: (rows, targets) pairs."""
-    if op == FILTER:
+    if op != DOTS:
         table = torch.randint(-128, 128, (_PROBE_TABLE_ROWS, width), dtype=torch.int8, generator=generator)
         ids = torch.randint(0, _PROBE_TABLE_ROWS, (_FILTER_ROWS,), generator=generator)
-        targets = torch.randint(-128, 128, (width, max(_FILTER_COLUMNS)), dtype=torch.int8, generator=generator)
+        targets = torch.randint(-128, 128, (width, max(_FILTER_COLUMNS[op])), dtype=torch.int8, generator=generator)
         table[ids[0]], targets[:, 0] = -128, -128
-        return table, ids, targets
+        return table, ids, targets, _FILTER_COLUMNS[op]
     rows = torch.randint(-128, 128, (_DOT_PAIRS, width), dtype=torch.int8, generator=generator)
     targets = torch.randint(-128, 128, (_DOT_PAIRS, width), dtype=torch.int8, generator=generator)
     rows[0], targets[0] = -128, -128
@@ -392,13 +407,13 @@ def _probe_data(op: str, width: int, generator: torch.Generator) -> Tuple[torch.
 
 
 def _filter_run(kernel: FilterKernel, table: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
-                state) -> Tuple[List[torch.Tensor], object]:
+                counts: Tuple[int, ...], state) -> Tuple[List[torch.Tensor], object]:
     """The probe of FILTER: the rows ``ids`` of ``table`` gathered (by ``index_select`` into a reused buffer, or
-    by a gathering kernel itself) and multiplied by each of _FILTER_COLUMNS target counts. state: buffer,
+    by a gathering kernel itself) and multiplied by each of ``counts`` targets (_FILTER_COLUMNS). state: buffer,
     prepared columns, outputs and workspace from the first (untimed) run, or None there."""
     if state is None:
         work = kernel.workspace(ids.shape[0], table.shape[1])
-        prepared = [kernel.columns(targets[:, :count]) for count in _FILTER_COLUMNS]
+        prepared = [kernel.columns(targets[:, :count]) for count in counts]
         outs = [torch.empty(ids.shape[0], c.shape[1], dtype=kernel.out_dtype) for c in prepared]
         state = (torch.empty(ids.shape[0], table.shape[1], dtype=table.dtype), work, prepared, outs)
     buffer, work, prepared, outs = state
@@ -407,12 +422,13 @@ def _filter_run(kernel: FilterKernel, table: torch.Tensor, ids: torch.Tensor, ta
             kernel.gather_mm(table, ids, columns, out)
         else:
             kernel.mm(torch.index_select(table, 0, ids, out=buffer), columns, out, work)
-    return [out[:, :count] for out, count in zip(outs, _FILTER_COLUMNS)], state
+    return [out[:, :count] for out, count in zip(outs, counts)], state
 
 
-def _filter_reference(table: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> List[torch.Tensor]:
+def _filter_reference(table: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
+                      counts: Tuple[int, ...]) -> List[torch.Tensor]:
     rows = table.index_select(0, ids).double()
-    return [torch.mm(rows, targets[:, :count].double()) for count in _FILTER_COLUMNS]
+    return [torch.mm(rows, targets[:, :count].double()) for count in counts]
 
 
 def _dots_run(kernel: DotsKernel, rows: torch.Tensor, targets: torch.Tensor, state) -> Tuple[List[torch.Tensor], object]:

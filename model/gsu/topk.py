@@ -230,7 +230,7 @@ def _filter_block(filters: FilterDots, state: RunningTopK, ids: torch.Tensor, bl
     dots = filters.block_dots(ids, samples)  # [n * width, S]
     group_of = _group_of(block)
     per_sample = _own_rows(dots, group_of, len(block), width)  # [S, width]: each sample's own history's dots
-    hits = (per_sample >= filters.threshold_tensor(needs)[:, None]).nonzero()  # row-major: ascending samples
+    hits = (per_sample >= filters.threshold_tensor(needs, dots.dtype)[:, None]).nonzero()  # row-major: ascending samples
     if hits.shape[0] == 0:
         return
     columns, within = hits[:, 0], hits[:, 1]
