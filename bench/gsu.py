@@ -144,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _kernel_choices(width: int) -> List[kernels.Choice]:
-    """The kernels cosine_topk runs at ``width`` in this process (measured now if not yet), filter then dots."""
-    return [kernels.choose(kernels.FILTER, width), kernels.choose(kernels.DOTS, width)]
+    """The kernels cosine_topk runs at ``width`` in this process (measured now if not yet): filter, wide filter, dots."""
+    return [kernels.choose(kernels.FILTER, width), kernels.choose(kernels.FILTER_WIDE, width), kernels.choose(kernels.DOTS, width)]
 
 
 def _kernel_setting(chosen: List[kernels.Choice]) -> str:
