@@ -4,7 +4,7 @@ chunk boundaries, shared histories, bad arguments."""
 import pytest
 import torch
 
-from model.gsu import cosine_topk, pair_cosine
+from model.gsu import cosine_topk, pair_cosine, topk
 from model.gsu.topk import BLOCK_DOTS, MAX_PACKED, MAX_SHARED, blocks, history_groups
 from model.gsu.table import row_norms
 
@@ -289,10 +289,14 @@ def test_bad_norms_and_chunk_rows():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 7, 40])
-def test_a_broadcast_history_scores_each_distinct_item_once_with_the_same_result(dtype, k):
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_broadcast_history_scores_each_distinct_item_once_with_the_same_result(dtype, k, dense, monkeypatch):
     """One history shared by every target (serving's rank()), full of repeats, padding and holes, with distinct
     items of identical content (exact ties across items): the distinct-item path equals scoring each sample
-    alone, ties ranked by position; k above an item's count and above the number of distinct items included."""
+    alone, ties ranked by position; k above an item's count and above the number of distinct items included.
+    int8 tables score few distinct items densely (``_dense_topk``) or, past DENSE_ITEMS, by the streaming filter."""
+    if not dense:
+        monkeypatch.setattr(topk, "DENSE_ITEMS", 0)
     table = random_table(60, 16, dtype, 12)
     table[31:41] = table[1:11]  # items 31..40 tie exactly with items 1..10
     g = torch.Generator().manual_seed(12)

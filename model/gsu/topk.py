@@ -23,7 +23,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from model.gsu.cosine import exact_dots
+from model.gsu import kernels
+from model.gsu.cosine import cosines, exact_dots
 from model.gsu.filter import FilterDots
 from model.gsu.inputs import check_inputs, chunk_rows_for, gather, norms_for, shadow_for
 from model.gsu.shadow import FilterShadow
@@ -34,6 +35,10 @@ from model.gsu.table import RowNorms
 MAX_PACKED = 16
 # Most samples scored together against one shared history (a larger group is split), and most samples of a block.
 MAX_SHARED = 64
+# One history broadcast to every target (serving) with at most this many distinct items is scored densely (every
+# target x item in one product, ``_dense_topk``), DENSE_ENTRIES (target, item) pairs at a time.
+DENSE_ITEMS = 4096
+DENSE_ENTRIES = 1 << 20
 # Most dot products of one block: a block multiplies every row by every sample's target of the block (and keeps
 # each history's own), so packing stops where that waste would cost more than the per-block overhead it saves.
 BLOCK_DOTS = 1 << 18
@@ -156,23 +161,86 @@ def _broadcast_topk(table: torch.Tensor, target_ids: torch.Tensor, history: torc
     by_recency = torch.argsort(real.index_select(0, order.index_select(0, ends - 1)))
     distinct = item_ids.index_select(0, by_recency)  # [U] items, oldest newest-occurrence first
     width = min(k, distinct.shape[0])
-    scores, picked, _ = _streaming_topk(table, target_ids, distinct[None, :].expand(count, -1), width, norms,
-                                        chunk_rows, True, shadow)  # [C, width], all valid
-    item = by_recency.index_select(0, picked.reshape(-1)).view(count, width)  # index into item_ids
+    if table.dtype == torch.int8 and table.shape[1] <= kernels.FLOAT32_EXACT_WIDTH and distinct.shape[0] <= DENSE_ITEMS:
+        scores, picked = _dense_topk(table, target_ids, distinct, width, norms)
+    else:
+        scores, picked, _ = _streaming_topk(table, target_ids, distinct[None, :].expand(count, -1), width, norms,
+                                            chunk_rows, True, shadow)  # [C, width], all valid
+    item = by_recency.index_select(0, picked.reshape(-1)).view(count, width)  # index into item_ids, best first
+    state.keys = _occurrence_keys(scores, item, occurrences, ends, order, real, k)
+    return state.result()
+
+
+def _occurrence_keys(scores: torch.Tensor, item: torch.Tensor, occurrences: torch.Tensor, ends: torch.Tensor,
+                     order: torch.Tensor, real: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 [C, k] rank keys of the k best (score, position) among the occurrences of each target's selected items.
+
+    scores float32 [C, w], item [C, w]: each target's w selected items (indices into the distinct items, whose
+    occurrence counts, cumulative ends, sort order and real positions are ``occurrences``, ``ends``, ``order``,
+    ``real`` as in ``_broadcast_topk``), best first. Where no two selected items a target needs tie in score,
+    its answer is the items' occurrences newest first, item after item, cut at k: one [C, k] gather. Targets
+    with such a tie (equal content rows) take every item's newest min(k, count) occurrences ([c, w, m]) and a
+    top-k, which interleaves the tied items' positions.
+    """
+    count, width = item.shape
+    counts = occurrences.index_select(0, item.reshape(-1)).view(count, width).clamp(max=k)
+    upto = torch.cumsum(counts, 1)  # occurrences of the first j + 1 items
+    slots = torch.arange(k).expand(count, k)
+    rank = torch.searchsorted(upto, slots.contiguous(), right=True)  # [C, k]: the item (rank) filling each slot
+    filled = rank < width
+    rank = rank.clamp(max=width - 1)
+    nth = slots - (upto.gather(1, rank) - counts.gather(1, rank))  # which newest occurrence of that item
+    chosen = item.gather(1, rank)
+    slot = ends.index_select(0, chosen.reshape(-1)).view(count, k) - 1 - nth
+    positions = real.index_select(0, order.index_select(0, slot.clamp_min(0).reshape(-1))).view(count, k)
+    keys = torch.where(filled, rank_keys(scores.gather(1, rank), positions), torch.full((), NO_KEY))
+    last = rank.max(1).values  # the last item a target needs; a tie with the next one matters too
+    ties = (scores[:, 1:] == scores[:, :-1]) & (torch.arange(width - 1)[None, :] <= last[:, None])
+    tied = ties.any(1).nonzero().squeeze(1)
+    if tied.numel():
+        keys[tied] = _interleaved_keys(scores[tied], item[tied], occurrences, ends, order, real, k)
+    return keys
+
+
+def _interleaved_keys(scores: torch.Tensor, item: torch.Tensor, occurrences: torch.Tensor, ends: torch.Tensor,
+                      order: torch.Tensor, real: torch.Tensor, k: int) -> torch.Tensor:
+    """``_occurrence_keys`` for targets whose selected items tie: all of each item's newest min(k, count)
+    occurrences, ranked together. [c, k]."""
+    count, width = item.shape
     counts = occurrences.index_select(0, item.reshape(-1)).view(count, width, 1)
-    # Each selected item's newest min(k, its occurrences) positions: m per item covers them all (most items of a
-    # history occur once or a few times, so [C, width, m] stays far smaller than [C, width, k]).
-    m = min(k, int(counts.max()))
+    m = min(k, int(counts.max()))  # covers every item's needed occurrences, usually far below k
     nth = torch.arange(m)  # j-th newest occurrence
-    slot = ends.index_select(0, item.reshape(-1)).view(count, width, 1) - 1 - nth  # [C, width, m] into order
-    exists = nth < counts
+    slot = ends.index_select(0, item.reshape(-1)).view(count, width, 1) - 1 - nth  # [c, width, m] into order
     positions = real.index_select(0, order.index_select(0, slot.clamp_min(0).reshape(-1))).view(count, width, m)
-    keys = rank_keys(scores, torch.zeros_like(picked))[:, :, None] | positions  # (score, position) of each
-    keys = torch.where(exists, keys, torch.full((), NO_KEY)).view(count, -1)
+    keys = rank_keys(scores, torch.zeros_like(item))[:, :, None] | positions  # (score, position) of each
+    keys = torch.where(nth < counts, keys, torch.full((), NO_KEY)).view(count, -1)
     if keys.shape[1] < k:  # fewer occurrences than k in all: pad with empty slots
         keys = torch.cat([keys, torch.full((count, k - keys.shape[1]), NO_KEY)], 1)
-    state.keys = torch.topk(keys, k, dim=1).values  # invalid ones NO_KEY (last)
-    return state.result()
+    return torch.topk(keys, k, dim=1).values  # invalid ones NO_KEY (last)
+
+
+def _dense_topk(table: torch.Tensor, target_ids: torch.Tensor, items: torch.Tensor, k: int,
+                norms: RowNorms) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of few distinct items [U] (non-padding) for each of C targets, every (target, item) scored: an int8
+    table's dots are exact integers in float32 (|dot| <= 2**24 for D <= FLOAT32_EXACT_WIDTH, ``model.gsu.kernels``),
+    so one float32 product gives the dots the filter would, ``cosines`` the same float32 scores and ``rank_keys``
+    (position = index into ``items``) the same order as ``_streaming_topk``: bit-identical, without its per-block
+    filtering for histories whose distinct items fit one small product. Targets go DENSE_ENTRIES // U at a time.
+    Returns (scores float32 [C, k], indices into items int64 [C, k]), best first."""
+    rows = table.index_select(0, items).to(torch.float32).t().contiguous()  # [D, U]
+    sq_items = norms.sq_norm.index_select(0, items)[None, :]
+    positions = torch.arange(items.shape[0])[None, :]
+    step = max(1, DENSE_ENTRIES // items.shape[0])
+    keys = []
+    for start in range(0, target_ids.shape[0], step):
+        targets = target_ids[start:start + step]
+        dots = torch.mm(table.index_select(0, targets).to(torch.float32), rows)  # [c, U], exact integers
+        scores = cosines(dots.double(), sq_items, norms.sq_norm.index_select(0, targets)[:, None])
+        keys.append(torch.topk(rank_keys(scores, positions), k, dim=1).values)
+    state = RunningTopK(target_ids.shape[0], k)
+    state.keys = torch.cat(keys)
+    scores, picked, _ = state.result()
+    return scores, picked
 
 
 def pieces(length: int, k: int, chunk_rows: int) -> List[Tuple[int, int]]:
