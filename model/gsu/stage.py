@@ -135,9 +135,11 @@ class GsuStage:
         if self.config.gsu == "multimodal":
             width = min(k, length)
             mm = self.mm_table
-            if self.pq_m is not None:
+            candidates = getattr(self.config, "pq_candidates", 0)
+            # K' >= L re-scores every behavior: exactly cosine_topk's result (bit-identical scores), no codes read
+            if self.pq_m is not None and (not candidates or candidates < length):
                 scores, positions, valid = pq_topk(self._pq_index(), table, raw.target_item, raw.history_items, width,
-                                                   candidates=getattr(self.config, "pq_candidates", 0), norms=norms,
+                                                   candidates=candidates, norms=norms,
                                                    chunk_rows=self.chunk_rows)
             else:
                 scores, positions, valid = cosine_topk(table, raw.target_item, raw.history_items, width, norms=norms,
