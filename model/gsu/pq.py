@@ -198,7 +198,7 @@ class PQIndex:
             raise UserError(f"{directory}: no PQ codes for M = {m} (the model's pq_m); write them with "
                             f"`muse pq --data {os.path.dirname(table_path)} --m {m}`")
         index = cls.open(directory, rows, dim)
-        dataset_meta = os.path.join(path_manager.get_local_path(os.path.dirname(table_path)), "metadata.json")
+        dataset_meta = os.path.join(os.path.dirname(table_path), "metadata.json")  # table_path is local (MMTable.source)
         if os.path.exists(dataset_meta):
             with open(dataset_meta) as f:
                 table_sha = json.load(f).get("mm_table_sha256")
