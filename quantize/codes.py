@@ -14,6 +14,7 @@ never sees half of it. Training and encoding use ``threads`` torch threads (matr
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
@@ -46,7 +47,9 @@ def write_codes(data: str, settings: PQSettings, force: bool = False, threads: O
     out = pq_dir(data, settings.m)
     if os.path.exists(out) and not force:
         raise UserError(f"--m {settings.m}: {out} already exists (pass --force to write it again)")
-    table = torch.from_numpy(np.ascontiguousarray(dataset.mm_table()))
+    with warnings.catch_warnings():  # a read-only memory map: nothing writes to the table
+        warnings.simplefilter("ignore", UserWarning)
+        table = torch.from_numpy(dataset.mm_table())
     saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
