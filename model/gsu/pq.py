@@ -29,8 +29,8 @@ from common.io import path_manager
 PQ_FORMAT = 1
 MAX_CENTROIDS = 256  # one uint8 per code
 CODES_FILE, CODEBOOKS_FILE, META_FILE = "codes.npy", "codebooks.npy", "pq.json"
-_DIST_ROWS = 8192  # sample rows per k-means distance block ([M, rows, C] float32: 64 MB at M = 16, C = 256)
-_ENCODE_ROWS = 16384
+_DIST_ROWS = 1024  # rows per distance block ([M, rows, C] float32: 16 MB at M = 16, C = 256, about an L3)
+_ENCODE_ROWS = _DIST_ROWS
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def _split(x: torch.Tensor, m: int) -> torch.Tensor:
 
 def _nearest(sub: torch.Tensor, codebooks: torch.Tensor, c_sq: torch.Tensor) -> torch.Tensor:
     """int64 [M, n]: per subspace the nearest centroid of each row. sub [M, n, d]; codebooks [M, C, d]; c_sq [M, C]."""
-    dist = c_sq[:, None, :] - 2 * torch.bmm(sub, codebooks.transpose(1, 2))  # |x|^2 is the same for every centroid
+    dist = torch.baddbmm(c_sq[:, None, :], sub, codebooks.transpose(1, 2), alpha=-2)  # |x|^2: the same for every centroid
     return dist.argmin(2)
 
 

@@ -62,11 +62,10 @@ def pq_topk(
     length = history_ids.shape[1]
     width = min(candidates, length) if candidates else k
     luts = lookup_tables(index, table, norms, target_ids)  # [B, M * C]
-    zero = norms.sq_norm == 0  # [N]
     groups = history_groups(history_ids) if share_histories else [[b] for b in range(history_ids.shape[0])]
     state = RunningTopK(history_ids.shape[0], width)
     for size, members in _by_size(groups).items():
-        _score_groups(index, luts, zero, history_ids, members, size, state, chunk_rows)
+        _score_groups(index, luts, norms.sq_norm, history_ids, members, size, state, chunk_rows)
     if not candidates:
         return state.result()
     return _rescore(table, norms, target_ids, history_ids, state, k)
@@ -88,7 +87,7 @@ def _by_size(groups: List[List[int]]) -> Dict[int, List[List[int]]]:
     return out
 
 
-def _score_groups(index: PQIndex, luts: torch.Tensor, zero: torch.Tensor, history_ids: torch.Tensor,
+def _score_groups(index: PQIndex, luts: torch.Tensor, sq_norm: torch.Tensor, history_ids: torch.Tensor,
                   groups: List[List[int]], size: int, state: RunningTopK, chunk_rows: int) -> None:
     """Stream the histories of ``groups`` (each ``size`` samples sharing one history row) into ``state``.
 
@@ -98,24 +97,27 @@ def _score_groups(index: PQIndex, luts: torch.Tensor, zero: torch.Tensor, histor
     """
     m, c, _ = index.codebooks.shape
     length = history_ids.shape[1]
-    sub = torch.arange(m, dtype=torch.int64) * c
+    sub = torch.arange(m, dtype=torch.int32) * c  # int32 bag indices: 5x cheaper to form than int64
     per_batch = max(1, min(len(groups), chunk_rows // min(length, chunk_rows)))
     for g0 in range(0, len(groups), per_batch):
         batch = groups[g0:g0 + per_batch]
         members = torch.tensor(batch, dtype=torch.int64)  # [g, size]
         g = members.shape[0]
         reps = history_ids.index_select(0, members[:, 0])  # [g, L]
-        weight = luts.index_select(0, members.reshape(-1)).view(g, size, m * c).transpose(1, 2).reshape(g * m * c, size)
+        # written into fresh row-major storage: a [n, 1] view with strides (1, n) sends embedding_bag down a ~50x slower path
+        weight = torch.empty(g * m * c, size, dtype=torch.float32)
+        weight.view(g, m * c, size).copy_(luts.index_select(0, members.reshape(-1)).view(g, size, m * c).transpose(1, 2))
         step = max(1, chunk_rows // g)
-        base = (torch.arange(g, dtype=torch.int64) * (m * c))[:, None, None] + sub  # [g, 1, M]
+        base = (torch.arange(g, dtype=torch.int32) * (m * c))[:, None, None] + sub  # [g, 1, M]
         samples = members.reshape(-1)
         for lo in range(0, length, step):
             ids = reps[:, lo:lo + step]  # [g, w]
             w = ids.shape[1]
             codes = index.codes.index_select(0, ids.reshape(-1)).view(g, w, m)
-            bags = (codes.to(torch.int64) + base).view(g * w, m)
+            bags = (codes.to(torch.int32) + base).view(g * w, m)
             est = torch.nn.functional.embedding_bag(bags, weight, mode="sum").view(g, w, size)
-            est = torch.where(zero.index_select(0, ids.reshape(-1)).view(g, w, 1), torch.zeros(()), est.clamp(-1.0, 1.0))
+            zero = sq_norm.index_select(0, ids.reshape(-1)).view(g, w, 1) == 0
+            est = torch.where(zero, torch.zeros(()), est.clamp(-1.0, 1.0))
             est = est.permute(0, 2, 1).reshape(g * size, w) + 0.0  # [samples, w]; + 0.0: no -0.0 keys
             positions = torch.arange(lo, lo + w, dtype=torch.int64)[None, :]
             keys = rank_keys(est.contiguous(), positions.expand(g * size, w))
