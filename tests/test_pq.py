@@ -11,7 +11,7 @@ from common.errors import UserError
 from datapipes.batch import RawBatch
 from model.config import ModelConfig
 from model.gsu import GsuStage, PQIndex, PQSettings, cosine_topk, pair_cosine, pq_topk
-from model.gsu.pq import encode, train_codebooks, unit_rows
+from model.gsu.pq import ZERO_CODE, encode, train_codebooks, unit_rows
 from model.gsu.table import row_norms
 
 D, M, CLUSTERS, ROWS = 32, 8, 12, 3000
@@ -62,6 +62,7 @@ def test_codes_and_codebooks_have_their_shapes_and_depend_only_on_the_seed(table
     assert index.codes.dtype == torch.uint8 and tuple(index.codes.shape) == (ROWS, M)
     assert index.codebooks.dtype == torch.float32 and tuple(index.codebooks.shape) == (M, 256, D // M)
     assert index.nbytes == ROWS * M + 256 * D * 4
+    assert not index.codebooks[:, -1].any() and bool((index.codes[0] == ZERO_CODE).all())  # zero row: zero centroid
     again = PQIndex.build(table, SETTINGS)
     assert torch.equal(again.codes, index.codes) and torch.equal(again.codebooks, index.codebooks)
     other, _ = train_codebooks(table, PQSettings(m=M, sample_rows=ROWS, iterations=15, seed=1))

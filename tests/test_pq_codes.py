@@ -46,7 +46,7 @@ def test_codes_are_written_beside_the_table_with_their_metadata(coded):
     meta = json.load(open(os.path.join(out, "pq.json")))
     dataset = PreparedDataset.open(coded)
     table = dataset.mm_table()
-    assert meta["settings"] == {"m": 16, "centroids": 256, "sample_rows": 1500, "iterations": 4, "seed": 0}
+    assert meta["settings"] == {"m": 16, "centroids": 255, "sample_rows": 1500, "iterations": 4, "seed": 0}
     assert (meta["table_rows"], meta["table_dim"]) == table.shape
     assert meta["table_sha256"] == dataset.metadata.mm_table_sha256 and meta["sample_rows"] <= 1500
     index = PQIndex.open(out)

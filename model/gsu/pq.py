@@ -1,12 +1,12 @@
 """Product quantization of the frozen multimodal table (SEMINAR's approximate GSU): codebooks, codes, the index.
 
-A table row r [D] is split into M subspaces of D / M values; each subspace has C <= 256 centroids (k-means on a
-seeded sample of the table's non-zero rows), and an item is stored as M uint8 codes, the nearest centroid of each
-of its subspaces. The GSU ranks by cosine, so the codes quantize the unit row r / |r| (the row's norm is exact
+A table row r [D] is split into M subspaces of D / M values; each subspace has C <= 255 centroids (k-means on a
+seeded sample of the table's non-zero rows) plus, last, the zero vector, and an item is stored as M uint8 codes,
+the nearest centroid of each of its subspaces. The GSU ranks by cosine, so the codes quantize the unit row r / |r| (the row's norm is exact
 and stored apart, ``RowNorms``): the cosine of a target t with an item is then about
 ``sum_m <t_m / |t|, centroid[m, code_m]>``, a sum of M entries of the target's lookup table
-(``model.gsu.pq_topk``). An all-zero row (padding, items without content) keeps a code but scores 0, exactly as
-its cosine is 0.
+(``model.gsu.pq_topk``). An all-zero row (padding, items without content) is coded as the zero centroid in every
+subspace (``ZERO_CODE``), so its estimate is exactly 0, as its cosine is, and the scan needs no norm lookup.
 
 ``train_codebooks`` and ``encode`` are plain torch (matrix products, deterministic for a seed on one host);
 ``PQIndex`` holds codes [N, M] uint8 and codebooks [M, C, D / M] float32, opened memory-mapped from the
@@ -27,7 +27,8 @@ from common.errors import DataError, UserError
 from common.io import path_manager
 
 PQ_FORMAT = 1
-MAX_CENTROIDS = 256  # one uint8 per code
+MAX_CENTROIDS = 255  # trained centroids per subspace; with the zero centroid, 256 codes: one uint8
+ZERO_CODE = MAX_CENTROIDS  # the zero centroid's code when C = 255 (always the last centroid)
 CODES_FILE, CODEBOOKS_FILE, META_FILE = "codes.npy", "codebooks.npy", "pq.json"
 _DIST_ROWS = 1024  # rows per distance block ([M, rows, C] float32: 16 MB at M = 16, C = 256, about an L3)
 _ENCODE_ROWS = _DIST_ROWS
@@ -35,7 +36,8 @@ _ENCODE_ROWS = _DIST_ROWS
 
 @dataclass(frozen=True)
 class PQSettings:
-    """How codebooks are trained. m: subspaces (must divide D); centroids: per subspace (<= 256);
+    """How codebooks are trained. m: subspaces (must divide D); centroids: trained per subspace (<= 255; the zero
+    centroid is added last);
     sample_rows: non-zero table rows k-means sees (a seeded sample; all rows when fewer); iterations: Lloyd steps;
     seed: of the sample and the initial centroids."""
 
@@ -54,7 +56,7 @@ class PQSettings:
         if dim % self.m:
             raise UserError(f"--m {self.m}: must divide the table width D = {dim}")
         if self.centroids > MAX_CENTROIDS:
-            raise UserError(f"--centroids {self.centroids}: at most {MAX_CENTROIDS} (one uint8 per code)")
+            raise UserError(f"--centroids {self.centroids}: at most {MAX_CENTROIDS} (one uint8 per code, with the zero centroid)")
 
 
 def unit_rows(rows: torch.Tensor, sq_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -76,7 +78,8 @@ def _nearest(sub: torch.Tensor, codebooks: torch.Tensor, c_sq: torch.Tensor) -> 
 
 
 def train_codebooks(table: torch.Tensor, settings: PQSettings) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """(codebooks float32 [M, C, D / M], stats) from ``table`` [N, D] (int8, bf16 or float32; row 0 padding).
+    """(codebooks float32 [M, C + 1, D / M], stats) from ``table`` [N, D] (int8, bf16 or float32; row 0 padding):
+    C = ``settings.centroids`` trained centroids, then the zero centroid.
 
     Seeded: the sample (``settings.sample_rows`` non-zero rows, drawn without replacement) and the initial
     centroids (C sample rows, with replacement when the sample is smaller) come from one ``torch.Generator``;
@@ -113,7 +116,8 @@ def train_codebooks(table: torch.Tensor, settings: PQSettings) -> Tuple[torch.Te
     assign = _assign(sub, codebooks)
     recon = codebooks.gather(1, assign[:, :, None].expand(-1, -1, width))
     error = float(((recon - sub) ** 2).sum(2).sum(0).mean())
-    return codebooks.contiguous(), {"sample_rows": int(count), "sample_sq_error": error}
+    codebooks = torch.cat([codebooks, torch.zeros(m, 1, width)], 1).contiguous()
+    return codebooks, {"sample_rows": int(count), "sample_sq_error": error}
 
 
 def _assign(sub: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -123,16 +127,25 @@ def _assign(sub: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
 
 
 def encode(table: torch.Tensor, codebooks: torch.Tensor, chunk_rows: int = _ENCODE_ROWS) -> torch.Tensor:
-    """uint8 [N, M]: every row's nearest centroid per subspace (of its unit row), ``chunk_rows`` rows at a time."""
+    """uint8 [N, M]: every row's nearest centroid per subspace (of its unit row), ``chunk_rows`` rows at a time;
+    a zero row gets the zero centroid (the last) in every subspace."""
     m, c, width = codebooks.shape
     if table.shape[1] != m * width:
         raise ValueError(f"codebooks: {m} x {width} values per row for a table of width {table.shape[1]}")
+    _check_zero_centroid(codebooks)
     c_sq = (codebooks * codebooks).sum(2)
     out = torch.empty(table.shape[0], m, dtype=torch.uint8)
     for start in range(0, table.shape[0], chunk_rows):
-        sub = _split(unit_rows(table[start:start + chunk_rows]), m)
-        out[start:start + sub.shape[1]] = _nearest(sub, codebooks, c_sq).t().to(torch.uint8)
+        rows = table[start:start + chunk_rows].to(torch.float32)
+        sq = (rows * rows).sum(1)
+        codes = _nearest(_split(unit_rows(rows, sq), m), codebooks, c_sq).t()
+        out[start:start + rows.shape[0]] = torch.where(sq[:, None] > 0, codes, c - 1).to(torch.uint8)
     return out
+
+
+def _check_zero_centroid(codebooks: torch.Tensor) -> None:
+    if codebooks.shape[1] < 2 or bool(codebooks[:, -1].any()):
+        raise ValueError("codebooks: the last centroid of every subspace must be the zero vector (zero rows' code)")
 
 
 def pq_dir(dataset_root: str, m: int) -> str:
@@ -154,8 +167,9 @@ class PQIndex:
             raise ValueError(f"codes: expected uint8 [N, M], got {codes.dtype} {tuple(codes.shape)}")
         if codebooks.dim() != 3 or codebooks.dtype != torch.float32 or codebooks.shape[0] != codes.shape[1]:
             raise ValueError(f"codebooks: expected float32 [M={codes.shape[1]}, C, d], got {codebooks.dtype} {tuple(codebooks.shape)}")
-        if codebooks.shape[1] > MAX_CENTROIDS:
-            raise ValueError(f"codebooks: {codebooks.shape[1]} centroids, at most {MAX_CENTROIDS}")
+        if codebooks.shape[1] > MAX_CENTROIDS + 1:
+            raise ValueError(f"codebooks: {codebooks.shape[1]} centroids, at most {MAX_CENTROIDS + 1}")
+        _check_zero_centroid(codebooks)
         self.codes, self.codebooks = codes, codebooks
         self.meta = dict(meta or {})
         self.source = source
@@ -262,6 +276,6 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def code_table_bytes(rows: int, m: int, dim: int, centroids: int = MAX_CENTROIDS) -> int:
-    """Bytes of a PQ index: rows x M uint8 codes + M x C x (D / M) float32 centroids."""
+def code_table_bytes(rows: int, m: int, dim: int, centroids: int = MAX_CENTROIDS + 1) -> int:
+    """Bytes of a PQ index: rows x M uint8 codes + M x C x (D / M) float32 centroids (C with the zero centroid)."""
     return rows * m + centroids * dim * 4

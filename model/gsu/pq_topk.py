@@ -6,7 +6,8 @@ cosine is the sum of its M codes' entries, so a history is scored by reading M b
 D-value row. The sums run as one ``embedding_bag`` (mode "sum") over the codes offset into the lookup tables:
 samples that share a history (the same user, identical rows of ``history_ids``) read its codes once for all of
 their targets (the bag's weight then has one column per target). Estimates are clamped to [-1, 1]; zero rows
-(padding, items without content) score 0, padding (item 0) is never selected.
+(padding, items without content) are coded as the zero centroid and score exactly 0; padding (item 0) is never
+selected.
 
 The history is streamed in pieces of positions; a running top-K' per sample (int64 rank keys, ``model.gsu.ranking``:
 score, then the larger position first) keeps memory bounded by the piece. With ``candidates`` K' > 0, the K'
@@ -65,7 +66,7 @@ def pq_topk(
     groups = history_groups(history_ids) if share_histories else [[b] for b in range(history_ids.shape[0])]
     state = RunningTopK(history_ids.shape[0], width)
     for size, members in _by_size(groups).items():
-        _score_groups(index, luts, norms.sq_norm, history_ids, members, size, state, chunk_rows)
+        _score_groups(index, luts, history_ids, members, size, state, chunk_rows)
     if not candidates:
         return state.result()
     return _rescore(table, norms, target_ids, history_ids, state, k)
@@ -87,7 +88,7 @@ def _by_size(groups: List[List[int]]) -> Dict[int, List[List[int]]]:
     return out
 
 
-def _score_groups(index: PQIndex, luts: torch.Tensor, sq_norm: torch.Tensor, history_ids: torch.Tensor,
+def _score_groups(index: PQIndex, luts: torch.Tensor, history_ids: torch.Tensor,
                   groups: List[List[int]], size: int, state: RunningTopK, chunk_rows: int) -> None:
     """Stream the histories of ``groups`` (each ``size`` samples sharing one history row) into ``state``.
 
@@ -116,9 +117,7 @@ def _score_groups(index: PQIndex, luts: torch.Tensor, sq_norm: torch.Tensor, his
             codes = index.codes.index_select(0, ids.reshape(-1)).view(g, w, m)
             bags = (codes.to(torch.int32) + base).view(g * w, m)
             est = torch.nn.functional.embedding_bag(bags, weight, mode="sum").view(g, w, size)
-            zero = sq_norm.index_select(0, ids.reshape(-1)).view(g, w, 1) == 0
-            est = torch.where(zero, torch.zeros(()), est.clamp(-1.0, 1.0))
-            est = est.permute(0, 2, 1).reshape(g * size, w) + 0.0  # [samples, w]; + 0.0: no -0.0 keys
+            est = est.clamp(-1.0, 1.0).permute(0, 2, 1).reshape(g * size, w) + 0.0  # [samples, w]; + 0.0: no -0.0 keys
             positions = torch.arange(lo, lo + w, dtype=torch.int64)[None, :]
             keys = rank_keys(est.contiguous(), positions.expand(g * size, w))
             pad = (ids == 0).repeat_interleave(size, dim=0)
