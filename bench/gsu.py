@@ -23,7 +23,7 @@ CPU capability and every candidate's time on the selection probe are printed and
 ``cosine_topk[filter=int_mm]`` etc. (results must be bit-identical to ``cosine_topk``'s, and are checked).
 
 With ``--pq M`` (``bench.gsu_pq``): the approximate GSU ``pq_topk`` on the table's M-subspace PQ codes (built once
-before timing, with every CPU), as methods ``pq`` (estimates only) and ``pq+rescore`` (the best ``--pq-candidates``
+before timing, with every CPU), as methods ``pq`` (estimates only) and ``pq+rescoreK'`` (the best K' of each ``--pq-candidates``
 re-scored exactly), each with its recall@K against ``cosine_topk``'s top-K, bytes its scan reads and the bytes of
 the table it scans, beside ``cosine_topk``'s. ``--table-kind clustered`` (content like ``muse synth``'s) or
 ``--table-from DATA`` (a prepared dataset's table) give PQ the structure real content has; a random table has none.
@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and check that its results are bit-identical")
     parser.add_argument("--pq", type=int, default=None, metavar="M",
                         help="also time the approximate PQ GSU on M-subspace codes (recall@K against cosine_topk)")
-    parser.add_argument("--pq-candidates", type=int, default=200, help="K' re-scored exactly by pq+rescore (default 200)")
+    parser.add_argument("--pq-candidates", type=int, nargs="+", default=[200, 2000, 10000],
+                        help="K' values re-scored exactly, one method pq+rescoreK' each, capped at L (default 200 2000 10000)")
     parser.add_argument("--pq-sample-rows", type=int, default=65536, help="table rows k-means trains on (default 65536)")
     parser.add_argument("--table-kind", choices=gsu_pq.TABLE_KINDS, default="random",
                         help="random: uniform int8 rows (no structure; default); clustered: content like muse synth's")
@@ -221,8 +222,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.pq is not None:
         if args.pq < 1 or args.dim % args.pq:
             raise UserError(f"--pq {args.pq}: must be a positive divisor of --dim {args.dim}")
-        if args.pq_candidates < args.k or args.pq_sample_rows < 1:
-            raise UserError(f"--pq-candidates {args.pq_candidates}: must be >= --k {args.k} (and --pq-sample-rows >= 1)")
+        if min(args.pq_candidates) < args.k or args.pq_sample_rows < 1:
+            raise UserError(f"--pq-candidates {args.pq_candidates}: each must be >= --k {args.k} (and --pq-sample-rows >= 1)")
     if args.clusters is not None and args.clusters < 1:
         raise UserError(f"--clusters {args.clusters}: must be at least 1")
     if args.table_from is not None and not os.path.isdir(args.table_from):
@@ -307,11 +308,16 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
                                                 "cosine_topk": ours, "index_select": gather}
     if args.compare_kernels:
         methods.update({f"cosine_topk[{setting}]": forced(setting) for setting in _alternatives(table.shape[1])})
-    candidates = min(args.pq_candidates, length)
+    rescore: Dict[str, int] = {}
     if index is not None:
         methods["pq"] = lambda: pq_topk(index, table, targets, history, args.k, 0, norms=norms, chunk_rows=chunk)
-        methods["pq+rescore"] = lambda: pq_topk(index, table, targets, history, args.k, candidates, norms=norms,
-                                                chunk_rows=chunk)
+        for wanted in sorted(set(args.pq_candidates)):
+            candidates = min(wanted, length)
+            if candidates in rescore.values():
+                continue
+            rescore[f"pq+rescore{candidates}"] = candidates
+            methods[f"pq+rescore{candidates}"] = (lambda c=candidates: pq_topk(index, table, targets, history, args.k, c,
+                                                                               norms=norms, chunk_rows=chunk))
     best = {m: float("inf") for m in methods}
     peaks: Dict[str, Optional[float]] = {}
     outputs: Dict[str, object] = {}
@@ -343,7 +349,7 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
             row.kernels = None
             row.recall_at_k = gsu_pq.recall_at_k(outputs[m], outputs["cosine_topk"])
             row.vs_cosine_topk = best["cosine_topk"] / best[m]
-            row.bytes_read = gsu_pq.pq_bytes_read(positions, index, table, batch, candidates if m == "pq+rescore" else 0)
+            row.bytes_read = gsu_pq.pq_bytes_read(positions, index, table, batch, rescore.get(m, 0))
             row.table_bytes = index.nbytes
         out.append(row)
     return out
@@ -415,7 +421,7 @@ def _print_summary(rows: List[Row], copy_gbps: float) -> None:
         for r in pq_rows:
             shared = f" ({r.samples_per_user}/user)" if r.samples_per_user > 1 else ""
             exact = next(x for x in rows if x.method == "cosine_topk" and (x.dtype, x.length, x.samples_per_user) == (r.dtype, r.length, r.samples_per_user))
-            print(f"  {r.dtype:8s} L={r.length:<7d}{shared:10s} {r.method:11s} recall@K {r.recall_at_k:.4f}  "
+            print(f"  {r.dtype:8s} L={r.length:<7d}{shared:10s} {r.method:17s} recall@K {r.recall_at_k:.4f}  "
                   f"{r.ms_per_batch:8.1f} ms vs {exact.ms_per_batch:8.1f} ms (x{r.vs_cosine_topk:.2f})  "
                   f"table {exact.table_bytes / r.table_bytes:.2f}x smaller, reads {exact.bytes_read / r.bytes_read:.2f}x fewer bytes")
     print("\nsummary (cosine_topk, and with other kernels forced):")
