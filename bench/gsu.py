@@ -78,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and check that its results are bit-identical")
     parser.add_argument("--pq", type=int, default=None, metavar="M",
                         help="also time the approximate PQ GSU on M-subspace codes (recall@K against cosine_topk)")
-    parser.add_argument("--pq-candidates", type=int, nargs="+", default=[200, 2000, 10000],
-                        help="K' values re-scored exactly, one method pq+rescoreK' each, capped at L (default 200 2000 10000)")
+    parser.add_argument("--pq-candidates", type=int, nargs="+", default=[200, 1000, 5000],
+                        help="K' values re-scored exactly, one method pq+rescoreK' each where K' < L (default 200 1000 5000)")
     parser.add_argument("--pq-sample-rows", type=int, default=65536, help="table rows k-means trains on (default 65536)")
     parser.add_argument("--table-kind", choices=gsu_pq.TABLE_KINDS, default="random",
                         help="random: uniform int8 rows (no structure; default); clustered: content like muse synth's")
@@ -311,10 +311,7 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
     rescore: Dict[str, int] = {}
     if index is not None:
         methods["pq"] = lambda: pq_topk(index, table, targets, history, args.k, 0, norms=norms, chunk_rows=chunk)
-        for wanted in sorted(set(args.pq_candidates)):
-            candidates = min(wanted, length)
-            if candidates in rescore.values():
-                continue
+        for candidates in sorted(c for c in set(args.pq_candidates) if c < length):  # K' >= L: the exact GSU itself
             rescore[f"pq+rescore{candidates}"] = candidates
             methods[f"pq+rescore{candidates}"] = (lambda c=candidates: pq_topk(index, table, targets, history, args.k, c,
                                                                                norms=norms, chunk_rows=chunk))

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from model.gsu.cosine import pair_cosine
+from model.gsu.cosine import cosines, pair_cosine
 from model.gsu.inputs import check_inputs, chunk_rows_for, norms_for
 from model.gsu.pq import PQIndex, unit_rows
 from model.gsu.ranking import NO_KEY, RunningTopK, rank_keys
@@ -138,11 +138,37 @@ def _rescore(table: torch.Tensor, norms: RowNorms, target_ids: torch.Tensor, his
     valid = keys != NO_KEY
     positions = torch.where(valid, keys & 0xFFFFFFFF, torch.zeros((), dtype=torch.int64))
     ids = history_ids.gather(1, positions)
-    rows, _ = valid.nonzero(as_tuple=True)
-    exact = torch.zeros(keys.shape, dtype=torch.float32)
-    if rows.numel():
-        exact[valid] = pair_cosine(table, norms, ids[valid], target_ids.index_select(0, rows))
+    exact = _candidate_cosines(table, norms, target_ids, ids, valid)
     rescored = torch.where(valid, rank_keys(exact, positions), torch.full((), NO_KEY))
     out = RunningTopK(keys.shape[0], k)
     out.keys = torch.topk(rescored, k, dim=1).values
     return out.result()
+
+
+# Candidate rows gathered per block of the int8 re-scoring (float32 copies: 16 MB at D = 128).
+_RESCORE_ROWS = 1 << 15
+
+
+def _candidate_cosines(table: torch.Tensor, norms: RowNorms, target_ids: torch.Tensor, ids: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
+    """float32 [B, K'] exact cosines of candidates ``ids`` [B, K'] with their samples' targets, 0 where not ``valid``;
+    bit-identical to ``pair_cosine`` (and so to ``cosine_topk``). int8 tables: each sample's target row is gathered
+    once and dotted with its candidates by one float32 ``bmm`` (every int8 dot of D <= 1024 is an integer below
+    2**24, exact in float32 in any order); other dtypes: ``pair_cosine`` pair by pair."""
+    batch, width = ids.shape
+    out = torch.zeros(batch, width, dtype=torch.float32)
+    if table.dtype != torch.int8 or table.shape[1] > 1024:
+        rows, _ = valid.nonzero(as_tuple=True)
+        if rows.numel():
+            out[valid] = pair_cosine(table, norms, ids[valid], target_ids.index_select(0, rows))
+        return out
+    targets = table.index_select(0, target_ids).to(torch.float32)  # [B, D]
+    sq_t = norms.sq_norm.index_select(0, target_ids)
+    step = max(1, _RESCORE_ROWS // width)
+    for b0 in range(0, batch, step):
+        block = ids[b0:b0 + step]
+        rows = table.index_select(0, block.reshape(-1)).to(torch.float32).view(block.shape[0], width, -1)
+        dots = torch.bmm(rows, targets[b0:b0 + step, :, None]).squeeze(2).double()
+        sq_r = norms.sq_norm.index_select(0, block.reshape(-1)).view(block.shape)
+        out[b0:b0 + step] = cosines(dots, sq_r, sq_t[b0:b0 + step, None].expand_as(sq_r))
+    return torch.where(valid, out, torch.zeros((), dtype=torch.float32))
