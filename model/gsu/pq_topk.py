@@ -126,8 +126,20 @@ def _score_groups(index: PQIndex, luts: torch.Tensor, history_ids: torch.Tensor,
 
 
 def _merge(state: RunningTopK, samples: torch.Tensor, keys: torch.Tensor) -> None:
-    """Merge keys [S, w] of ``samples`` [S] into the running top-K' keys."""
-    both = torch.cat([state.keys.index_select(0, samples), keys], 1)
+    """Merge keys [S, w] of ``samples`` [S] into the running top-K' keys. Only keys above a sample's current K'-th
+    can enter: those few are compacted first, so a large K' costs one top-K' over about K' keys, not K' + w."""
+    current = state.keys.index_select(0, samples)  # [S, K']
+    passing = keys > current.min(1).values[:, None]  # NO_KEY (the minimum) while a sample has fewer than K'
+    rows, cols = passing.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return
+    if rows.numel() < passing.numel():
+        counts = torch.bincount(rows, minlength=samples.shape[0])
+        rank = torch.arange(rows.shape[0]) - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
+        pending = torch.full((samples.shape[0], int(counts.max())), NO_KEY, dtype=torch.int64)
+        pending[rows, rank] = keys[rows, cols]
+        keys = pending
+    both = torch.cat([current, keys], 1)
     state.keys[samples] = torch.topk(both, state.k, dim=1, sorted=False).values
 
 
