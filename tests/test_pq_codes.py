@@ -136,3 +136,25 @@ def test_compare_adds_pq_variants_and_reports_deltas():
     (delta,) = pq_deltas(rows, ModelConfig.PQ_PRESETS)
     assert delta["exact"] == "muse" and delta["gauc_delta"] == pytest.approx(-0.01)
     assert delta["gauc_unweighted_delta"] is None and delta["auc_delta"] == pytest.approx(0.01)
+
+
+def test_retrieve_stores_what_the_online_pq_gsu_selects(coded):
+    from datapipes.histories import HistoryGather
+    from datapipes.reader import make_dataloader
+    from retrieval.run import RetrieveConfig, retrieve
+    from retrieval.stage import RetrievedStage
+    from retrieval.store import open_split
+
+    model = ModelConfig.preset("muse_pq", k=12, pq_candidates=40)  # K' < L: the PQ path
+    out, meta = retrieve(RetrieveConfig(data=coded, model=model, batch_size=100, num_workers=0, splits=("test",)))
+    assert meta["spec"]["pq"] == "pq16c40" and "pq16c40" in out
+    ds = PreparedDataset.open(coded)
+    stage = GsuStage(model, MMTable.load(coded))
+    stored = RetrievedStage(ds.histories("test"), open_split(out, "test"))
+    online = HistoryGather(ds.histories("test"))
+    a = list(make_dataloader(coded, "test", 0, 1, 64, transform=stored, shuffle=False))
+    b = [stage(raw) for raw in make_dataloader(coded, "test", 0, 1, 64, transform=online, shuffle=False)]
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x.gsu_scores, y.gsu_scores)
+        assert torch.equal(x.sequence_features["gsu_item"].values(), y.sequence_features["gsu_item"].values())
