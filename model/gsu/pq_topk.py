@@ -65,8 +65,9 @@ def pq_topk(
     luts = lookup_tables(index, table, norms, target_ids)  # [B, M * C]
     groups = history_groups(history_ids) if share_histories else [[b] for b in range(history_ids.shape[0])]
     state = RunningTopK(history_ids.shape[0], width)
+    taus = torch.full((history_ids.shape[0],), float("-inf"))  # score of each sample's K'-th key (-inf: not full)
     for size, members in _by_size(groups).items():
-        _score_groups(index, luts, history_ids, members, size, state, chunk_rows)
+        _score_groups(index, luts, history_ids, members, size, state, taus, chunk_rows)
     if not candidates:
         return state.result()
     return _rescore(table, norms, target_ids, history_ids, state, k)
@@ -88,13 +89,14 @@ def _by_size(groups: List[List[int]]) -> Dict[int, List[List[int]]]:
     return out
 
 
-def _score_groups(index: PQIndex, luts: torch.Tensor, history_ids: torch.Tensor,
-                  groups: List[List[int]], size: int, state: RunningTopK, chunk_rows: int) -> None:
+def _score_groups(index: PQIndex, luts: torch.Tensor, history_ids: torch.Tensor, groups: List[List[int]], size: int,
+                  state: RunningTopK, taus: torch.Tensor, chunk_rows: int) -> None:
     """Stream the histories of ``groups`` (each ``size`` samples sharing one history row) into ``state``.
 
     The bag weight is [groups * M * C, size]: row (g, m, c) holds LUT[m, c] of group g's ``size`` targets, so one
     bag of M codes (offset by m * C + g * M * C) sums a behavior's estimate for all of its group's targets at once.
-    Groups are taken a batch at a time so each piece holds about ``chunk_rows`` (history, position) pairs.
+    Groups are taken a batch at a time so each piece holds about ``chunk_rows`` (history, position) pairs. Only
+    estimates at or above a sample's running K'-th score (``taus``) become rank keys and are merged.
     """
     m, c, _ = index.codebooks.shape
     length = history_ids.shape[1]
@@ -118,29 +120,26 @@ def _score_groups(index: PQIndex, luts: torch.Tensor, history_ids: torch.Tensor,
             bags = (codes.to(torch.int32) + base).view(g * w, m)
             est = torch.nn.functional.embedding_bag(bags, weight, mode="sum").view(g, w, size)
             est = est.clamp(-1.0, 1.0).permute(0, 2, 1).reshape(g * size, w) + 0.0  # [samples, w]; + 0.0: no -0.0 keys
-            positions = torch.arange(lo, lo + w, dtype=torch.int64)[None, :]
-            keys = rank_keys(est.contiguous(), positions.expand(g * size, w))
-            pad = (ids == 0).repeat_interleave(size, dim=0)
-            keys = torch.where(pad, torch.full((), NO_KEY), keys)
-            _merge(state, samples, keys)
+            pad = ids == 0 if size == 1 else (ids == 0).repeat_interleave(size, dim=0)
+            rows, cols = ((est >= taus.index_select(0, samples)[:, None]) & ~pad).nonzero(as_tuple=True)
+            if rows.numel():
+                _merge(state, taus, samples, rows, rank_keys(est[rows, cols], cols + lo))
 
 
-def _merge(state: RunningTopK, samples: torch.Tensor, keys: torch.Tensor) -> None:
-    """Merge keys [S, w] of ``samples`` [S] into the running top-K' keys. Only keys above a sample's current K'-th
-    can enter: those few are compacted first, so a large K' costs one top-K' over about K' keys, not K' + w."""
-    current = state.keys.index_select(0, samples)  # [S, K']
-    passing = keys > current.min(1).values[:, None]  # NO_KEY (the minimum) while a sample has fewer than K'
-    rows, cols = passing.nonzero(as_tuple=True)
-    if rows.numel() == 0:
-        return
-    if rows.numel() < passing.numel():
-        counts = torch.bincount(rows, minlength=samples.shape[0])
-        rank = torch.arange(rows.shape[0]) - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
-        pending = torch.full((samples.shape[0], int(counts.max())), NO_KEY, dtype=torch.int64)
-        pending[rows, rank] = keys[rows, cols]
-        keys = pending
-    both = torch.cat([current, keys], 1)
-    state.keys[samples] = torch.topk(both, state.k, dim=1, sorted=False).values
+def _merge(state: RunningTopK, taus: torch.Tensor, samples: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
+    """Merge ``keys`` [n] (row-major: rows [n] ascending into ``samples`` [S]) into the running top-K' keys and
+    update ``taus``. The few passing keys are compacted first, so a large K' costs a top-K' over about K' keys."""
+    counts = torch.bincount(rows, minlength=samples.shape[0])
+    rank = torch.arange(rows.shape[0]) - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
+    pending = torch.full((samples.shape[0], int(counts.max())), NO_KEY, dtype=torch.int64)
+    pending[rows, rank] = keys
+    both = torch.cat([state.keys.index_select(0, samples), pending], 1)
+    merged = torch.topk(both, state.k, dim=1, sorted=False).values
+    state.keys[samples] = merged
+    kth = merged.min(1).values
+    ordered = (kth >> 32).to(torch.int32)
+    score = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    taus[samples] = torch.where(kth == NO_KEY, torch.full((), float("-inf")), score)
 
 
 def _rescore(table: torch.Tensor, norms: RowNorms, target_ids: torch.Tensor, history_ids: torch.Tensor,
