@@ -22,6 +22,12 @@ CPU capability and every candidate's time on the selection probe are printed and
 ``--compare-kernels`` also times ``cosine_topk`` with each other exact kernel forced, as methods
 ``cosine_topk[filter=int_mm]`` etc. (results must be bit-identical to ``cosine_topk``'s, and are checked).
 
+With ``--pq M`` (``bench.gsu_pq``): the approximate GSU ``pq_topk`` on the table's M-subspace PQ codes (built once
+before timing, with every CPU), as methods ``pq`` (estimates only) and ``pq+rescoreK'`` (the best K' of each ``--pq-candidates``
+re-scored exactly), each with its recall@K against ``cosine_topk``'s top-K, bytes its scan reads and the bytes of
+the table it scans, beside ``cosine_topk``'s. ``--table-kind clustered`` (content like ``muse synth``'s) or
+``--table-from DATA`` (a prepared dataset's table) give PQ the structure real content has; a random table has none.
+
 Printed: ms per batch, behaviors/s (B * L / time), peak extra resident memory (``VmHWM`` after a reset,
 Linux), ratios vs the reference and vs the bare gather, whether both GSUs selected the same behaviors
 (top-k scores within 1e-5), and the system load average before and after (the CPUs may be shared).
@@ -38,7 +44,8 @@ import torch
 
 from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
-from model.gsu import chunk_rows_for, cosine_topk, gather_rows_for, kernels
+from bench import gsu_pq
+from model.gsu import PQIndex, chunk_rows_for, cosine_topk, gather_rows_for, kernels, pq_topk
 from model.gsu.shadow import FilterShadow, filter_shadow
 from model.gsu.table import INT8_SCALE, RowNorms, row_norms
 
@@ -69,6 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-kernels", action="store_true",
                         help="also time cosine_topk with every other exact int8 kernel forced (MUSE_GSU_KERNEL), "
                              "and check that its results are bit-identical")
+    parser.add_argument("--pq", type=int, default=None, metavar="M",
+                        help="also time the approximate PQ GSU on M-subspace codes (recall@K against cosine_topk)")
+    parser.add_argument("--pq-candidates", type=int, nargs="+", default=[200, 1000, 5000],
+                        help="K' values re-scored exactly, one method pq+rescoreK' each where K' < L (default 200 1000 5000)")
+    parser.add_argument("--pq-sample-rows", type=int, default=65536, help="table rows k-means trains on (default 65536)")
+    parser.add_argument("--table-kind", choices=gsu_pq.TABLE_KINDS, default="random",
+                        help="random: uniform int8 rows (no structure; default); clustered: content like muse synth's")
+    parser.add_argument("--clusters", type=int, default=None,
+                        help=f"clustered table: clusters (default one per {gsu_pq.ROWS_PER_CLUSTER} rows)")
+    parser.add_argument("--table-from", default=None, metavar="DATA",
+                        help="use this prepared dataset's mm_table.npy instead of a generated table (--table-gb unused)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -89,6 +107,10 @@ class Row:
     vs_index_select: Optional[float] = None
     agrees: Optional[bool] = None
     kernels: Optional[str] = None  # cosine_topk rows: the int8 kernels that ran, as MUSE_GSU_KERNEL would name them
+    recall_at_k: Optional[float] = None  # pq rows: share of cosine_topk's top-K positions also selected
+    vs_cosine_topk: Optional[float] = None  # cosine_topk's time / this method's
+    bytes_read: Optional[int] = None  # cosine_topk and pq rows: bytes the scan reads per batch (from the shapes)
+    table_bytes: Optional[int] = None  # bytes of the table the scan reads (pq: codes + codebooks)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +134,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {choice.describe()}")
     rows: List[Row] = []
     for name in args.dtypes:
-        table, norms = _random_table(name, args.table_gb, args.dim, generator)
+        table, norms = _table(args, name, generator)
+        clusters = args.clusters or max(1, table.shape[0] // gsu_pq.ROWS_PER_CLUSTER)
+        index = None
+        if args.pq is not None:
+            index, seconds = gsu_pq.build_index(table, args.pq, args.pq_sample_rows, args.seed)
+            print(f"PQ index: M = {index.m}, {index.codebooks.shape[1]} centroids, {index.nbytes / _GB:.3f} GB "
+                  f"(table {table.numel() * table.element_size() / _GB:.3f} GB), built in {seconds:.1f} s")
         row_bytes = table.element_size() * args.dim
         print(f"\n{name} table: {table.shape[0]:,} x {args.dim} ({table.numel() * table.element_size() / _GB:.2f} GB), "
               f"copy ceiling {copy_gbps * 1e9 / row_bytes / 1e6:.1f} M rows/s")
@@ -126,11 +154,14 @@ def run(args: argparse.Namespace) -> int:
             if args.k > length:
                 raise UserError(f"--k {args.k}: larger than --lengths {length}")
             batch = max(per_user, int(args.history_gb * _GB // (length * row_bytes)) // per_user * per_user)
-            targets, history, distinct = _random_batch(table.shape[0], batch, length, per_user, generator)
-            case = _compare(args, name, table, norms, shadow, targets, history, distinct, per_user)
+            if args.table_kind == "clustered" and args.table_from is None:
+                targets, history, distinct = gsu_pq.clustered_batch(table.shape[0], clusters, batch, length, per_user, generator)
+            else:
+                targets, history, distinct = _random_batch(table.shape[0], batch, length, per_user, generator)
+            case = _compare(args, name, table, norms, shadow, targets, history, distinct, per_user, index)
             rows += case
             _print(case)
-        del table, norms, shadow
+        del table, norms, shadow, index
     load_after = _load_average()
     _print_summary(rows, copy_gbps)
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}, on {os.cpu_count()} CPUs")
@@ -188,6 +219,26 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lengths {args.lengths}: must be positive")
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
+    if args.pq is not None:
+        if args.pq < 1 or args.dim % args.pq:
+            raise UserError(f"--pq {args.pq}: must be a positive divisor of --dim {args.dim}")
+        if min(args.pq_candidates) < args.k or args.pq_sample_rows < 1:
+            raise UserError(f"--pq-candidates {args.pq_candidates}: each must be >= --k {args.k} (and --pq-sample-rows >= 1)")
+    if args.clusters is not None and args.clusters < 1:
+        raise UserError(f"--clusters {args.clusters}: must be at least 1")
+    if args.table_from is not None and not os.path.isdir(args.table_from):
+        raise UserError(f"--table-from {args.table_from}: not a prepared dataset directory")
+
+
+def _table(args: argparse.Namespace, name: str, generator: torch.Generator) -> Tuple[torch.Tensor, RowNorms]:
+    """The table of one dtype: --table-from's, a clustered one or a random one of --table-gb."""
+    if args.table_from is not None:
+        return gsu_pq.table_from(args.table_from, name)
+    if args.table_kind == "clustered":
+        rows = max(2, int(args.table_gb * _GB) // (args.dim * torch.empty((), dtype=getattr(torch, name)).element_size()))
+        clusters = args.clusters or max(1, rows // gsu_pq.ROWS_PER_CLUSTER)
+        return gsu_pq.clustered_table(name, rows, args.dim, clusters, generator)
+    return _random_table(name, args.table_gb, args.dim, generator)
 
 
 def _random_table(name: str, gb: float, dim: int, generator: torch.Generator) -> Tuple[torch.Tensor, RowNorms]:
@@ -228,7 +279,7 @@ def reference_topk(table: torch.Tensor, target_ids: torch.Tensor, history_ids: t
 
 def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: RowNorms,
              shadow: Optional[FilterShadow], targets: torch.Tensor, history: torch.Tensor, distinct: torch.Tensor,
-             per_user: int) -> List[Row]:
+             per_user: int, index: Optional[PQIndex] = None) -> List[Row]:
     """Time the three methods on one batch. The bare gather reads each distinct history once (the floor of
     any exact GSU that shares them; with one sample per user, every row of the batch), always of the table's
     own rows (with the int8 shadow, ``cosine_topk``'s filter reads half the bytes of a bf16 row)."""
@@ -257,6 +308,13 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
                                                 "cosine_topk": ours, "index_select": gather}
     if args.compare_kernels:
         methods.update({f"cosine_topk[{setting}]": forced(setting) for setting in _alternatives(table.shape[1])})
+    rescore: Dict[str, int] = {}
+    if index is not None:
+        methods["pq"] = lambda: pq_topk(index, table, targets, history, args.k, 0, norms=norms, chunk_rows=chunk)
+        for candidates in sorted(c for c in set(args.pq_candidates) if c < length):  # K' >= L: the exact GSU itself
+            rescore[f"pq+rescore{candidates}"] = candidates
+            methods[f"pq+rescore{candidates}"] = (lambda c=candidates: pq_topk(index, table, targets, history, args.k, c,
+                                                                               norms=norms, chunk_rows=chunk))
     best = {m: float("inf") for m in methods}
     peaks: Dict[str, Optional[float]] = {}
     outputs: Dict[str, object] = {}
@@ -272,14 +330,25 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
     agrees = bool(torch.allclose(ours_scores, ref_scores, atol=1e-5, rtol=0))
     ran = _kernel_setting(_kernel_choices(table.shape[1]))
     behaviors = batch * length
+    positions = distinct.numel()
     out = []
     for m in methods:
         same: Optional[bool] = agrees if m == "cosine_topk" else None
         if m.startswith("cosine_topk["):  # a forced kernel: bit-identical to cosine_topk's result
             same = all(torch.equal(a, b) for a, b in zip(outputs[m], outputs["cosine_topk"]))
-        out.append(Row(name, length, batch, per_user, m, best[m] * 1e3, behaviors / best[m], peaks[m],
-                       vs_reference=best["reference"] / best[m], vs_index_select=best["index_select"] / best[m],
-                       agrees=same, kernels=ran if m == "cosine_topk" else m[len("cosine_topk["):-1] or None))
+        row = Row(name, length, batch, per_user, m, best[m] * 1e3, behaviors / best[m], peaks[m],
+                  vs_reference=best["reference"] / best[m], vs_index_select=best["index_select"] / best[m],
+                  agrees=same, kernels=ran if m == "cosine_topk" else m[len("cosine_topk["):-1] or None)
+        if m == "cosine_topk" and index is not None:
+            row.bytes_read = gsu_pq.exact_bytes_read(positions, table, shadow is not None)
+            row.table_bytes = gsu_pq.exact_table_bytes(table, shadow is not None)
+        if m.startswith("pq"):
+            row.kernels = None
+            row.recall_at_k = gsu_pq.recall_at_k(outputs[m], outputs["cosine_topk"])
+            row.vs_cosine_topk = best["cosine_topk"] / best[m]
+            row.bytes_read = gsu_pq.pq_bytes_read(positions, index, table, batch, rescore.get(m, 0))
+            row.table_bytes = index.nbytes
+        out.append(row)
     return out
 
 
@@ -329,15 +398,29 @@ def _print(rows: List[Row]) -> None:
         shared = f", {r.samples_per_user} samples/user" if r.samples_per_user > 1 else ""
         peak = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:8.1f} MB"
         extra = ""
-        if r.method.startswith("cosine_topk"):
+        if r.method.startswith("pq"):
+            extra = (f"  recall@K {r.recall_at_k:.4f}, x{r.vs_cosine_topk:.2f} vs cosine_topk, reads "
+                     f"{r.bytes_read / 1e6:.1f} MB, scans a {r.table_bytes / _GB:.3f} GB table")
+        elif r.method.startswith("cosine_topk"):
             same = "same top-k" if r.method == "cosine_topk" else "bit-identical"
             extra = f"  x{r.vs_reference:.1f} vs reference, {r.vs_index_select:.2f} of index_select, " \
                     f"{same}: {'yes' if r.agrees else 'NO'}" + (f" [{r.kernels}]" if r.method == "cosine_topk" else "")
+            if r.bytes_read is not None:
+                extra += f", reads {r.bytes_read / 1e6:.1f} MB, scans a {r.table_bytes / _GB:.3f} GB table"
         print(f"  {r.dtype:8s} L={r.length:<7d} B={r.batch:<5d}{shared:18s} {r.method:12s} {r.ms_per_batch:9.1f} ms"
               f"  {r.behaviors_per_s / 1e6:8.2f} M behaviors/s  peak +{peak}{extra}")
 
 
 def _print_summary(rows: List[Row], copy_gbps: float) -> None:
+    pq_rows = [r for r in rows if r.method.startswith("pq")]
+    if pq_rows:
+        print("\nsummary (approximate PQ GSU against cosine_topk, same run):")
+        for r in pq_rows:
+            shared = f" ({r.samples_per_user}/user)" if r.samples_per_user > 1 else ""
+            exact = next(x for x in rows if x.method == "cosine_topk" and (x.dtype, x.length, x.samples_per_user) == (r.dtype, r.length, r.samples_per_user))
+            print(f"  {r.dtype:8s} L={r.length:<7d}{shared:10s} {r.method:17s} recall@K {r.recall_at_k:.4f}  "
+                  f"{r.ms_per_batch:8.1f} ms vs {exact.ms_per_batch:8.1f} ms (x{r.vs_cosine_topk:.2f})  "
+                  f"table {exact.table_bytes / r.table_bytes:.2f}x smaller, reads {exact.bytes_read / r.bytes_read:.2f}x fewer bytes")
     print("\nsummary (cosine_topk, and with other kernels forced):")
     for r in rows:
         if r.method.startswith("cosine_topk"):

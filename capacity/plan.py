@@ -11,6 +11,7 @@ from capacity.report import REPORTED_SEQ_LENS, CapacityReport, assemble
 from capacity.scale import DataScale
 from model.config import ModelConfig
 from model.gsu import DEFAULT_CHUNK_ROWS
+from model.gsu.pq import code_table_bytes
 from model.muse import build_model
 from sharding.planner import Constraints
 
@@ -53,6 +54,7 @@ def plan_capacity(
         "vocab_sizes": dict(scale.vocab_sizes),
         "model": w.model.name,
         "gsu": w.model.gsu,
+        "pq_m": w.model.pq_m,
         "id_dim": w.model.id_dim,
         "optimizer": w.optimizer,
         "batch_size": w.batch_size,
@@ -80,4 +82,5 @@ def plan_capacity(
         memory(w.seq_len),
         layout,
         measured,
+        code_table_bytes(item_rows, w.model.pq_m, scale.mm_dim) if w.model.pq_m is not None else 0,
     )

@@ -55,6 +55,7 @@ class CapacityReport:
     binding: str
     layout: List[LayoutRow] = field(default_factory=list)
     measured_layout: Optional[Dict[str, object]] = None
+    pq_code_bytes: int = 0  # the approximate GSU's code table (``ModelConfig.pq_m``), one copy per host; 0: exact GSU
 
     def to_dict(self) -> Dict[str, object]:
         world = self.cluster.world_size
@@ -69,6 +70,7 @@ class CapacityReport:
             },
             "dense_parameter_bytes": self.dense_bytes,
             "mm_table": {"bytes": self.mm_table_bytes, "bytes_per_host": self.mm_bytes_per_host},
+            "pq_codes": {"m": self.inputs.get("pq_m"), "bytes": self.pq_code_bytes, "bytes_per_host": self.pq_code_bytes},
             "sequence_memory_per_rank": [asdict(s) for s in self.sequence],
             "resources": [
                 {"name": r.name, "capacity": r.capacity, "used": r.used, "utilization": r.utilization, "parts": r.parts}
@@ -119,6 +121,10 @@ class CapacityReport:
             f"  multimodal table {inp['mm_rows']:,} x {inp['mm_dim']} x {inp['mm_dtype']} = {self.mm_table_bytes:,} B "
             f"({_gib(self.mm_table_bytes)}); {inp['mm_placement']}: {_gib(self.mm_bytes_per_host)} per host"
         )
+        if self.pq_code_bytes:
+            out.append(f"  PQ codes {inp['mm_rows']:,} x M={inp['pq_m']} uint8 + codebooks = {self.pq_code_bytes:,} B "
+                       f"({_gib(self.pq_code_bytes)}, {self.mm_table_bytes / self.pq_code_bytes:.1f}x smaller than the table; "
+                       f"the table stays for targets and re-scoring); one copy per host")
         out.append(f"  long sequence, per rank and batch of {inp['batch_size']} (GSU chunk {inp['gsu_chunk']:,} gathered rows):")
         out.append(tabulate(
             [[s.seq_len, _gib(s.raw_history), _gib(s.gsu_unchunked), _gib(s.gsu_chunked), _gib(s.device_activations)] for s in self.sequence],
@@ -170,6 +176,7 @@ def assemble(
     configured: SequenceMemory,
     layout: Optional[List[LayoutRow]] = None,
     measured: Optional[Dict[str, object]] = None,
+    pq_code_bytes: int = 0,
 ) -> CapacityReport:
     """Sum every resource's parts and decide fits / binding constraint."""
     world = cluster.world_size
@@ -189,6 +196,8 @@ def assemble(
             "raw history batches": configured.raw_history * len(ranks),
             "gsu (chunked)": configured.gsu_chunked * len(ranks),
         }
+        if pq_code_bytes:
+            parts["pq codes"] = pq_code_bytes
         if not on_cuda:
             parts["dense"] = dense * len(ranks)
             parts["id activations"] = configured.device_activations * len(ranks)
@@ -201,7 +210,8 @@ def assemble(
         top = max(worst.parts, key=worst.parts.get)
         binding = f"{worst.name}: {_gib(worst.used)} of {_gib(worst.capacity)} ({100 * worst.utilization:.1f}%), largest part {top}"
     return CapacityReport(inputs, cluster, embedding, unplaced_state_bytes, dense_bytes, mm_table_bytes,
-                          mm_bytes_per_host, sequence, configured, resources, fits, binding, layout or [], measured)
+                          mm_bytes_per_host, sequence, configured, resources, fits, binding, layout or [], measured,
+                          pq_code_bytes)
 
 
 def _most_loaded(resources: List[Resource], limit: int = 8) -> List[Resource]:

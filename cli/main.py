@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "synth": "write synthetic data in the Taobao-MM raw schema",
     "pretrain": "learn the frozen 128-d multimodal table from raw content vectors (I2I or SCL contrastive)",
     "prepare": "raw Taobao-MM parquet -> vocabularies, multimodal table, joined shards",
+    "pq": "product-quantization codes of a prepared dataset's multimodal table (the muse_pq GSU)",
     "retrieve": "run a model's GSU once over a dataset and store its results for training",
     "train": "train a model (launches ranks through torchx unless already under torchrun)",
     "evaluate": "evaluate a run's newest checkpoint on the test split",

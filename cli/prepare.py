@@ -2,7 +2,10 @@
 
 import argparse
 
+from cli.pq import add_pq_settings, report, settings_of
+from datapipes import schema
 from datapipes.prepare import ON_MISSING, PrepareConfig, prepare
+from quantize.codes import write_codes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "decoded user features)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the within-bucket sample shuffle (default 0)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--pq", type=int, default=None, metavar="M",
+                        help="also write PQ codes of M subspaces beside mm_table.npy (OUT/pq-mM, as `muse pq`)")
+    add_pq_settings(parser, required=False)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pq is not None:  # checked before the data is prepared (the table is always MM_DIM wide)
+        settings_of(args, args.pq).check(schema.MM_DIM)
     cfg = PrepareConfig(raw=args.raw, out=args.out, shard_rows=args.shard_rows, item_coverage=args.item_coverage,
                         on_missing=args.on_missing, max_seq_len=args.max_seq_len, buckets=args.buckets,
                         seed=args.seed, force=args.force)
@@ -45,4 +53,6 @@ def run(args: argparse.Namespace) -> int:
               f"in place with their category)")
     items = meta["join_stats"]["items"]
     print(f"multimodal table: {items['vocab_items_without_scl']} vocabulary items without an SCL row (zero rows)")
+    if args.pq is not None:
+        print(report(write_codes(args.out, settings_of(args, args.pq), force=True, threads=args.threads)))
     return 0

@@ -9,7 +9,9 @@ The package holds
 - blobs (raw tensors, each with dtype, shape, size and sha256 in the manifest): ``weights.<name>`` of the
   unsharded model, ``mm_table`` (the frozen multimodal table, int8), ``vocab.<space>.keys/index`` (raw
   hashed id -> index), ``items.category/city/province`` (attributes per item index, from the dataset's
-  ``item_attributes.parquet``);
+  ``item_attributes.parquet``); for a model on the approximate GSU (``pq_m``) also ``pq.codes`` (uint8 [N, M])
+  and ``pq.codebooks`` (float32 [M, C, D / M]) from ``<dataset>/pq-m<M>`` (``muse pq``), attached to the
+  predictor's GSU stage by ``inference.loader``;
 - ``muse/manifest.json``: format version, library versions, the model and training config, vocabulary
   sizes, the run, checkpoint and dataset it came from, and the run's training metrics.
 The file is written under a temporary name and renamed when complete.
@@ -35,6 +37,7 @@ from datapipes.tempdir import atomic_output_dir
 from inference.checkpoint import TrainedModel, load_trained_model, model_state
 from inference.manifest import BLOB_PACKAGE, ENTRY_MODULE, FORMAT_VERSION, MANIFEST_NAME, MANIFEST_PACKAGE, tensor_to_blob
 from inference.predictor import ID_SPACES
+from model.gsu.pq import PQIndex
 
 INTERN = ["model", "model.**", "datapipes", "datapipes.batch", "datapipes.histories", "inference", "inference.predictor", "inference.manifest",
           "inference.loader", "common", "common.errors"]
@@ -91,7 +94,20 @@ def collect_tensors(trained: TrainedModel) -> tuple[Dict[str, torch.Tensor], int
     tensors["items.city"] = torch.from_numpy(attrs["item_city"])
     tensors["items.province"] = torch.from_numpy(attrs["item_province"])
     known = (attrs["category"] != 0) | (attrs["item_city"] != 0) | (attrs["item_province"] != 0)
+    index = pq_index(trained)
+    if index is not None:
+        tensors["pq.codes"] = torch.from_numpy(np.array(index.codes.numpy()))
+        tensors["pq.codebooks"] = index.codebooks.clone()
     return tensors, int(known[1:].sum())
+
+
+def pq_index(trained: TrainedModel) -> PQIndex | None:
+    """The PQ codes the run's GSU reads (``ModelConfig.pq_m``), beside the dataset's table; None for the exact GSU."""
+    model, meta = trained.config.model, trained.dataset.metadata
+    if model.gsu != "multimodal" or model.pq_m is None:
+        return None
+    return PQIndex.beside(os.path.join(trained.dataset.root, "mm_table.npy"), model.pq_m,
+                          meta.vocab_sizes["item"] + 1, meta.mm_dim)
 
 
 def build_manifest(trained: TrainedModel, run_dir: str) -> Dict[str, Any]:
@@ -110,6 +126,7 @@ def build_manifest(trained: TrainedModel, run_dir: str) -> Dict[str, Any]:
         "run": {"dir": os.path.abspath(run_dir), "step": trained.checkpoint.step, "checkpoint": trained.checkpoint.path,
                 "checkpoint_meta": trained.checkpoint.meta},
         "metrics": _metrics_summary(trained.metrics),
+        "pq": None if pq_index(trained) is None else pq_index(trained).meta,
         "blobs": {},
     }
 

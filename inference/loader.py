@@ -3,7 +3,8 @@
 ``verify_package`` reads the package as a plain zip archive (no package code runs): the manifest must be
 there and every blob it lists must be present with the recorded size and sha256 (zip's own CRC-32 is
 checked on the way). Any failure is one ``DataError`` naming the file and the blob. Only then is the
-package opened with ``torch.package.PackageImporter`` and its entry (``inference.predictor.load``) run.
+package opened with ``torch.package.PackageImporter`` and its entry (``inference.predictor.load``) run; a model
+on the approximate GSU then gets the package's PQ codes (``attach_pq``).
 A torch.package executes the code it holds: load packages from trusted sources only.
 """
 
@@ -18,7 +19,7 @@ from common.errors import DataError, UserError
 from common.io import path_manager
 from datapipes.histories import HistoryStore
 from inference.manifest import (BLOB_PACKAGE, ENTRY_MODULE, MANIFEST_NAME, MANIFEST_PACKAGE, PackageIntegrityError,
-                                check_digest, parse_manifest)
+                                check_digest, decode_blob, parse_manifest)
 
 
 def _local(path: str) -> str:
@@ -64,6 +65,20 @@ def verify_package(path: str) -> Dict[str, Any]:
     return manifest
 
 
+PQ_BLOBS = ("pq.codes", "pq.codebooks")
+
+
+def attach_pq(importer: PackageImporter, manifest: Dict[str, Any], predictor: Any) -> None:
+    """Give the predictor's GSU stage the package's PQ codes (``pq.codes``, ``pq.codebooks``), when the model runs
+    the approximate GSU (``pq_m``); built with the package's own ``model.gsu.pq.PQIndex``. Blobs already verified."""
+    if not all(name in manifest["blobs"] for name in PQ_BLOBS):
+        return
+    codes, codebooks = (decode_blob(name, importer.load_binary(BLOB_PACKAGE, name), manifest["blobs"][name], verify=False,
+                                    writable=name != "pq.codes") for name in PQ_BLOBS)
+    index_class = importer.import_module("model.gsu.pq").PQIndex
+    predictor.stage.attach_pq(index_class(codes, codebooks, manifest.get("pq") or {}))
+
+
 def load_predictor(path: str, histories: str | None = None) -> Any:
     """The package's ``Predictor`` (see ``inference.predictor``) after ``verify_package``, serving users by id from
     the history store ``histories`` or, when not given, from ``<path>.histories`` if ``muse export --histories``
@@ -76,6 +91,7 @@ def load_predictor(path: str, histories: str | None = None) -> Any:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{path}: (package): cannot be opened as a torch.package ({first})") from None
     predictor = entry.load(importer, verify=False)
+    attach_pq(importer, predictor.manifest, predictor)
     if histories is None and os.path.isdir(f"{_local(path)}.histories"):
         histories = f"{_local(path)}.histories"
     if histories is not None:

@@ -13,6 +13,10 @@ The family has two switches and a handful of sizes:
   attention, ``a = g1*a_id + g2*R + g3*a_id*R``) or a ``+`` of an attention and SimTier. With ``gsu == "none"``
   (no lifelong behaviors) only the part that needs none stays: the SimTier over the recent behaviors' cosines,
   when ``esu`` has SimTier and ``simtier_recent`` is set (the released code's DIN); otherwise there is no ESU.
+- ``pq_m`` (multimodal GSU only) swaps the exact cosine top-K for SEMINAR's approximate one: product-quantized
+  codes of the table (``muse pq``, ``model.gsu.pq``), per-target lookup tables summed over the history's codes,
+  and with ``pq_candidates`` the best K' by estimate re-scored exactly (``model.gsu.pq_topk``); presets
+  ``muse_pq`` and ``paper_muse_pq``.
 
 Two families of presets:
 
@@ -76,6 +80,8 @@ class ModelConfig:
     attention_projections: TA/SA-TA project query, key and value, each ``SiLU(W x + b)`` (the released SA-TA),
                      scores ``q'.k'`` unscaled and pools the projected values; False: ``a_id = (W_q q + b_q).(W_k e)
                      / sqrt(attention_dim)`` pooling the behaviors themselves.
+    pq_m:            None: the exact multimodal GSU; M: the approximate one on M-subspace PQ codes (gsu "multimodal").
+    pq_candidates:   with ``pq_m``: K' >= k behaviors by estimate re-scored exactly (0: estimates as the scores).
     embedding_init_std: ID tables start uniform with this standard deviation (released: truncated normal, std
                      1e-3; TorchRec's sharded kernels initialise uniformly); None: TorchRec's default,
                      uniform in +-sqrt(1 / rows).
@@ -97,6 +103,8 @@ class ModelConfig:
     r_temperature: Optional[float] = None
     attention_projections: bool = False
     embedding_init_std: Optional[float] = None
+    pq_m: Optional[int] = None
+    pq_candidates: int = 0
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "din": {"gsu": "none", "esu": "ta"},
@@ -117,8 +125,13 @@ class ModelConfig:
         "paper_sim_soft": {**_PAPER, "gsu": "id"},
         "paper_twin": {**_PAPER, "gsu": "attention"},
         "paper_muse": {**_PAPER, "gsu": "multimodal"},
+        # MUSE on SEMINAR's approximate GSU: 16-byte PQ codes, the best 200 by estimate re-scored exactly.
+        "muse_pq": {"gsu": "multimodal", "esu": "sata+simtier", "pq_m": 16, "pq_candidates": 200},
+        "paper_muse_pq": {**_PAPER, "gsu": "multimodal", "pq_m": 16, "pq_candidates": 200},
     }
     PAPER_PRESETS: ClassVar[tuple[str, ...]] = ("paper_din", "paper_sim_hard", "paper_sim_soft", "paper_twin", "paper_muse")
+    # The approximate-GSU variants and the exact preset each is compared against (``muse compare --pq``).
+    PQ_PRESETS: ClassVar[dict[str, str]] = {"muse_pq": "muse", "paper_muse_pq": "paper_muse"}
 
     def __post_init__(self) -> None:
         if self.gsu not in GSU_KINDS:
@@ -144,6 +157,16 @@ class ModelConfig:
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 raise ValueError(f"{field} must be None or a positive number, got {value!r}")
+        if self.pq_m is not None:
+            if isinstance(self.pq_m, bool) or not isinstance(self.pq_m, int) or self.pq_m < 1:
+                raise ValueError(f"pq_m must be None or a positive int, got {self.pq_m!r}")
+            if self.gsu != "multimodal":
+                raise ValueError(f"pq_m applies to the multimodal GSU only, got gsu {self.gsu!r}")
+        value = self.pq_candidates
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"pq_candidates must be an int >= 0, got {value!r}")
+        if value and (self.pq_m is None or value < self.k):
+            raise ValueError(f"pq_candidates must be 0 or >= k ({self.k}) and needs pq_m, got {value!r} (pq_m {self.pq_m!r})")
         width = self.tier_width
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 2:
             raise ValueError(f"tier_width must be in (0, 2], got {width!r}")

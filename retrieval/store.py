@@ -2,7 +2,7 @@
 
 Layout of a retrieval directory (default ``<dataset>/retrieval/<gsu>-k<K>-l<L>``)::
 
-    retrieval.json                 format, spec (gsu, k, recent_len, max_seq_len), model, vocab_fingerprint,
+    retrieval.json                 format, spec (gsu, k, recent_len, max_seq_len, pq), model, vocab_fingerprint,
                                    mm_table_sha256, splits {split: {rows, parts: [{path, begin, end}]}}
     <split>/part-RRRRR/            the samples [begin, end) of the split (one part per retrieving rank)
         gsu_items.npy    int32 [n, K]    item indices of the GSU's selection, in its order; 0 past the count
@@ -43,16 +43,20 @@ class RetrievalSpec:
     k: int
     recent_len: int
     max_seq_len: int
+    pq: str = ""  # the approximate multimodal GSU: "pq<M>c<K'>" (``ModelConfig.pq_m``, ``pq_candidates``); "" exact
 
     @classmethod
     def of(cls, model, max_seq_len: Optional[int], dataset: PreparedDataset) -> "RetrievalSpec":
         """The spec a model config (``ModelConfig``) and a run's ``max_seq_len`` would retrieve on ``dataset``."""
         longest = dataset.metadata.max_seq_len
-        return cls(model.gsu, model.k, model.recent_len, min(max_seq_len, longest) if max_seq_len else longest)
+        pq_m = getattr(model, "pq_m", None) if model.gsu == "multimodal" else None
+        pq = f"pq{pq_m}c{getattr(model, 'pq_candidates', 0)}" if pq_m is not None else ""
+        return cls(model.gsu, model.k, model.recent_len, min(max_seq_len, longest) if max_seq_len else longest, pq)
 
     @property
     def name(self) -> str:
-        return f"{self.gsu}-k{self.k}-s{self.recent_len}-l{self.max_seq_len}"
+        pq = f"-{self.pq}" if self.pq else ""
+        return f"{self.gsu}{pq}-k{self.k}-s{self.recent_len}-l{self.max_seq_len}"
 
     def widths(self) -> Dict[str, Tuple[np.dtype, Tuple[int, ...]]]:
         """Each array's dtype and per-sample shape."""

@@ -25,6 +25,7 @@ def test_presets_cover_the_paper_baselines_and_ablations():
         "paper_din": ("none", "sata+simtier"), "paper_sim_hard": ("category", "sata+simtier"),
         "paper_sim_soft": ("id", "sata+simtier"), "paper_twin": ("attention", "sata+simtier"),
         "paper_muse": ("multimodal", "sata+simtier"),
+        "muse_pq": ("multimodal", "sata+simtier"), "paper_muse_pq": ("multimodal", "sata+simtier"),
     }
     assert {name: (ModelConfig.preset(name).gsu, ModelConfig.preset(name).esu) for name in PRESETS} == expected
     cfg = ModelConfig.preset("muse", k=20)

@@ -38,6 +38,29 @@ def format_rows(rows: List[Mapping[str, Any]], tablefmt: str = "simple") -> str:
     return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
+def pq_deltas(rows: List[Mapping[str, Any]], pairs: Mapping[str, str]) -> List[Dict[str, Any]]:
+    """Per approximate-GSU model whose exact counterpart is among ``rows`` (``pairs``: PQ preset -> exact preset,
+    ``ModelConfig.PQ_PRESETS``): its GAUC (weighted, unweighted) and AUC minus the exact model's (None where missing)."""
+    by_model = {r["model"]: r for r in rows}
+    out = []
+    for pq, exact in pairs.items():
+        if pq in by_model and exact in by_model:
+            a, b = by_model[pq], by_model[exact]
+            out.append({"model": pq, "exact": exact, **{f"{key}_delta": None if a.get(key) is None or b.get(key) is None
+                                                        else a[key] - b[key] for key in ("gauc", "gauc_unweighted", "auc")}})
+    return out
+
+
+def format_deltas(deltas: List[Mapping[str, Any]]) -> str:
+    """One line per ``pq_deltas`` entry."""
+    return "\n".join(f"{d['model']} vs {d['exact']} (approximate PQ GSU vs exact): GAUC {_signed(d['gauc_delta'])} "
+                     f"(unweighted {_signed(d['gauc_unweighted_delta'])}), AUC {_signed(d['auc_delta'])}" for d in deltas)
+
+
+def _signed(value: Any) -> str:
+    return "n/a" if value is None else f"{value:+.4f}"
+
+
 def print_runs(runs: Mapping[str, str]) -> None:
     """Print the table of ``{model: run_dir}``."""
     print(format_rows([run_row(model, run_dir) for model, run_dir in runs.items()]))

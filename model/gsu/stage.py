@@ -11,6 +11,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from datapipes.batch import HISTORY_FEATURES, SEQUENCE_FEATURES, SPARSE_FEATURES, Batch, RawBatch
 from model.gsu import kernels
 from model.gsu.cosine import history_cosines, pair_cosine
+from model.gsu.pq import PQIndex, PQSettings
+from model.gsu.pq_topk import pq_topk
 from model.gsu.topk import cosine_topk
 from model.gsu.table import MMTable, RowNorms
 
@@ -57,6 +59,9 @@ class GsuStage:
     config: anything with ``gsu`` ("none" | "category" | "multimodal" | "id" | "attention"), ``k`` and
             ``recent_len`` (``model.config.ModelConfig``).
     mm_table: ``MMTable`` (or a raw [N, D] tensor; its normalisation is then computed here, once).
+    pq: the ``PQIndex`` of the table when the config has ``pq_m`` (the approximate multimodal GSU, ``pq_topk``); when
+        not given it is opened beside a file-backed table (``muse pq`` writes it; UserError if missing) or, for a
+        table without a file, attached later (``attach_pq``) or else built from the table on first use (seeded).
 
     A history position is real unless it is padding (item 0 and category 0): a behavior whose item is out of the
     vocabulary (item 0, known category) keeps its place in the recent window and in SIM-hard's category search,
@@ -68,7 +73,7 @@ class GsuStage:
     none; the last two add hist_* (the whole real history, oldest first) and ``history_scores`` [B, L].
     """
 
-    def __init__(self, config: Any, mm_table: Any, chunk_rows: Optional[int] = None):
+    def __init__(self, config: Any, mm_table: Any, chunk_rows: Optional[int] = None, pq: Optional[PQIndex] = None):
         for field in ("gsu", "k", "recent_len"):
             if not hasattr(config, field):
                 raise ValueError(f"config: has no field {field!r} (expected a ModelConfig)")
@@ -78,6 +83,25 @@ class GsuStage:
         self.config = config
         self.mm_table = mm_table if isinstance(mm_table, MMTable) else MMTable(mm_table)
         self.chunk_rows = chunk_rows
+        self.pq_m = getattr(config, "pq_m", None) if config.gsu == "multimodal" else None
+        self.pq: Optional[PQIndex] = None
+        if pq is not None:
+            self.attach_pq(pq)
+        elif self.pq_m is not None and self.mm_table.source is not None:
+            self.pq = PQIndex.beside(self.mm_table.source, self.pq_m, self.mm_table.num_rows, self.mm_table.dim)
+
+    def attach_pq(self, index: PQIndex) -> None:
+        """Use ``index`` (codes of this stage's table) for the approximate GSU."""
+        if self.pq_m is None:
+            raise ValueError(f"pq: the config's GSU ({self.config.gsu}, pq_m None) reads no PQ codes")
+        if index.m != self.pq_m or index.num_rows != self.mm_table.num_rows or index.dim != self.mm_table.dim:
+            raise ValueError(f"pq: {index!r} does not fit pq_m {self.pq_m} and {self.mm_table!r}")
+        self.pq = index
+
+    def _pq_index(self) -> PQIndex:
+        if self.pq is None:  # a table without a file and no codes attached: build them from it, once
+            self.pq = PQIndex.build(self.mm_table.table, PQSettings(m=self.pq_m))
+        return self.pq
 
     def select(self, raw: RawBatch) -> Selected:
         """The recent window and the pipeline GSU's selection of every sample, with their cosines."""
@@ -111,9 +135,16 @@ class GsuStage:
         if self.config.gsu == "multimodal":
             width = min(k, length)
             mm = self.mm_table
-            scores, positions, valid = cosine_topk(table, raw.target_item, raw.history_items, width, norms=norms,
-                                                   chunk_rows=self.chunk_rows, shadow=mm.shadow,
-                                                   int8_filter=mm.shadow is not None)
+            candidates = getattr(self.config, "pq_candidates", 0)
+            # K' >= L re-scores every behavior: exactly cosine_topk's result (bit-identical scores), no codes read
+            if self.pq_m is not None and (not candidates or candidates < length):
+                scores, positions, valid = pq_topk(self._pq_index(), table, raw.target_item, raw.history_items, width,
+                                                   candidates=candidates, norms=norms,
+                                                   chunk_rows=self.chunk_rows)
+            else:
+                scores, positions, valid = cosine_topk(table, raw.target_item, raw.history_items, width, norms=norms,
+                                                       chunk_rows=self.chunk_rows, shadow=mm.shadow,
+                                                       int8_filter=mm.shadow is not None)
             scores = torch.where(valid, scores, torch.zeros((), dtype=torch.float32))
             return _Selection(positions, valid.sum(1)), _pad_to(scores, k)
         cats, target_cat = raw.history_cats, raw.target_cat
@@ -126,7 +157,8 @@ class GsuStage:
         return chosen, _scores_for(table, norms, _take(raw.history_items, chosen), raw.target_item, chosen, k)
 
     def __repr__(self) -> str:
-        return f"GsuStage(gsu={self.config.gsu!r}, k={self.config.k}, recent_len={self.config.recent_len}, {self.mm_table!r})"
+        pq = f", pq_m={self.pq_m}" if self.pq_m is not None else ""
+        return f"GsuStage(gsu={self.config.gsu!r}{pq}, k={self.config.k}, recent_len={self.config.recent_len}, {self.mm_table!r})"
 
 
 def assemble_batch(samples: Any, selected: Selected, history: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
