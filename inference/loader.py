@@ -11,7 +11,7 @@ A torch.package executes the code it holds: load packages from trusted sources o
 import hashlib
 import os
 import zipfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from torch.package import PackageImporter
 
@@ -68,13 +68,18 @@ def verify_package(path: str) -> Dict[str, Any]:
 PQ_BLOBS = ("pq.codes", "pq.codebooks")
 
 
-def attach_pq(importer: PackageImporter, manifest: Dict[str, Any], predictor: Any) -> None:
+def attach_pq(importer: PackageImporter, manifest: Dict[str, Any], predictor: Any,
+              blobs: Optional[Dict[str, Any]] = None) -> None:
     """Give the predictor's GSU stage the package's PQ codes (``pq.codes``, ``pq.codebooks``), when the model runs
-    the approximate GSU (``pq_m``); built with the package's own ``model.gsu.pq.PQIndex``. Blobs already verified."""
+    the approximate GSU (``pq_m``); built with the package's own ``model.gsu.pq.PQIndex``. Blobs already verified;
+    ``blobs``: those already decoded (``muse serve`` decodes every blob), else read from the package."""
     if not all(name in manifest["blobs"] for name in PQ_BLOBS):
         return
-    codes, codebooks = (decode_blob(name, importer.load_binary(BLOB_PACKAGE, name), manifest["blobs"][name], verify=False,
-                                    writable=name != "pq.codes") for name in PQ_BLOBS)
+    if blobs is not None and all(name in blobs for name in PQ_BLOBS):
+        codes, codebooks = (blobs[name] for name in PQ_BLOBS)
+    else:
+        codes, codebooks = (decode_blob(name, importer.load_binary(BLOB_PACKAGE, name), manifest["blobs"][name],
+                                        verify=False, writable=name != "pq.codes") for name in PQ_BLOBS)
     index_class = importer.import_module("model.gsu.pq").PQIndex
     predictor.stage.attach_pq(index_class(codes, codebooks, manifest.get("pq") or {}))
 

@@ -23,7 +23,7 @@ from datapipes.histories import HistoryStore
 from inference.manifest import (BLOB_PACKAGE, MANIFEST_NAME, MANIFEST_PACKAGE, PackageIntegrityError, decode_blob,
                                 parse_manifest)
 from model.config import ModelConfig
-from model.gsu import GsuStage, cosine_topk, pair_cosine
+from model.gsu import GsuStage, PQIndex, cosine_topk, pair_cosine, pq_topk
 from model.gsu.cosine import cosines
 from model.gsu.stage import Selected, assemble_batch
 from model.gsu.table import MMTable, RowNorms
@@ -71,15 +71,17 @@ class HistoryContent:
     slots: int64 [L] each history position's row in ``rows`` (0 = no content row: padding or an unknown item).
     rows: [U + 1, D] the table's dtype; row 0 zeros, rows 1..U the U distinct items, oldest newest-occurrence first.
     sq_norm: [U + 1] their squared norms (the table's ``RowNorms.sq_norm``).
+    ids: int64 [U + 1] the table row of each of ``rows`` (0 for row 0), for the PQ codes of an approximate GSU.
     """
 
     slots: torch.Tensor
     rows: torch.Tensor
     sq_norm: torch.Tensor
+    ids: torch.Tensor
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.slots, self.rows, self.sq_norm))
+        return sum(t.numel() * t.element_size() for t in (self.slots, self.rows, self.sq_norm, self.ids))
 
 
 class Predictor:
@@ -234,7 +236,8 @@ class Predictor:
         slots[real] = rank.index_select(0, inverse) + 1
         chosen = distinct.index_select(0, order)
         rows = torch.cat([table[:1], table.index_select(0, chosen)])
-        return HistoryContent(slots, rows, torch.cat([sq_norm[:1], sq_norm.index_select(0, chosen)]))
+        return HistoryContent(slots, rows, torch.cat([sq_norm[:1], sq_norm.index_select(0, chosen)]),
+                              torch.cat([torch.zeros(1, dtype=torch.int64), chosen]))
 
     @torch.no_grad()
     def rank_indices(self, user: torch.Tensor, profile: torch.Tensor, candidates: torch.Tensor,
@@ -311,9 +314,21 @@ class Predictor:
         if n_recent:
             recent_scores[:, :n_recent] = _cross_cosines(table, norms, rows.index_select(0, recent), targets)
         width = min(cfg.k, length)
+        pq_candidates = getattr(cfg, "pq_candidates", 0)
+        # the approximate GSU where the pipeline stage runs it (K' >= L re-scores everything: the exact one)
+        approximate = getattr(self.stage, "pq_m", None) is not None and (not pq_candidates or pq_candidates < length)
         if width and bool((items != 0).any()):
-            scores, positions, valid = cosine_topk(table, targets, rows[None, :].expand(c, -1), width, norms=norms,
+            if approximate:
+                index = self.stage.pq_index()
+                if content is not None:  # the local table's codes: the distinct items', then the candidates'
+                    index = PQIndex(index.codes.index_select(0, torch.cat([content.ids, cand])), index.codebooks,
+                                    index.meta)
+                scores, positions, valid = pq_topk(index, table, targets, rows[None, :].expand(c, -1), width,
+                                                   candidates=pq_candidates, norms=norms,
                                                    chunk_rows=self.stage.chunk_rows)
+            else:
+                scores, positions, valid = cosine_topk(table, targets, rows[None, :].expand(c, -1), width,
+                                                       norms=norms, chunk_rows=self.stage.chunk_rows)
             lengths = valid.sum(1)
             gsu_scores = torch.where(valid, scores, torch.zeros((), dtype=torch.float32))
             picked = positions[valid]  # sample-major, valid slots first: each candidate's top K in order

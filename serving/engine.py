@@ -31,7 +31,7 @@ from torch.package import PackageImporter
 
 from common.errors import DataError, UserError
 from datapipes.histories import HistoryStore
-from inference.loader import verify_package
+from inference.loader import attach_pq, verify_package
 from inference.manifest import BLOB_PACKAGE, ENTRY_MODULE, MANIFEST_NAME, MANIFEST_PACKAGE
 from serving.cache import PrefetchCache
 from serving.schema import PROFILE_KEYS, BadRequest, RankRequest
@@ -135,6 +135,7 @@ def load_engine(package: str, histories: Optional[str], config: Any, generation:
         tensors[name] = decode(name, importer.load_binary(BLOB_PACKAGE, name), blob, verify=False,
                                writable=name != MM_BLOB)
     predictor = entry.from_tensors(manifest, tensors)
+    attach_pq(importer, manifest, predictor, tensors)  # an approximate-GSU package's codes, not rebuilt
     if histories is None and os.path.isdir(f"{path}.histories"):
         histories = f"{path}.histories"
     if histories is not None:

@@ -33,10 +33,12 @@ from model.train_module import MuseTrain
 from training.config import TrainConfig, save_config
 
 
-def make_run(root, data_dir: str, preset: str, seed: int = 0) -> str:
-    """A run directory as the trainer leaves it, with randomly initialised weights."""
-    run = os.path.join(str(root), f"run-{preset}")
-    config = TrainConfig(data=data_dir, model=ModelConfig.preset(preset), batch_size=64, steps=5)
+def make_run(root, data_dir: str, preset, seed: int = 0) -> str:
+    """A run directory as the trainer leaves it, with randomly initialised weights; preset: a preset name or a
+    ``ModelConfig``."""
+    model = preset if isinstance(preset, ModelConfig) else ModelConfig.preset(preset)
+    run = os.path.join(str(root), f"run-{model.name}")
+    config = TrainConfig(data=data_dir, model=model, batch_size=64, steps=5)
     save_config(run, config)
     torch.manual_seed(seed)
     vocab = PreparedDataset.open(data_dir).metadata.vocab_sizes

@@ -527,3 +527,34 @@ def test_sigterm_finishes_requests_in_flight_then_exits(server, users):
     assert server.proc.wait(60) == 0
     with pytest.raises(OSError):
         Client(server.port).send("GET", "/health")
+
+
+def test_an_approximate_gsu_package_ranks_and_serves_as_it_scores(prepared_dataset, users, tmp_path):
+    """A muse_pq package (PQ codes carried in the package): rank_indices with and without the prefetched content,
+    and the engine (which decodes every blob itself) give ``score``'s probabilities; the engine attaches the
+    package's codes instead of rebuilding them."""
+    from model.gsu import PQSettings
+    from quantize.codes import write_codes
+
+    data = str(tmp_path / "ds")
+    shutil.copytree(prepared_dataset, data)
+    write_codes(data, PQSettings(m=16, sample_rows=1500, iterations=4, seed=0), threads=1)
+    package = str(tmp_path / "pq.pt")
+    config = dataclasses.replace(ModelConfig.preset("muse_pq"), pq_candidates=60)  # K' < L: the PQ path runs
+    export_package(make_run(tmp_path / "run", data, config), package, histories="test")
+    predictor = load_predictor(package)
+    chosen, raw_ids, items = users
+    raw_user, index = chosen[0]
+    user, profile, hist_items, hist_cats = predictor.user_history(raw_user)
+    assert int((hist_items != 0).sum()) > config.pq_candidates
+    candidates = _candidates(items, 30, 5)
+    expected = _reference(predictor, raw_ids, index, raw_user, candidates)
+    cand = predictor.indices("item", candidates)
+    for local in (None, predictor.history_content(hist_items)):
+        got = predictor.rank_indices(user, profile, cand, hist_items, hist_cats, content=local)
+        assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    engine = load_engine(package, None, ENGINE_CONFIG, generation=1)
+    assert torch.equal(engine.predictor.stage.pq.codes, predictor.stage.pq.codes)
+    engine.prefetch(raw_user)
+    served, _ = engine.rank(rank_request({"user_id": raw_user, "candidates": candidates}, Limits(1000, 10_000)))
+    assert torch.allclose(served, expected, atol=1e-6, rtol=0)

@@ -98,7 +98,9 @@ class GsuStage:
             raise ValueError(f"pq: {index!r} does not fit pq_m {self.pq_m} and {self.mm_table!r}")
         self.pq = index
 
-    def _pq_index(self) -> PQIndex:
+    def pq_index(self) -> PQIndex:
+        """The PQ codes the approximate GSU reads (config ``pq_m``): attached, opened beside the table, or else
+        built from the table on first use (seeded)."""
         if self.pq is None:  # a table without a file and no codes attached: build them from it, once
             self.pq = PQIndex.build(self.mm_table.table, PQSettings(m=self.pq_m))
         return self.pq
@@ -138,7 +140,7 @@ class GsuStage:
             candidates = getattr(self.config, "pq_candidates", 0)
             # K' >= L re-scores every behavior: exactly cosine_topk's result (bit-identical scores), no codes read
             if self.pq_m is not None and (not candidates or candidates < length):
-                scores, positions, valid = pq_topk(self._pq_index(), table, raw.target_item, raw.history_items, width,
+                scores, positions, valid = pq_topk(self.pq_index(), table, raw.target_item, raw.history_items, width,
                                                    candidates=candidates, norms=norms,
                                                    chunk_rows=self.chunk_rows)
             else:
