@@ -316,3 +316,21 @@ def test_a_broadcast_history_scores_each_distinct_item_once_with_the_same_result
         alone = cosine_topk(table, targets, hist[None, :].repeat(9, 1), k, share_histories=False)
         for a, b in zip(shared, alone):
             assert torch.equal(a, b)
+
+
+def test_dense_broadcast_scoring_keeps_near_ties_and_zero_rows_exact(monkeypatch):
+    """Items whose rows are multiples of one another (equal cosines up to rounding: the dense prefilter's bound
+    must keep every one that can tie), zero rows and negative scores: the dense path equals the streaming one."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(-40, 41, (40, 32), generator=g, dtype=torch.int8)
+    table = torch.cat([torch.zeros(1, 32, dtype=torch.int8), base, base * 2, base * 3,
+                       torch.zeros(5, 32, dtype=torch.int8), -base])  # rows 121..125 zero
+    history = torch.randint(1, table.shape[0], (2000,), generator=g)
+    targets = torch.randint(1, table.shape[0], (70,), generator=g)
+    for k in (1, 5, 50):
+        dense = cosine_topk(table, targets, history[None, :].expand(70, -1), k)
+        monkeypatch.setattr(topk, "DENSE_ITEMS", 0)
+        streamed = cosine_topk(table, targets, history[None, :].expand(70, -1), k)
+        monkeypatch.undo()
+        for a, b in zip(dense, streamed):
+            assert torch.equal(a, b), k

@@ -37,7 +37,7 @@ MAX_PACKED = 16
 MAX_SHARED = 64
 # One history broadcast to every target (serving) with at most this many distinct items is scored densely (every
 # target x item in one product, ``_dense_topk``), DENSE_ENTRIES (target, item) pairs at a time.
-DENSE_ITEMS = 4096
+DENSE_ITEMS = 1 << 17
 DENSE_ENTRIES = 1 << 20
 # Most dot products of one block: a block multiplies every row by every sample's target of the block (and keeps
 # each history's own), so packing stops where that waste would cost more than the per-block overhead it saves.
@@ -221,22 +221,40 @@ def _interleaved_keys(scores: torch.Tensor, item: torch.Tensor, occurrences: tor
 
 def _dense_topk(table: torch.Tensor, target_ids: torch.Tensor, items: torch.Tensor, k: int,
                 norms: RowNorms) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` of few distinct items [U] (non-padding) for each of C targets, every (target, item) scored: an int8
-    table's dots are exact integers in float32 (|dot| <= 2**24 for D <= FLOAT32_EXACT_WIDTH, ``model.gsu.kernels``),
-    so one float32 product gives the dots the filter would, ``cosines`` the same float32 scores and ``rank_keys``
-    (position = index into ``items``) the same order as ``_streaming_topk``: bit-identical, without its per-block
-    filtering for histories whose distinct items fit one small product. Targets go DENSE_ENTRIES // U at a time.
+    """Top-``k`` (k <= U) of the distinct items [U] (non-padding) of one history for each of C targets, from dense
+    products: bit-identical to ``_streaming_topk`` on an int8 table, without its per-block filtering.
+
+    Per DENSE_ENTRIES // U targets: the dots [c, U] by one float32 product (an int8 table's dots are exact integers
+    in float32, |dot| <= 2**24 for D <= FLOAT32_EXACT_WIDTH, ``model.gsu.kernels``), so they are the filter's.
+    A prefilter ranks by a = fl32(dot * fl32(1 / |r|)), within a relative 2**-23 of dot / |r|, to which the exact
+    score is monotone for a given target. With A the k-th largest a of a target, any item with
+    a < A - |A| 2**-19 has dot / |r| below that of each of the k items at or above A by a relative 2**-21, more
+    than float32 rounding can close, so its exact score is strictly lower than theirs and it is not in the top k.
+    The items at or above that bound (at least k, usually a few more) get their exact ``cosines`` and
+    ``rank_keys`` (position = index into ``items``), and the k best keys win, as in ``_streaming_topk``.
+    Zero rows have a = 0 and score 0.
     Returns (scores float32 [C, k], indices into items int64 [C, k]), best first."""
     rows = table.index_select(0, items).to(torch.float32).t().contiguous()  # [D, U]
-    sq_items = norms.sq_norm.index_select(0, items)[None, :]
-    positions = torch.arange(items.shape[0])[None, :]
+    sq_items = norms.sq_norm.index_select(0, items)
+    inverse = torch.where(sq_items > 0, 1.0 / sq_items.clamp_min(1.0).sqrt(), torch.zeros((), dtype=torch.float64))
+    inverse = inverse.to(torch.float32)[None, :]
     step = max(1, DENSE_ENTRIES // items.shape[0])
     keys = []
     for start in range(0, target_ids.shape[0], step):
         targets = target_ids[start:start + step]
         dots = torch.mm(table.index_select(0, targets).to(torch.float32), rows)  # [c, U], exact integers
-        scores = cosines(dots.double(), sq_items, norms.sq_norm.index_select(0, targets)[:, None])
-        keys.append(torch.topk(rank_keys(scores, positions), k, dim=1).values)
+        approx = dots * inverse
+        kth = torch.topk(approx, k, dim=1, sorted=False).values.amin(1)
+        bound = kth - kth.abs() * 2.0 ** -19 - 1e-30
+        row, col = (approx >= bound[:, None]).nonzero(as_tuple=True)  # row-major: ascending targets
+        sq_targets = norms.sq_norm.index_select(0, targets)
+        found = rank_keys(cosines(dots[row, col].double(), sq_items.index_select(0, col),
+                                  sq_targets.index_select(0, row)), col)
+        counts = torch.bincount(row, minlength=targets.shape[0])
+        within = torch.arange(row.shape[0]) - (torch.cumsum(counts, 0) - counts).index_select(0, row)
+        padded = torch.full((targets.shape[0], int(counts.max())), NO_KEY, dtype=torch.int64)
+        padded[row, within] = found
+        keys.append(torch.topk(padded, k, dim=1).values)
     state = RunningTopK(target_ids.shape[0], k)
     state.keys = torch.cat(keys)
     scores, picked, _ = state.result()
