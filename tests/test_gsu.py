@@ -327,7 +327,8 @@ def test_dense_broadcast_scoring_keeps_near_ties_and_zero_rows_exact(monkeypatch
                        torch.zeros(5, 32, dtype=torch.int8), -base])  # rows 121..125 zero
     history = torch.randint(1, table.shape[0], (2000,), generator=g)
     targets = torch.randint(1, table.shape[0], (70,), generator=g)
-    for k in (1, 5, 50):
+    for k, sample in ((1, 4096), (5, 4096), (50, 4096), (1, 8), (5, 16), (50, 50)):
+        monkeypatch.setattr(topk, "DENSE_SAMPLE", sample)  # small samples: the bound from every stride-th item
         dense = cosine_topk(table, targets, history[None, :].expand(70, -1), k)
         monkeypatch.setattr(topk, "DENSE_ITEMS", 0)
         streamed = cosine_topk(table, targets, history[None, :].expand(70, -1), k)
