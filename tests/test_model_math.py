@@ -309,3 +309,19 @@ def test_paper_twin_selects_by_the_attention_id_score_not_by_r():
         assert n == min(cfg.k, int(history_mask[i].sum()))
         # The chosen behaviors carry the n highest ID scores (repeated items tie, so compare scores, not positions).
         torch.testing.assert_close(chosen[i, :n], relevance[i].sort(descending=True).values[:n])
+
+
+def test_dice_in_eval_is_the_running_statistics_formula():
+    """Eval's fused Dice equals p x + (1 - p) alpha x with p = sigmoid(batchnorm with running statistics)."""
+    from model.tower import Dice
+
+    torch.manual_seed(5)
+    dice = Dice(6)
+    dice.norm.running_mean.uniform_(-1, 1)
+    dice.norm.running_var.uniform_(0.5, 2.0)
+    dice.alpha.data.uniform_(-0.5, 0.5)
+    x = torch.randn(40, 6)
+    p = torch.sigmoid((x - dice.norm.running_mean) / torch.sqrt(dice.norm.running_var + dice.norm.eps))
+    torch.testing.assert_close(dice.eval()(x), p * x + (1 - p) * dice.alpha * x, rtol=1e-6, atol=1e-6)
+    batch = torch.sigmoid((x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + dice.norm.eps))
+    torch.testing.assert_close(dice.train()(x), batch * x + (1 - batch) * dice.alpha * x, rtol=1e-5, atol=1e-5)
