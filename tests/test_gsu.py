@@ -335,3 +335,15 @@ def test_dense_broadcast_scoring_keeps_near_ties_and_zero_rows_exact(monkeypatch
         monkeypatch.undo()
         for a, b in zip(dense, streamed):
             assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [-1, 100])
+def test_broadcast_history_with_bad_id_raises_value_error(dtype, bad):
+    """One history shared by every candidate by ``.expand`` (serving; the dense path on int8 tables): an id
+    outside the table is a ValueError naming history_ids, as on the other paths, not an IndexError."""
+    table = random_table(100, 128, dtype, 5)
+    history = torch.randint(1, 100, (300,))
+    history[7] = bad
+    with pytest.raises(ValueError, match="history_ids"):
+        cosine_topk(table, torch.arange(1, 6), history[None, :].expand(5, -1), 4)
