@@ -180,15 +180,14 @@ def _load() -> Tuple[Optional[object], str]:
     if directory is None:
         return None, "no writable cache directory (set MUSE_KERNEL_CACHE)"
     path = os.path.join(directory, f"muse_gsu_{digest}.so")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not _intact(path):  # a truncated or foreign file: built anew (atomically)
         reason = _build(compiler, flags, source, directory, path)
         if reason:
             return None, reason
     try:
-        lib = ctypes.CDLL(path)
-    except OSError as err:
-        return None, f"loading {path} failed: {err}"
-    function = lib.muse_gather_dots_i8
+        function = ctypes.CDLL(path).muse_gather_dots_i8
+    except (OSError, AttributeError) as err:  # AttributeError: a library without the symbol
+        return None, f"loading {path} failed: {err} (delete it to rebuild)"
     function.restype = ctypes.c_int64
     function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
@@ -211,6 +210,28 @@ def _build(compiler: str, flags: list, source: str, directory: str, path: str) -
             return f"{compiler} {' '.join(flags)} failed: {first}"
         os.replace(so_file, path)
     return ""
+
+
+def _intact(path: str) -> bool:
+    """Whether ``path`` is a whole ELF file: its program and section header tables end within the file (they
+    come last, so a truncated copy fails this; ``dlopen`` of one can crash the process with SIGBUS)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
+        return False
+    order = "little" if head[5] == 1 else "big"
+    field = lambda at, n: int.from_bytes(head[at:at + n], order)
+    if head[4] == 2:  # 64-bit
+        if len(head) < 64:
+            return False
+        ph, sh, ph_size, ph_num, sh_size, sh_num = field(32, 8), field(40, 8), field(54, 2), field(56, 2), field(58, 2), field(60, 2)
+    else:
+        ph, sh, ph_size, ph_num, sh_size, sh_num = field(28, 4), field(32, 4), field(42, 2), field(44, 2), field(46, 2), field(48, 2)
+    return ph + ph_size * ph_num <= size and sh + sh_size * sh_num <= size
 
 
 def _cache_dir() -> Optional[str]:
