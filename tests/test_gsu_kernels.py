@@ -269,3 +269,14 @@ def test_a_damaged_cached_library_is_rebuilt_or_refused_never_loaded(tmp_path, d
         assert again.stdout.startswith("False") and "undefined symbol" in again.stdout
     else:
         assert again.stdout.startswith("True")
+
+
+def test_cc_with_arguments_builds_the_native_kernel(monkeypatch, tmp_path):
+    """CC is a command line, as make and the autotools take it (``ccache gcc``, ``gcc -O2``), not one path."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("CC", f"{compiler} -O1")
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    assert native.library() is not None, native.unavailable_reason()

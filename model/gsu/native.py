@@ -13,18 +13,20 @@ products into int32 (<= 2**15); the row's dot accumulates in int32 (|dot| <= D *
 every step is exact integer arithmetic, so the dots are bit-identical to the other filter kernels'. The
 portable branch (no AVX2, or D not a multiple of 16) does the same sums in plain int32 C.
 
-Build: the C source below is compiled once per host, lazily, with the system C compiler (``CC`` or ``cc``/``gcc``
-on PATH), ``-O3`` and ``-mavx2`` only when the CPU reports AVX2, into a cache directory (``MUSE_KERNEL_CACHE``,
-else ``$XDG_CACHE_HOME/muse-torchrec/kernels``, else ``~/.cache/...``, else the temp directory), written to a
-temporary name and renamed so concurrent processes never load a partial file; the file name is a hash of the
-source, flags and compiler, so a changed source or compiler builds anew. ``library()`` returns None with the
-reason when there is no compiler or the build fails; kernel selection (``model.gsu.kernels``) then simply does
-not offer this kernel. It is loaded with ``ctypes`` (the call releases the GIL).
+Build: the C source below is compiled once per host, lazily, with the system C compiler (``CC``, split as a shell
+would, e.g. ``ccache gcc``; else ``cc``/``gcc`` on PATH), ``-O3`` and ``-mavx2`` only when the CPU reports AVX2,
+into a cache directory (``MUSE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/muse-torchrec/kernels``, else
+``~/.cache/...``, else the temp directory), written to a temporary name and renamed so concurrent processes never
+load a partial file; the file name is a hash of the source, flags and compiler, so a changed source or compiler
+builds anew. ``library()`` returns None with the reason when there is no compiler or the build fails; kernel
+selection (``model.gsu.kernels``) then simply does not offer this kernel. It is loaded with ``ctypes`` (the call
+releases the GIL).
 """
 
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -172,8 +174,8 @@ def _load() -> Tuple[Optional[object], str]:
     flags = ["-O3", "-shared", "-fPIC", "-std=c99"] + (["-mavx2"] if _has_avx2() else [])
     source = SOURCE.replace("@PREFETCH@", str(_PREFETCH))
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as err:
+        version = subprocess.run([*shlex.split(compiler), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, ValueError, subprocess.SubprocessError) as err:  # ValueError: CC that shlex cannot split
         return None, f"{compiler} --version failed: {err}"
     digest = hashlib.sha256("\0".join([source, " ".join(flags), compiler, version]).encode()).hexdigest()[:20]
     directory = _cache_dir()
@@ -201,7 +203,7 @@ def _build(compiler: str, flags: list, source: str, directory: str, path: str) -
         with open(c_file, "w") as f:
             f.write(source)
         try:
-            done = subprocess.run([compiler, *flags, "-o", so_file, c_file], capture_output=True, text=True,
+            done = subprocess.run([*shlex.split(compiler), *flags, "-o", so_file, c_file], capture_output=True, text=True,
                                   timeout=_BUILD_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as err:
             return f"{compiler} failed to run: {err}"
