@@ -335,3 +335,30 @@ def test_dense_broadcast_scoring_keeps_near_ties_and_zero_rows_exact(monkeypatch
         monkeypatch.undo()
         for a, b in zip(dense, streamed):
             assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [-1, 100])
+def test_broadcast_history_with_bad_id_raises_value_error(dtype, bad):
+    """One history shared by every candidate by ``.expand`` (serving; the dense path on int8 tables): an id
+    outside the table is a ValueError naming history_ids, as on the other paths, not an IndexError."""
+    table = random_table(100, 128, dtype, 5)
+    history = torch.randint(1, 100, (300,))
+    history[7] = bad
+    with pytest.raises(ValueError, match="history_ids"):
+        cosine_topk(table, torch.arange(1, 6), history[None, :].expand(5, -1), 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_padding_is_never_selected_when_the_tables_row_0_is_not_zero(dtype):
+    """history id 0 is padding whatever the table's row 0 holds: a non-zero row 0 whose dot with the target
+    passes a later piece's (positive) threshold is still dropped."""
+    torch.manual_seed(1)
+    base = torch.randint(-128, 128, (400, 256), dtype=torch.int8)
+    table = base[:, :128].contiguous().to(dtype)
+    targets = torch.randint(0, 400, (6,))
+    history = torch.randint(0, 400, (6, 500))
+    history[:, ::5] = 0
+    for k in (6, 9, 20):
+        _, positions, valid = cosine_topk(table, targets, history, k)
+        assert not bool(((history.gather(1, positions) == 0) & valid).any())

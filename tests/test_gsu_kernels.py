@@ -2,6 +2,10 @@
 leaves cosine_topk, the filter's dots and the pair scores bit-identical; the MUSE_GSU_KERNEL override and its
 errors; one measurement per process and width."""
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -237,3 +241,42 @@ def test_filter_names_both_regimes_unless_filter_wide_is_given(monkeypatch):
     assert filters.product(WIDE_FROM).kernel.name == "float32" and filters.product(20).dot_dtype == torch.float32
     wide = kernels.choose(kernels.FILTER_WIDE, 64)
     assert wide.forced and wide.op == kernels.FILTER_WIDE and "filter_wide" in wide.describe()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign"])
+def test_a_damaged_cached_library_is_rebuilt_or_refused_never_loaded(tmp_path, damage):
+    """A cached .so that is not a whole ELF file (garbage, a truncated copy, empty) is built anew; one without
+    the kernel's symbol is refused with the reason. Each in a fresh process (dlopen caches by path, and a
+    truncated library can crash the process that maps it)."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, native.CACHE_ENV: str(cache)}
+    probe = "from model.gsu import native; print(native.library() is not None, native.unavailable_reason())"
+    first = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    if not first.stdout.startswith("True"):
+        pytest.skip(f"the native kernel does not build here: {first.stdout}{first.stderr}")
+    (built,) = cache.glob("muse_gsu_*.so")
+    if damage == "foreign":
+        source = tmp_path / "foreign.c"
+        source.write_text("int foreign(void) { return 1; }\n")
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        subprocess.run([compiler, "-shared", "-fPIC", "-o", str(built), str(source)], check=True, timeout=120)
+    else:
+        whole = built.read_bytes()
+        built.write_bytes({"garbage": os.urandom(1000), "truncated": whole[:3000], "empty": b""}[damage])
+    again = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    if damage == "foreign":
+        assert again.stdout.startswith("False") and "undefined symbol" in again.stdout
+    else:
+        assert again.stdout.startswith("True")
+
+
+def test_cc_with_arguments_builds_the_native_kernel(monkeypatch, tmp_path):
+    """CC is a command line, as make and the autotools take it (``ccache gcc``, ``gcc -O2``), not one path."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("CC", f"{compiler} -O1")
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    assert native.library() is not None, native.unavailable_reason()

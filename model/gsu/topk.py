@@ -236,7 +236,7 @@ def _dense_topk(table: torch.Tensor, target_ids: torch.Tensor, items: torch.Tens
     ``rank_keys`` (position = index into ``items``), and the k best keys win, as in ``_streaming_topk``.
     Zero rows have a = 0 and score 0.
     Returns (scores float32 [C, k], indices into items int64 [C, k]), best first."""
-    rows = table.index_select(0, items).to(torch.float32).t().contiguous()  # [D, U]
+    rows = gather(table, items).to(torch.float32).t().contiguous()  # [D, U]; bad ids: ValueError (history_ids)
     sq_items = norms.sq_norm.index_select(0, items)
     inverse = torch.where(sq_items > 0, 1.0 / sq_items.clamp_min(1.0).sqrt(), torch.zeros((), dtype=torch.float64))
     inverse = inverse.to(torch.float32)[None, :]
@@ -328,12 +328,13 @@ def _filter_block(filters: FilterDots, state: RunningTopK, ids: torch.Tensor, bl
     d = per_sample[columns, within]
     local = within if len(block) == 1 else group_of.index_select(0, columns) * width + within
     cand_ids = ids.index_select(0, local)
-    if min(needs) <= 0:  # padding rows (dot 0) can pass a threshold <= 0: drop them
-        real = cand_ids != 0
-        if not bool(real.all()):
-            columns, within, d, cand_ids = columns[real], within[real], d[real], cand_ids[real]
-            if columns.numel() == 0:
-                return
+    # Padding rows (id 0) never count: they pass a threshold <= 0 (dot 0), or any threshold when the table's
+    # row 0 is not zero, so drop them whatever the threshold (a check over the few candidates).
+    real = cand_ids != 0
+    if not bool(real.all()):
+        columns, within, d, cand_ids = columns[real], within[real], d[real], cand_ids[real]
+        if columns.numel() == 0:
+            return
     if filters.exact_int:
         exact = d.double()
     else:  # the few candidates' rows again (the gather buffer has moved on), dotted exactly
