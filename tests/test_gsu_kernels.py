@@ -281,3 +281,12 @@ def test_cc_with_arguments_builds_the_native_kernel(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", f"{compiler} -O1")
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
     assert native.library() is not None, native.unavailable_reason()
+
+
+def test_a_named_cache_that_cannot_be_used_is_said_not_replaced(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv(native.CACHE_ENV, str(blocker))
+    assert native.library() is None
+    assert native.unavailable_reason() == f"{native.CACHE_ENV}={blocker}: not a writable directory"

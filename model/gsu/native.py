@@ -15,8 +15,8 @@ portable branch (no AVX2, or D not a multiple of 16) does the same sums in plain
 
 Build: the C source below is compiled once per host, lazily, with the system C compiler (``CC``, split as a shell
 would, e.g. ``ccache gcc``; else ``cc``/``gcc`` on PATH), ``-O3`` and ``-mavx2`` only when the CPU reports AVX2,
-into a cache directory (``MUSE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/muse-torchrec/kernels``, else
-``~/.cache/...``, else the temp directory), written to a temporary name and renamed so concurrent processes never
+into a cache directory (``MUSE_KERNEL_CACHE`` when set, used or refused with the reason, never replaced; else
+``$XDG_CACHE_HOME/muse-torchrec/kernels``, else ``~/.cache/...``, else the temp directory), written to a temporary name and renamed so concurrent processes never
 load a partial file; the file name is a hash of the source, flags and compiler, so a changed source or compiler
 builds anew. ``library()`` returns None with the reason when there is no compiler or the build fails; kernel
 selection (``model.gsu.kernels``) then simply does not offer this kernel. It is loaded with ``ctypes`` (the call
@@ -178,9 +178,9 @@ def _load() -> Tuple[Optional[object], str]:
     except (OSError, ValueError, subprocess.SubprocessError) as err:  # ValueError: CC that shlex cannot split
         return None, f"{compiler} --version failed: {err}"
     digest = hashlib.sha256("\0".join([source, " ".join(flags), compiler, version]).encode()).hexdigest()[:20]
-    directory = _cache_dir()
+    directory, why = _cache_dir()
     if directory is None:
-        return None, "no writable cache directory (set MUSE_KERNEL_CACHE)"
+        return None, why
     path = os.path.join(directory, f"muse_gsu_{digest}.so")
     if not os.path.exists(path) or not _intact(path):  # a truncated or foreign file: built anew (atomically)
         reason = _build(compiler, flags, source, directory, path)
@@ -236,21 +236,26 @@ def _intact(path: str) -> bool:
     return ph + ph_size * ph_num <= size and sh + sh_size * sh_num <= size
 
 
-def _cache_dir() -> Optional[str]:
-    candidates = [os.environ.get(CACHE_ENV)]
+def _cache_dir() -> Tuple[Optional[str], str]:
+    """(the cache directory, "") or (None, why). A MUSE_KERNEL_CACHE the user named is used or refused, never
+    replaced silently by another directory; without it, the first usable of the user cache and the temp dir."""
+    named = os.environ.get(CACHE_ENV)
+    if named:
+        return (named, "") if _usable(named) else (None, f"{CACHE_ENV}={named}: not a writable directory")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    candidates += [os.path.join(base, "muse-torchrec", "kernels"),
-                   os.path.join(tempfile.gettempdir(), f"muse-torchrec-kernels-{os.getuid()}")]
-    for directory in candidates:
-        if not directory:
-            continue
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(directory, os.W_OK):
-            return directory
-    return None
+    for directory in (os.path.join(base, "muse-torchrec", "kernels"),
+                      os.path.join(tempfile.gettempdir(), f"muse-torchrec-kernels-{os.getuid()}")):
+        if _usable(directory):
+            return directory, ""
+    return None, f"no writable cache directory (set {CACHE_ENV})"
+
+
+def _usable(directory: str) -> bool:
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return False
+    return os.path.isdir(directory) and os.access(directory, os.W_OK)
 
 
 def _has_avx2() -> bool:
