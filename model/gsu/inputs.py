@@ -84,7 +84,10 @@ _NORM_CACHE_SIZE = 4
 
 def norms_for(table: torch.Tensor, norms: Optional[RowNorms]) -> RowNorms:
     """``norms`` if given (checked against the table), else the cached ``row_norms(table)``: computed once per
-    table tensor, recomputed if the tensor is modified in place (its version counter changes)."""
+    table tensor, recomputed if the tensor is modified in place by torch (its version counter changes). Writes
+    that torch does not see (through a numpy array or memory map sharing the tensor's memory, or ``.data``) leave
+    the cached norms stale: pass ``norms`` (``row_norms(table)``) after such a write. The project's tables are
+    frozen (``MMTable``), so it never writes one."""
     if norms is not None:
         if not isinstance(norms, RowNorms) or norms.num_rows != table.shape[0]:
             raise ValueError(f"norms: expected RowNorms of {table.shape[0]} rows (row_norms(table))")
