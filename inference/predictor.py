@@ -24,7 +24,7 @@ from inference.manifest import (BLOB_PACKAGE, MANIFEST_NAME, MANIFEST_PACKAGE, P
                                 parse_manifest)
 from model.config import ModelConfig
 from model.gsu import GsuStage, PQIndex, cosine_topk, pair_cosine, pq_topk
-from model.gsu.cosine import cosines
+from model.gsu.cosine import cross_cosines
 from model.gsu.stage import Selected, assemble_batch
 from model.gsu.table import MMTable, RowNorms
 from model.muse import MuseModel, build_model
@@ -312,19 +312,16 @@ class Predictor:
         n_recent = recent.shape[0]
         recent_scores = torch.zeros(c, cfg.recent_len, dtype=torch.float32)
         if n_recent:
-            recent_scores[:, :n_recent] = _cross_cosines(table, norms, rows.index_select(0, recent), targets)
+            recent_scores[:, :n_recent] = cross_cosines(table, norms, rows.index_select(0, recent), targets)
         width = min(cfg.k, length)
-        pq_candidates = getattr(cfg, "pq_candidates", 0)
-        # the approximate GSU where the pipeline stage runs it (K' >= L re-scores everything: the exact one)
-        approximate = getattr(self.stage, "pq_m", None) is not None and (not pq_candidates or pq_candidates < length)
         if width and bool((items != 0).any()):
-            if approximate:
+            if self.stage.approximate(length):  # the approximate GSU where the pipeline stage runs it
                 index = self.stage.pq_index()
                 if content is not None:  # the local table's codes: the distinct items', then the candidates'
                     index = PQIndex(index.codes.index_select(0, torch.cat([content.ids, cand])), index.codebooks,
                                     index.meta)
                 scores, positions, valid = pq_topk(index, table, targets, rows[None, :].expand(c, -1), width,
-                                                   candidates=pq_candidates, norms=norms,
+                                                   candidates=cfg.pq_candidates, norms=norms,
                                                    chunk_rows=self.stage.chunk_rows)
             else:
                 scores, positions, valid = cosine_topk(table, targets, rows[None, :].expand(c, -1), width,
@@ -385,18 +382,6 @@ class Predictor:
                             history_cats=cats[None, :].expand(n, -1))
             out.append(self.score_indices(part))
         return torch.cat(out)
-
-
-def _cross_cosines(table: torch.Tensor, norms: RowNorms, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """float32 [C, n]: ``pair_cosine`` of every (target, row) pair, targets int64 [C], rows int64 [n], bit-identical
-    to it. For an int8 table of width D <= 1024 one float32 product gives the exact integer dots (every partial sum
-    is an integer <= D * 128**2 <= 2**24, as the GSU's float32 kernels use it), and ``cosines`` is the formula
-    ``pair_cosine`` applies; other tables take ``pair_cosine`` itself."""
-    c, n = targets.shape[0], rows.shape[0]
-    if table.dtype != torch.int8 or table.shape[1] * 128 * 128 > 2 ** 24:
-        return pair_cosine(table, norms, rows.repeat(c), targets.repeat_interleave(n)).view(c, n)
-    dots = torch.mm(table.index_select(0, targets).to(torch.float32), table.index_select(0, rows).to(torch.float32).t())
-    return cosines(dots.double(), norms.sq_norm.index_select(0, rows)[None, :], norms.sq_norm.index_select(0, targets)[:, None])
 
 
 def _left_padded(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

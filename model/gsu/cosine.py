@@ -38,6 +38,18 @@ def pair_cosine(table: torch.Tensor, norms: RowNorms, item_ids: torch.Tensor, ta
                    norms.sq_norm.index_select(0, target_ids))
 
 
+def cross_cosines(table: torch.Tensor, norms: RowNorms, item_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """float32 [C, n]: ``pair_cosine`` of every (target, item) pair, target_ids int64 [C], item_ids int64 [n],
+    bit-identical to it. Where int8 dots are exact in float32 (``kernels.float32_exact``) one float32 product gives
+    the exact integer dots and ``cosines`` the same formula; other tables take ``pair_cosine`` itself."""
+    c, n = target_ids.shape[0], item_ids.shape[0]
+    if not kernels.float32_exact(table):
+        return pair_cosine(table, norms, item_ids.repeat(c), target_ids.repeat_interleave(n)).view(c, n)
+    dots = torch.mm(table.index_select(0, target_ids).to(torch.float32), table.index_select(0, item_ids).to(torch.float32).t())
+    return cosines(dots.double(), norms.sq_norm.index_select(0, item_ids)[None, :],
+                   norms.sq_norm.index_select(0, target_ids)[:, None])
+
+
 def history_cosines(table: torch.Tensor, norms: RowNorms, target_ids: torch.Tensor, history_ids: torch.Tensor,
                     chunk_rows: Optional[int] = None) -> torch.Tensor:
     """float32 [B, L]: cosine of every history position with its sample's target (0 at padding), computed

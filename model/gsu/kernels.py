@@ -60,6 +60,12 @@ FILTER_WIDE = "filter_wide"
 DOTS = "dots"
 # Widest D whose int8 dots are exact in float32: every partial sum <= D * 128**2 <= 2**24 (module docstring).
 FLOAT32_EXACT_WIDTH = 2 ** 24 // 128 ** 2
+
+
+def float32_exact(table: torch.Tensor) -> bool:
+    """Whether every dot of two rows of ``table`` [N, D] is exact in a float32 product, in any summation order:
+    an int8 table of D <= FLOAT32_EXACT_WIDTH (module docstring)."""
+    return table.dtype == torch.int8 and table.shape[-1] <= FLOAT32_EXACT_WIDTH
 # Probe sizes: 1,024 rows gathered from a probe table (128 KB at D = 128) against one target (a long
 # single-sample history) and against 16 (a packed block or a shared user); 2,048 pairs.
 _FILTER_ROWS = 1024

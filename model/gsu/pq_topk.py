@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from model.gsu import kernels
 from model.gsu.cosine import cosines, pair_cosine
 from model.gsu.inputs import check_inputs, chunk_rows_for, norms_for
 from model.gsu.pq import PQIndex, unit_rows
@@ -168,7 +169,7 @@ def _candidate_cosines(table: torch.Tensor, norms: RowNorms, target_ids: torch.T
     2**24, exact in float32 in any order); other dtypes: ``pair_cosine`` pair by pair."""
     batch, width = ids.shape
     out = torch.zeros(batch, width, dtype=torch.float32)
-    if table.dtype != torch.int8 or table.shape[1] > 1024:
+    if not kernels.float32_exact(table):
         rows, _ = valid.nonzero(as_tuple=True)
         if rows.numel():
             out[valid] = pair_cosine(table, norms, ids[valid], target_ids.index_select(0, rows))

@@ -162,7 +162,7 @@ def _broadcast_topk(table: torch.Tensor, target_ids: torch.Tensor, history: torc
     by_recency = torch.argsort(real.index_select(0, order.index_select(0, ends - 1)))
     distinct = item_ids.index_select(0, by_recency)  # [U] items, oldest newest-occurrence first
     width = min(k, distinct.shape[0])
-    if table.dtype == torch.int8 and table.shape[1] <= kernels.FLOAT32_EXACT_WIDTH and distinct.shape[0] <= DENSE_ITEMS:
+    if kernels.float32_exact(table) and distinct.shape[0] <= DENSE_ITEMS:
         scores, picked = _dense_topk(table, target_ids, distinct, width, norms)
     else:
         scores, picked, _ = _streaming_topk(table, target_ids, distinct[None, :].expand(count, -1), width, norms,
