@@ -98,6 +98,12 @@ class GsuStage:
             raise ValueError(f"pq: {index!r} does not fit pq_m {self.pq_m} and {self.mm_table!r}")
         self.pq = index
 
+    def approximate(self, length: int) -> bool:
+        """Whether the multimodal GSU over histories of ``length`` positions runs on the PQ codes (``pq_m`` set):
+        not when K' >= L, where re-scoring every behavior is exactly ``cosine_topk``'s result and no code is read."""
+        candidates = getattr(self.config, "pq_candidates", 0)
+        return self.pq_m is not None and (not candidates or candidates < length)
+
     def pq_index(self) -> PQIndex:
         """The PQ codes the approximate GSU reads (config ``pq_m``): attached, opened beside the table, or else
         built from the table on first use (seeded)."""
@@ -137,11 +143,9 @@ class GsuStage:
         if self.config.gsu == "multimodal":
             width = min(k, length)
             mm = self.mm_table
-            candidates = getattr(self.config, "pq_candidates", 0)
-            # K' >= L re-scores every behavior: exactly cosine_topk's result (bit-identical scores), no codes read
-            if self.pq_m is not None and (not candidates or candidates < length):
+            if self.approximate(length):
                 scores, positions, valid = pq_topk(self.pq_index(), table, raw.target_item, raw.history_items, width,
-                                                   candidates=candidates, norms=norms,
+                                                   candidates=self.config.pq_candidates, norms=norms,
                                                    chunk_rows=self.chunk_rows)
             else:
                 scores, positions, valid = cosine_topk(table, raw.target_item, raw.history_items, width, norms=norms,
