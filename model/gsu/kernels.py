@@ -169,9 +169,6 @@ class NativeFilter(FilterKernel):
     def workspace(self, rows: int, width: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int8)
 
-    def mm(self, rows: torch.Tensor, columns: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> None:
-        self.gather_mm(rows, torch.arange(rows.shape[0]), columns, out)
-
     def gather_mm(self, table: torch.Tensor, ids: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> int:
         return native.gather_dots(table.contiguous(), ids.contiguous(), columns.t(), out)
 
