@@ -282,7 +282,8 @@ class Predictor:
         if self.config.uses_history:
             return self._rank_whole_history(samples, items, cats)
         if self.config.gsu == "multimodal":
-            return torch.sigmoid(self.model(assemble_batch(samples, self._shared_selection(cand, items, cats, content))))
+            selected = self._shared_selection(cand, items, cats, content)
+            return torch.sigmoid(self.model(assemble_batch(samples, selected), shared_recent=True))
         keep = self._compact_positions(cand, cat, items, cats)
         compact = replace(samples, history_items=_left_padded(items, keep), history_cats=_left_padded(cats, keep))
         return self.score_indices(compact)
@@ -290,7 +291,8 @@ class Predictor:
     def _shared_selection(self, cand: torch.Tensor, items: torch.Tensor, cats: torch.Tensor,
                           content: Optional[HistoryContent]) -> Selected:
         """What the multimodal GSU stage selects for C candidates sharing one history (``GsuStage.select`` of the
-        C rows, without any [C, L] tensor): the recent window (the same for all) and each candidate's top K.
+        C rows, without any [C, L] tensor): the recent window (the same for all, given once: in the first sample,
+        for the model's ``shared_recent``; its cosines per candidate) and each candidate's top K.
 
         With ``content``, the cosines are taken in a small table: the content rows, then the candidates' rows.
         Cosines of int8 rows are exact integer dot products over the stored norms and the GSU's filter bound
@@ -335,8 +337,10 @@ class Predictor:
             picked = torch.zeros(0, dtype=torch.int64)
         if gsu_scores.shape[1] < cfg.k:
             gsu_scores = torch.nn.functional.pad(gsu_scores, (0, cfg.k - gsu_scores.shape[1]))
-        return Selected(recent_item=items.index_select(0, recent).repeat(c), recent_cat=cats.index_select(0, recent).repeat(c),
-                        recent_lengths=torch.full((c,), n_recent, dtype=torch.int64), recent_scores=recent_scores,
+        recent_lengths = torch.zeros(c, dtype=torch.int64)
+        recent_lengths[0] = n_recent  # the window once, in the first sample: the model's ``shared_recent``
+        return Selected(recent_item=items.index_select(0, recent), recent_cat=cats.index_select(0, recent),
+                        recent_lengths=recent_lengths, recent_scores=recent_scores,
                         gsu_item=items.index_select(0, picked), gsu_cat=cats.index_select(0, picked),
                         gsu_lengths=lengths, gsu_scores=gsu_scores)
 

@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.jagged import length_mask, pad_values
-from model.tower import MLP
+from model.tower import MLP, Dice
+
+# DinAttention.shared_weights: (query, key) pairs per block, sized so a block's [pairs, H] activations stay in cache.
+SHARED_PAIRS = 4096
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -71,6 +74,33 @@ class DinAttention(nn.Module):
         """Pooled interest [B, E]: query [B, E], jagged keys [N, E] of at most ``length`` behaviors per sample."""
         weights = self.weights(query, keys, lengths, offsets, length)
         return attention_pool(weights, pad_values(keys, offsets, length))
+
+    @torch.no_grad()
+    def shared_weights(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Attention weights [B, R] of B queries [B, E] over the same R keys [R, E] (one user's recent behaviors
+        ranked against B candidates): ``weights`` of B samples that all hold these keys, without repeating them.
+
+        The keys' first-layer term k (W_k - W_d)^T is taken once for the R keys, the query's once per query, and the
+        rest of the MLP runs on blocks of about ``SHARED_PAIRS`` (query, key) pairs in buffers allocated once, so
+        its activations stay in the CPU's cache instead of streaming [B * R, H] tensors through memory (and no block
+        pays for fresh pages). Inference only (Dice's batch statistics would need every pair at once; no gradient):
+        raises RuntimeError in training mode."""
+        if self.training:
+            raise RuntimeError("DinAttention.shared_weights: inference only (call .eval() first)")
+        b, r = query.shape[0], keys.shape[0]
+        if r == 0 or b == 0:
+            return query.new_zeros(b, r)
+        step = max(1, SHARED_PAIRS // r)
+        block = _SharedBlock(self, keys, min(b, step))
+        scores = torch.empty(b, r, dtype=query.dtype)
+        for s in range(0, b, step):
+            scores[s:s + step] = block.scores(query[s:s + step])
+        return torch.softmax(scores, dim=1)
+
+    def forward_shared(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Pooled interest [B, E] of B queries [B, E] over the same R keys [R, E] (``shared_weights``); zeros when
+        R = 0, as ``forward`` gives a sample without behaviors."""
+        return self.shared_weights(query, keys) @ keys
 
 
 class Projection(nn.Linear):
@@ -153,3 +183,46 @@ class TargetAttention(nn.Module):
         """Pooled values [B, E]."""
         values = self.value(keys) if self.projections else keys
         return attention_pool(self.weights(query, keys, mask, similarity), values)
+
+
+class _SharedBlock:
+    """``DinAttention``'s MLP on blocks of up to ``rows`` queries against the same R keys [R, E], in buffers
+    allocated once: scores(query [b, E]) -> pre-softmax scores [b, R]. The first layer is computed as in
+    ``DinAttention._first_layer`` (the keys' term once, the query's per block), the layers after it through their
+    own eval arithmetic (Dice in place, ``Dice.apply_``; other activations as modules)."""
+
+    def __init__(self, din: DinAttention, keys: torch.Tensor, rows: int) -> None:
+        self.din, self.keys = din, keys
+        r, e = keys.shape
+        layers = list(din.mlp)
+        self.pairs = [layers[i:i + 2] for i in range(0, len(layers), 2)]  # (Linear, activation) per hidden width
+        if self.pairs:
+            w_q, w_k, w_d, w_p = layers[0].weight.chunk(4, dim=1)
+            self.w_query = w_q + w_d
+            self.per_key = keys @ (w_k - w_d).t()  # [R, H1]
+            self.w_p = w_p.t().contiguous()  # [E, H1]
+        self.products = torch.empty(rows, r, e, dtype=keys.dtype)
+        self.hidden = [(torch.empty(rows * r, lin.out_features, dtype=keys.dtype),
+                        torch.empty(rows * r, lin.out_features, dtype=keys.dtype)) for lin, _ in self.pairs]
+        self.weights_t = [lin.weight.t() for lin, _ in self.pairs[1:]]
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        b, (r, e) = query.shape[0], self.keys.shape
+        n = b * r
+        products = torch.mul(query[:, None, :], self.keys[None, :, :], out=self.products[:b]).view(n, e)
+        if not self.pairs:  # no hidden layer: the score layer on [q, k, q - k, q * k] itself
+            q = query[:, None, :].expand(b, r, e).reshape(n, e)
+            k = self.keys[None, :, :].expand(b, r, e).reshape(n, e)
+            return self.din.score(torch.cat([q, k, q - k, products], dim=1)).view(b, r)
+        first, activation = self.pairs[0]
+        hidden, scratch = (t[:n] for t in self.hidden[0])
+        per_query = torch.nn.functional.linear(query, self.w_query, first.bias)  # [b, H1]
+        torch.add(per_query[:, None, :], self.per_key[None, :, :], out=hidden.view(b, r, -1)).view(n, -1)
+        hidden = self._activate(activation, hidden.addmm_(products, self.w_p), scratch)
+        for (linear, activation), (out, scratch), w_t in zip(self.pairs[1:], self.hidden[1:], self.weights_t):
+            hidden = self._activate(activation, torch.addmm(linear.bias, hidden, w_t, out=out[:n]), scratch[:n])
+        return self.din.score(hidden).view(b, r)
+
+    @staticmethod
+    def _activate(activation: nn.Module, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        return activation.apply_(x, scratch) if isinstance(activation, Dice) else activation(x)

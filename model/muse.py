@@ -53,13 +53,19 @@ class InterestArch(nn.Module):
         recent_scores: torch.Tensor,
         gsu_scores: torch.Tensor,
         history_scores: Optional[torch.Tensor],
+        shared_recent: bool = False,
     ) -> torch.Tensor:
         cfg = self.cfg
         target = behavior_values(embeddings["target_item"], embeddings["target_cat"])  # [B, E]: one id per sample
         recent_item = embeddings["recent_item"]
         _check_width("batch.recent_scores", recent_scores, cfg.recent_len)
         recent_keys = behavior_values(recent_item, embeddings["recent_cat"])
-        parts = [target, self.din(target, recent_keys, recent_item.lengths(), recent_item.offsets(), cfg.recent_len)]
+        if shared_recent:  # every sample's recent window is the R behaviors given once (``MuseModel.forward``)
+            recent_lengths = torch.full_like(recent_item.lengths(), recent_keys.shape[0])
+            parts = [target, self.din.forward_shared(target, recent_keys)]
+        else:
+            recent_lengths = recent_item.lengths()
+            parts = [target, self.din(target, recent_keys, recent_lengths, recent_item.offsets(), cfg.recent_len)]
         if self.esu is None:
             return torch.cat(parts, dim=1)
         if cfg.uses_history:
@@ -68,7 +74,7 @@ class InterestArch(nn.Module):
             _check_width("batch.gsu_scores", gsu_scores, cfg.k)
             behaviors, mask = padded_behaviors(embeddings["gsu_item"], embeddings["gsu_cat"], cfg.k)
             similarity = gsu_scores
-        recent_mask = length_mask(recent_item.lengths(), cfg.recent_len)
+        recent_mask = length_mask(recent_lengths, cfg.recent_len)
         parts.append(self.esu(target, behaviors, mask, similarity, recent_scores, recent_mask))
         return torch.cat(parts, dim=1)
 
@@ -121,10 +127,16 @@ class MuseModel(nn.Module):
         self.interest_arch = InterestArch(cfg, device=device)
         self.over_arch = OverArch(len(SPARSE_FEATURES) * cfg.id_dim + self.interest_arch.out_dim, cfg, device=device)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch, shared_recent: bool = False) -> torch.Tensor:
+        """Logits [B]. ``shared_recent`` (inference, one user ranked against B candidates): every sample's recent
+        window is the same R behaviors, given once in ``batch.sequence_features`` (recent_item / recent_cat: R
+        values, all in the first sample; ``recent_scores`` stays [B, S], per candidate); DIN then scores the B x R
+        pairs without repeating the keys (``DinAttention.forward_shared``). Equal to the batch with the window
+        repeated in every sample."""
         sequence = self.sequence_ec(batch.sequence_features)
         sparse = self.sparse_ebc(batch.sparse_features)
-        interest = self.interest_arch(sequence, batch.recent_scores, batch.gsu_scores, batch.history_scores)
+        interest = self.interest_arch(sequence, batch.recent_scores, batch.gsu_scores, batch.history_scores,
+                                      shared_recent=shared_recent)
         return self.over_arch(sparse, interest)
 
 

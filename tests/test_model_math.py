@@ -325,3 +325,86 @@ def test_dice_in_eval_is_the_running_statistics_formula():
     torch.testing.assert_close(dice.eval()(x), p * x + (1 - p) * dice.alpha * x, rtol=1e-6, atol=1e-6)
     batch = torch.sigmoid((x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + dice.norm.eps))
     torch.testing.assert_close(dice.train()(x), batch * x + (1 - batch) * dice.alpha * x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation,hidden", [("dice", (8, 6)), ("prelu", (8, 6)), ("dice", ())])
+@pytest.mark.parametrize("keys_count", [0, 1, 7])
+def test_din_shared_keys_equal_the_jagged_attention_with_the_keys_repeated(activation, hidden, keys_count, monkeypatch):
+    """forward_shared(query [B, E], keys [R, E]) = forward of B samples each holding the same R keys, also when the
+    queries are split into several blocks (SHARED_PAIRS small) and for R = 0 (zeros); training mode is refused."""
+    import model.attention as attention
+
+    monkeypatch.setattr(attention, "SHARED_PAIRS", 10)  # blocks of 10 // R queries: several blocks and a short one
+    torch.manual_seed(11)
+    module = DinAttention(dim=4, hidden=hidden, activation=activation)
+    for layer in module.mlp:
+        if hasattr(layer, "norm"):
+            layer.norm.running_mean.uniform_(-1, 1)
+            layer.norm.running_var.uniform_(0.5, 2.0)
+            layer.alpha.data.uniform_(-0.5, 0.5)
+    module.eval()
+    b = 9
+    query, keys = torch.randn(b, 4), torch.randn(keys_count, 4)
+    lengths = torch.full((b,), keys_count)
+    offsets = torch.arange(b + 1) * keys_count
+    expected = module(query, keys.repeat(b, 1), lengths, offsets, length=max(keys_count, 1))
+    torch.testing.assert_close(module.forward_shared(query, keys), expected, rtol=1e-6, atol=1e-6)
+    weights = module.shared_weights(query, keys)
+    assert weights.shape == (b, keys_count)
+    if keys_count:
+        torch.testing.assert_close(weights.sum(1), torch.ones(b))
+    with pytest.raises(RuntimeError, match="inference only"):
+        module.train().shared_weights(query, keys)
+
+
+def test_dice_apply_in_place_equals_eval_forward_and_refuses_training():
+    from model.tower import Dice
+
+    torch.manual_seed(6)
+    dice = Dice(5)
+    dice.norm.running_mean.uniform_(-1, 1)
+    dice.norm.running_var.uniform_(0.5, 2.0)
+    dice.alpha.data.uniform_(-0.5, 0.5)
+    x = torch.randn(30, 5)
+    expected = dice.eval()(x)
+    buffer = x.clone()
+    assert dice.apply_(buffer, torch.empty_like(x)) is buffer
+    assert torch.equal(buffer, expected)
+    with pytest.raises(RuntimeError, match="inference only"):
+        dice.train().apply_(x.clone(), torch.empty_like(x))
+
+
+@pytest.mark.parametrize("preset", ["muse", "paper_muse", "din"])
+def test_model_with_the_recent_window_given_once_equals_it_repeated_in_every_sample(preset):
+    """MuseModel.forward(batch, shared_recent=True), the recent features once in sample 0, gives the logits of the
+    batch that repeats that window in every sample (what Predictor.rank_indices relies on)."""
+    from datapipes.batch import Batch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    cfg = ModelConfig.preset(preset)
+    torch.manual_seed(2)
+    model = build_model(cfg, SMALL_VOCAB).eval()
+    batch = random_batch(cfg, batch_size=6, seed=4)
+    seq = batch.sequence_features.to_dict()
+    window = 5
+    shared = {"recent_item": torch.randint(1, SMALL_VOCAB["item"] + 1, (window,)),
+              "recent_cat": torch.randint(1, SMALL_VOCAB["category"] + 1, (window,))}
+
+    def with_recent(lengths: torch.Tensor, repeat: int) -> Batch:
+        values, all_lengths = [], []
+        for key in batch.sequence_features.keys():
+            if key in shared:
+                values.append(shared[key].repeat(repeat))
+                all_lengths.append(lengths)
+            else:
+                values.append(seq[key].values())
+                all_lengths.append(seq[key].lengths())
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=batch.sequence_features.keys(), values=torch.cat(values),
+                                                  lengths=torch.cat(all_lengths))
+        return Batch(sparse_features=batch.sparse_features, sequence_features=kjt, labels=batch.labels,
+                     recent_scores=batch.recent_scores, gsu_scores=batch.gsu_scores, history_scores=batch.history_scores)
+
+    repeated = with_recent(torch.full((6,), window), 6)
+    once = with_recent(torch.tensor([window, 0, 0, 0, 0, 0]), 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(once, shared_recent=True), model(repeated), rtol=1e-6, atol=1e-6)
