@@ -15,7 +15,9 @@ class ServeConfig:
              ``muse export`` writes it).
     histories: history store directory (``DATA/<split>/histories``); None = ``<package>.histories`` when it exists.
     host, port: where the listening socket is bound (port 0: a free port, printed at start).
-    workers: worker processes sharing the socket; threads: torch intra-op threads per worker (None = cpus / workers).
+    workers: worker processes sharing the socket; threads: threads per worker (None = cpus / workers): a rank's
+             candidates are scored in up to this many parts at once, one thread each, and torch runs one intra-op
+             thread in each (measured faster than torch's own threads on one batch: docs/serving.md).
     max_candidates, max_history: longest lists one rank request may carry; max_body_bytes: largest request body.
     cache_mb: bytes of prefetched users each worker keeps (least recently used evicted first); cache_users: and count.
     shutdown_timeout: seconds in-flight requests get to finish after SIGTERM before they are cancelled.
@@ -54,7 +56,7 @@ class ServeConfig:
             raise UserError(f"--histories {self.histories}: not a directory (a history store: DATA/<split>/histories)")
 
     @property
-    def torch_threads(self) -> int:
+    def rank_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     @property

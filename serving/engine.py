@@ -22,8 +22,9 @@ import os
 import struct
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +41,10 @@ MM_BLOB = "mm_table"
 # Request side-feature field -> the id space its raw ids are mapped through.
 SIDE_SPACES = {"candidate_categories": "category", "candidate_cities": "item_city",
                "candidate_provinces": "item_province"}
+# Engine.rank: rank_indices keyword -> request side-feature field; fewest candidates worth a thread of their own.
+_SIDE_ARGS = {"candidate_cats": "candidate_categories", "candidate_cities": "candidate_cities",
+              "candidate_provinces": "candidate_provinces"}
+MIN_PART = 64
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature ... name length, extra length
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 
@@ -152,15 +157,28 @@ def load_engine(package: str, histories: Optional[str], config: Any, generation:
                        histories=os.path.abspath(histories) if histories is not None else None,
                        legacy=not callable(getattr(predictor, "rank_indices", None)))
     cache = PrefetchCache(config.cache_bytes, config.cache_users, on_cache_change)
-    return Engine(predictor, info, cache, generation)
+    return Engine(predictor, info, cache, generation, threads=getattr(config, "rank_threads", 1))
+
+
+def _parts(count: int, threads: int) -> List[slice]:
+    """``count`` candidates in at most ``threads`` contiguous parts of at least ``MIN_PART`` (one part: all)."""
+    n = max(1, min(threads, count // MIN_PART))
+    bounds = [count * i // n for i in range(n + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(n)]
 
 
 class Engine:
     """Rank and prefetch on one loaded package. predictor: the package's ``Predictor``; cache: this engine's
-    ``PrefetchCache`` (a reload starts an empty one)."""
+    ``PrefetchCache`` (a reload starts an empty one); threads: a rank's candidates are scored in up to this many
+    parts at once (``rank_indices`` of each part in a thread of its own: a candidate's score does not depend on the
+    others, so the scores are those of one call, to float32 rounding; torch ops release the GIL, and the caller keeps torch at one
+    intra-op thread, ``serving.workers``)."""
 
-    def __init__(self, predictor: Any, info: PackageInfo, cache: PrefetchCache, generation: int) -> None:
+    def __init__(self, predictor: Any, info: PackageInfo, cache: PrefetchCache, generation: int,
+                 threads: int = 1) -> None:
         self.predictor, self.info, self.cache, self.generation = predictor, info, cache, generation
+        self.threads = max(1, threads)
+        self._executor: Optional[ThreadPoolExecutor] = None
         config = predictor.config
         self.local_gsu = not info.legacy and config.gsu == "multimodal" and not config.uses_history
 
@@ -206,11 +224,22 @@ class Engine:
             return torch.zeros(0), facts
         side = {field: p.indices(space, torch.from_numpy(request.side[field]))
                 for field, space in SIDE_SPACES.items() if field in request.side}
-        scores = p.rank_indices(rows.user, rows.profile, cand, rows.items, rows.cats,
-                                candidate_cats=side.get("candidate_categories"),
-                                candidate_cities=side.get("candidate_cities"),
-                                candidate_provinces=side.get("candidate_provinces"), content=rows.local)
-        return scores, facts
+
+        def score(part: slice) -> torch.Tensor:
+            given = {name: side[field][part] if field in side else None for name, field in _SIDE_ARGS.items()}
+            return p.rank_indices(rows.user, rows.profile, cand[part], rows.items, rows.cats, content=rows.local,
+                                  **given)
+
+        parts = _parts(cand.shape[0], self.threads)
+        if len(parts) == 1:
+            return score(parts[0]), facts
+        return torch.cat(list(self._pool().map(score, parts))), facts
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """This engine's rank threads (made on first use; they exit when a reload drops the engine)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="muse-rank")
+        return self._executor
 
     def _rank_legacy(self, request: RankRequest) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """``rank`` on a package older than ``rank_indices``: its public ``rank`` / ``rank_user``."""

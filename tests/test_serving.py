@@ -127,6 +127,31 @@ def test_engine_scores_equal_predictor_score_with_and_without_prefetch(packages,
     assert not torch.allclose(got, _reference(predictor, raw_ids, index, raw_user, candidates), atol=1e-6, rtol=0)
 
 
+def test_an_engine_with_threads_ranks_in_parts_and_gives_the_one_call_scores(packages, users):
+    """threads=3: 200 candidates in 3 parts (at least MIN_PART each; 100 candidates in 1), scored in threads; the
+    scores (with side features, after a prefetch) are those of the one-thread engine (to float32 rounding: a
+    product's blocking may differ with the number of rows)."""
+    from serving.engine import MIN_PART, _parts
+
+    assert _parts(200, 3) == [slice(0, 66), slice(66, 133), slice(133, 200)]
+    assert _parts(100, 3) == [slice(0, 100)] and _parts(MIN_PART * 2, 8) == [slice(0, MIN_PART), slice(MIN_PART, 2 * MIN_PART)]
+    package, _ = packages
+    one = load_engine(package, None, ENGINE_CONFIG, generation=1)
+    three = load_engine(package, None, SimpleNamespace(**vars(ENGINE_CONFIG), rank_threads=3), generation=1)
+    assert (one.threads, three.threads) == (1, 3)
+    chosen, raw_ids, items = users
+    raw_user, _ = chosen[0]
+    candidates = _candidates(items, 200, 5)
+    side = {"candidate_categories": raw_ids("category", torch.randint(1, 10, (200,), generator=torch.Generator().manual_seed(2))).tolist()}
+    limits = Limits(1000, 10_000)
+    for engine in (one, three):
+        engine.prefetch(raw_user)
+    request = rank_request({"user_id": raw_user, "candidates": candidates, **side}, limits)
+    split, facts = three.rank(request)
+    assert facts["cache"] == "hit" and three._executor is not None
+    assert torch.allclose(split, one.rank(request)[0], atol=1e-6, rtol=0)
+
+
 def test_rank_indices_with_content_and_side_features_equals_score(packages, users):
     predictor = load_predictor(packages[0])
     chosen, raw_ids, items = users
