@@ -13,31 +13,23 @@ products into int32 (<= 2**15); the row's dot accumulates in int32 (|dot| <= D *
 every step is exact integer arithmetic, so the dots are bit-identical to the other filter kernels'. The
 portable branch (no AVX2, or D not a multiple of 16) does the same sums in plain int32 C.
 
-Build: the C source below is compiled once per host, lazily, with the system C compiler (``CC``, split as a shell
-would, e.g. ``ccache gcc``; else ``cc``/``gcc`` on PATH), ``-O3`` and ``-mavx2`` only when the CPU reports AVX2,
-into a cache directory (``MUSE_KERNEL_CACHE`` when set, used or refused with the reason, never replaced; else
-``$XDG_CACHE_HOME/muse-torchrec/kernels``, else ``~/.cache/...``, else the temp directory), written to a temporary name and renamed so concurrent processes never
-load a partial file; the file name is a hash of the source, flags and compiler, so a changed source or compiler
-builds anew. ``library()`` returns None with the reason when there is no compiler or the build fails; kernel
-selection (``model.gsu.kernels``) then simply does not offer this kernel. It is loaded with ``ctypes`` (the call
-releases the GIL).
+Build: the C source below is compiled once per host, lazily, by ``model.gsu.cbuild`` (the system C compiler,
+``-O3``, ``-mavx2`` only when the CPU reports AVX2, cached as ``muse_gsu_<hash>.so`` in ``MUSE_KERNEL_CACHE`` or the
+user's cache directory, written atomically). ``library()`` returns None with the reason when there is no compiler
+or the build fails; kernel selection (``model.gsu.kernels``) then simply does not offer this kernel. It is loaded
+with ``ctypes`` (the call releases the GIL).
 """
 
 import ctypes
-import hashlib
-import os
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
 from typing import Optional, Tuple
 
 import torch
 
-CACHE_ENV = "MUSE_KERNEL_CACHE"
+from model.gsu import cbuild
+from model.gsu.cbuild import CACHE_ENV, intact as _intact  # noqa: F401 (the names tests and callers use)
+
 _PREFETCH = 16
-_BUILD_TIMEOUT_S = 120
 
 SOURCE = r"""
 #include <stdint.h>
@@ -167,106 +159,11 @@ def unavailable_reason() -> str:
     return _STATE.get("reason", "")
 
 
+_SIGNATURES = {"muse_gather_dots_i8": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                      ctypes.c_int64])}
+
+
 def _load() -> Tuple[Optional[object], str]:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        return None, "no C compiler (set CC, or put cc/gcc on PATH)"
-    flags = ["-O3", "-shared", "-fPIC", "-std=c99"] + (["-mavx2"] if _has_avx2() else [])
-    source = SOURCE.replace("@PREFETCH@", str(_PREFETCH))
-    try:
-        version = subprocess.run([*shlex.split(compiler), "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, ValueError, subprocess.SubprocessError) as err:  # ValueError: CC that shlex cannot split
-        return None, f"{compiler} --version failed: {err}"
-    digest = hashlib.sha256("\0".join([source, " ".join(flags), compiler, version]).encode()).hexdigest()[:20]
-    directory, why = _cache_dir()
-    if directory is None:
-        return None, why
-    path = os.path.join(directory, f"muse_gsu_{digest}.so")
-    if not os.path.exists(path) or not _intact(path):  # a truncated or foreign file: built anew (atomically)
-        reason = _build(compiler, flags, source, directory, path)
-        if reason:
-            return None, reason
-    try:
-        function = ctypes.CDLL(path).muse_gather_dots_i8
-    except (OSError, AttributeError) as err:  # AttributeError: a library without the symbol
-        return None, f"loading {path} failed: {err} (delete it to rebuild)"
-    function.restype = ctypes.c_int64
-    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    return function, ""
-
-
-def _build(compiler: str, flags: list, source: str, directory: str, path: str) -> str:
-    """Compile ``source`` into ``path`` (atomically: a temp file in the same directory, renamed); "" or why not."""
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as work:
-        c_file, so_file = os.path.join(work, "gsu.c"), os.path.join(work, "gsu.so")
-        with open(c_file, "w") as f:
-            f.write(source)
-        try:
-            done = subprocess.run([*shlex.split(compiler), *flags, "-o", so_file, c_file], capture_output=True, text=True,
-                                  timeout=_BUILD_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as err:
-            return f"{compiler} failed to run: {err}"
-        if done.returncode != 0:
-            first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            return f"{compiler} {' '.join(flags)} failed: {first}"
-        os.replace(so_file, path)
-    return ""
-
-
-def _intact(path: str) -> bool:
-    """Whether ``path`` is a whole ELF file: its program and section header tables end within the file (they
-    come last, so a truncated copy fails this; ``dlopen`` of one can crash the process with SIGBUS)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError:
-        return False
-    if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
-        return False
-    order = "little" if head[5] == 1 else "big"
-    field = lambda at, n: int.from_bytes(head[at:at + n], order)
-    if head[4] == 2:  # 64-bit
-        if len(head) < 64:
-            return False
-        ph, sh, ph_size, ph_num, sh_size, sh_num = field(32, 8), field(40, 8), field(54, 2), field(56, 2), field(58, 2), field(60, 2)
-    else:
-        ph, sh, ph_size, ph_num, sh_size, sh_num = field(28, 4), field(32, 4), field(42, 2), field(44, 2), field(46, 2), field(48, 2)
-    return ph + ph_size * ph_num <= size and sh + sh_size * sh_num <= size
-
-
-def _cache_dir() -> Tuple[Optional[str], str]:
-    """(the cache directory, "") or (None, why). A MUSE_KERNEL_CACHE the user named is used or refused, never
-    replaced silently by another directory; without it, the first usable of the user cache and the temp dir."""
-    named = os.environ.get(CACHE_ENV)
-    if named:
-        return (named, "") if _usable(named) else (None, f"{CACHE_ENV}={named}: not a writable directory")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    for directory in (os.path.join(base, "muse-torchrec", "kernels"),
-                      os.path.join(tempfile.gettempdir(), f"muse-torchrec-kernels-{os.getuid()}")):
-        if _usable(directory):
-            return directory, ""
-    return None, f"no writable cache directory (set {CACHE_ENV})"
-
-
-def _usable(directory: str) -> bool:
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError:
-        return False
-    return os.path.isdir(directory) and os.access(directory, os.W_OK)
-
-
-def _has_avx2() -> bool:
-    """Whether this CPU runs AVX2 (the capability torch dispatches on, or the kernel's cpuinfo flags)."""
-    try:
-        if str(torch.backends.cpu.get_cpu_capability()) in ("AVX2", "AVX512"):
-            return True
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx2" in line for line in f)
-    except OSError:
-        return False
+    functions, reason = cbuild.load_library("muse_gsu", SOURCE.replace("@PREFETCH@", str(_PREFETCH)), _SIGNATURES)
+    return (functions["muse_gather_dots_i8"], "") if functions else (None, reason)
