@@ -5,6 +5,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from model import dice_native
+
 
 class Dice(nn.Module):
     """Dice activation (DIN paper): ``p * x + (1 - p) * alpha * x`` with ``p = sigmoid(batchnorm(x))``.
@@ -40,11 +42,17 @@ class Dice(nn.Module):
 
     @torch.no_grad()
     def apply_(self, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-        """Eval Dice written into ``x`` [..., dim] (returned), with ``scratch`` (same shape) as its only buffer: the
-        eval path of ``forward``, op for op, for callers that reuse their buffers (``DinAttention.shared_weights``).
+        """Eval Dice written into ``x`` [..., dim] (returned), with ``scratch`` (same shape) as its only buffer, for
+        callers that reuse their buffers (``DinAttention.shared_weights``): on a float32 matrix the one-pass C kernel
+        (``model.dice_native``, equal to ``forward``'s eval path to a few float32 ulps), else ``forward``'s eval
+        ops.
         No gradient; RuntimeError in training mode (batch statistics need the whole batch)."""
         if not self._running():
             raise RuntimeError("Dice.apply_: inference only (running statistics; call .eval() first)")
+        norm = self.norm
+        inv = torch.rsqrt(norm.running_var + norm.eps)
+        if x.dim() == 2 and dice_native.dice_(x, inv, -norm.running_mean * inv, self.alpha):
+            return x
         return x.mul_(self._gate(x, scratch))
 
     def _gate(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

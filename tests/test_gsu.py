@@ -287,9 +287,16 @@ def test_bad_norms_and_chunk_rows():
         cosine_topk(**GOOD, chunk_rows=0)
 
 
+def _without_native_select(monkeypatch) -> None:
+    """The dense top-K's selection in torch ops, as on a host without a C compiler."""
+    from model.gsu import dense_select
+
+    monkeypatch.setattr(dense_select, "_STATE", {"lib": None, "reason": "test: no compiler"})
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 7, 40])
-@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("dense", ["native", "torch", False])
 def test_a_broadcast_history_scores_each_distinct_item_once_with_the_same_result(dtype, k, dense, monkeypatch):
     """One history shared by every target (serving's rank()), full of repeats, padding and holes, with distinct
     items of identical content (exact ties across items): the distinct-item path equals scoring each sample
@@ -297,6 +304,8 @@ def test_a_broadcast_history_scores_each_distinct_item_once_with_the_same_result
     int8 tables score few distinct items densely (``_dense_topk``) or, past DENSE_ITEMS, by the streaming filter."""
     if not dense:
         monkeypatch.setattr(topk, "DENSE_ITEMS", 0)
+    if dense == "torch":
+        _without_native_select(monkeypatch)
     table = random_table(60, 16, dtype, 12)
     table[31:41] = table[1:11]  # items 31..40 tie exactly with items 1..10
     g = torch.Generator().manual_seed(12)
@@ -318,9 +327,11 @@ def test_a_broadcast_history_scores_each_distinct_item_once_with_the_same_result
             assert torch.equal(a, b)
 
 
-def test_dense_broadcast_scoring_keeps_near_ties_and_zero_rows_exact(monkeypatch):
+@pytest.mark.parametrize("native", [True, False])
+def test_dense_broadcast_scoring_keeps_near_ties_and_zero_rows_exact(native, monkeypatch):
     """Items whose rows are multiples of one another (equal cosines up to rounding: the dense prefilter's bound
-    must keep every one that can tie), zero rows and negative scores: the dense path equals the streaming one."""
+    must keep every one that can tie), zero rows and negative scores: the dense path equals the streaming one,
+    with the selection in C (``model.gsu.dense_select``) and in torch ops."""
     g = torch.Generator().manual_seed(3)
     base = torch.randint(-40, 41, (40, 32), generator=g, dtype=torch.int8)
     table = torch.cat([torch.zeros(1, 32, dtype=torch.int8), base, base * 2, base * 3,
@@ -328,6 +339,8 @@ def test_dense_broadcast_scoring_keeps_near_ties_and_zero_rows_exact(monkeypatch
     history = torch.randint(1, table.shape[0], (2000,), generator=g)
     targets = torch.randint(1, table.shape[0], (70,), generator=g)
     for k, sample in ((1, 4096), (5, 4096), (50, 4096), (1, 8), (5, 16), (50, 50)):
+        if not native:
+            _without_native_select(monkeypatch)
         monkeypatch.setattr(topk, "DENSE_SAMPLE", sample)  # small samples: the bound from every stride-th item
         dense = cosine_topk(table, targets, history[None, :].expand(70, -1), k)
         monkeypatch.setattr(topk, "DENSE_ITEMS", 0)
@@ -362,3 +375,29 @@ def test_padding_is_never_selected_when_the_tables_row_0_is_not_zero(dtype):
     for k in (6, 9, 20):
         _, positions, valid = cosine_topk(table, targets, history, k)
         assert not bool(((history.gather(1, positions) == 0) & valid).any())
+
+
+def test_native_dense_selection_gives_the_torch_selection_keys_bit_for_bit():
+    """model.gsu.dense_select.select_keys against topk._select_keys on integer dots with many exact and near ties,
+    zero rows (inverse 0, score 0) and a bound from every stride-th item; its argument checks."""
+    from model.gsu import dense_select
+
+    if dense_select.library() is None:
+        pytest.skip(f"no native kernel here: {dense_select.unavailable_reason()}")
+    g = torch.Generator().manual_seed(8)
+    c, u = 37, 301
+    rows = torch.randint(-9, 10, (u, 8), generator=g).to(torch.float32)
+    rows[::7] = rows[1::7][: rows[::7].shape[0]] * 2  # proportional rows: equal cosines up to rounding
+    rows[5:9] = 0
+    targets = torch.randint(-9, 10, (c, 8), generator=g).to(torch.float32)
+    dots = targets @ rows.t()
+    sq_items, sq_targets = (rows * rows).sum(1), (targets * targets).sum(1)
+    inverse = torch.where(sq_items > 0, 1.0 / sq_items.double().clamp_min(1.0).sqrt(), torch.zeros((), dtype=torch.float64))
+    inverse = inverse.to(torch.float32)
+    for k, stride in ((1, 1), (10, 1), (10, 30), (50, 6), (u, 1)):
+        native = dense_select.select_keys(dots, inverse, sq_items, sq_targets, k, stride)
+        assert torch.equal(native, topk._select_keys(dots, inverse[None, :], sq_items, sq_targets, k, stride)), (k, stride)
+    with pytest.raises(ValueError, match="not a valid selection"):
+        dense_select.select_keys(dots, inverse, sq_items, sq_targets, 50, 10)  # 31 sampled items < k
+    with pytest.raises(ValueError, match="not a valid selection"):
+        dense_select.select_keys(dots.t(), inverse, sq_items, sq_targets, 5, 1)

@@ -45,13 +45,17 @@ class RunningTopK:
 
     def result(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scores float32 [B, k], positions int64 [B, k], valid bool [B, k]), best first, empty slots last."""
-        keys = torch.sort(self.keys, dim=1, descending=True).values
-        valid = keys != NO_KEY
-        ordered = (keys >> 32).to(torch.int32)
-        scores = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
-        scores = torch.where(valid, scores, torch.zeros((), dtype=torch.float32))
-        positions = torch.where(valid, keys & 0xFFFFFFFF, torch.zeros((), dtype=torch.int64))
-        return scores, positions, valid
+        return sorted_result(torch.sort(self.keys, dim=1, descending=True).values)
+
+
+def sorted_result(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``RunningTopK.result`` of rank keys int64 [B, k] already sorted descending (NO_KEY = empty, last)."""
+    valid = keys != NO_KEY
+    ordered = (keys >> 32).to(torch.int32)
+    scores = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    scores = torch.where(valid, scores, torch.zeros((), dtype=torch.float32))
+    positions = torch.where(valid, keys & 0xFFFFFFFF, torch.zeros((), dtype=torch.int64))
+    return scores, positions, valid
 
 
 def rank_keys(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from model.gsu import kernels
+from model.gsu import dense_select, kernels
 from model.gsu.cosine import cosines, exact_dots
 from model.gsu.filter import FilterDots
 from model.gsu.inputs import check_inputs, chunk_rows_for, gather, norms_for, shadow_for
 from model.gsu.shadow import FilterShadow
-from model.gsu.ranking import NO_KEY, Candidates, RunningTopK, rank_keys
+from model.gsu.ranking import NO_KEY, Candidates, RunningTopK, rank_keys, sorted_result
 from model.gsu.table import RowNorms
 
 # Most histories scored together in one block (short pieces: one gather and one product for all of them).
@@ -245,25 +245,30 @@ def _dense_topk(table: torch.Tensor, target_ids: torch.Tensor, items: torch.Tens
     for start in range(0, target_ids.shape[0], step):
         targets = target_ids[start:start + step]
         dots = torch.mm(table.index_select(0, targets).to(torch.float32), rows)  # [c, U], exact integers
-        approx = dots * inverse
+        sq_targets = norms.sq_norm.index_select(0, targets)
         # The k-th largest a among every stride-th item is at most the k-th of all: a bound as safe, found in a
         # fraction of the time (it keeps a few hundred items instead of a few dozen).
-        stride = max(1, min(approx.shape[1] // DENSE_SAMPLE, approx.shape[1] // k))
-        kth = torch.topk(approx[:, ::stride], k, dim=1, sorted=False).values.amin(1)
-        bound = kth - kth.abs() * 2.0 ** -19 - 1e-30
-        row, col = (approx >= bound[:, None]).nonzero(as_tuple=True)  # row-major: ascending targets
-        sq_targets = norms.sq_norm.index_select(0, targets)
-        found = rank_keys(cosines(dots[row, col].double(), sq_items.index_select(0, col),
-                                  sq_targets.index_select(0, row)), col)
-        counts = torch.bincount(row, minlength=targets.shape[0])
-        within = torch.arange(row.shape[0]) - (torch.cumsum(counts, 0) - counts).index_select(0, row)
-        padded = torch.full((targets.shape[0], int(counts.max())), NO_KEY, dtype=torch.int64)
-        padded[row, within] = found
-        keys.append(torch.topk(padded, k, dim=1).values)
-    state = RunningTopK(target_ids.shape[0], k)
-    state.keys = torch.cat(keys)
-    scores, picked, _ = state.result()
+        stride = max(1, min(dots.shape[1] // DENSE_SAMPLE, dots.shape[1] // k))
+        selected = dense_select.select_keys(dots, inverse[0], sq_items, sq_targets, k, stride)
+        keys.append(selected if selected is not None else _select_keys(dots, inverse, sq_items, sq_targets, k, stride))
+    scores, picked, _ = sorted_result(torch.cat(keys))
     return scores, picked
+
+
+def _select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor, sq_targets: torch.Tensor, k: int,
+                 stride: int) -> torch.Tensor:
+    """``dense_select.select_keys`` in torch ops, where the C kernel is not available: int64 [c, k] descending."""
+    approx = dots * inverse
+    kth = torch.topk(approx[:, ::stride], k, dim=1, sorted=False).values.amin(1)
+    bound = kth - kth.abs() * 2.0 ** -19 - 1e-30
+    row, col = (approx >= bound[:, None]).nonzero(as_tuple=True)  # row-major: ascending targets
+    found = rank_keys(cosines(dots[row, col].double(), sq_items.index_select(0, col), sq_targets.index_select(0, row)),
+                      col)
+    counts = torch.bincount(row, minlength=dots.shape[0])
+    within = torch.arange(row.shape[0]) - (torch.cumsum(counts, 0) - counts).index_select(0, row)
+    padded = torch.full((dots.shape[0], int(counts.max())), NO_KEY, dtype=torch.int64)
+    padded[row, within] = found
+    return torch.topk(padded, k, dim=1).values
 
 
 def pieces(length: int, k: int, chunk_rows: int) -> List[Tuple[int, int]]:

@@ -1,0 +1,165 @@
+"""A native (C) kernel for the selection step of the dense broadcast top-K (``model.gsu.topk._dense_topk``): from
+the exact integer dots of C targets with the U distinct items of one history, each target's top-k rank keys.
+
+The torch formulation of the same step runs a dozen whole-matrix ops over [C, U] (the prefilter's products, a
+``topk`` for its bound, ``nonzero``, the survivors' cosines in float64, a padded ``topk`` and a sort); at serving's
+1,000 candidates x ~530 items they cost ~15 ms on one core, far more than the product itself. The loop below does
+it row by row in one pass over the row, with the row in cache:
+
+1. a = fl32(dot * inverse) for every stride-th item, and their k-th largest, lowered by a relative
+   2**-19 (the bound of ``_dense_topk``: items below it cannot reach the top k; see its docstring for the proof);
+2. every item with a >= bound gets its exact score fl32(dot / sqrt(|r|^2 |t|^2)) computed in float64, as
+   ``model.gsu.cosine.cosines`` computes it, plus 0.0, and its rank key (``model.gsu.ranking.rank_keys``: the
+   score's order-preserving bits high, the item's index low);
+3. the k largest keys, sorted descending.
+
+Both selections keep the values above a running threshold in a buffer of 2k, cut to the k largest by a quickselect
+whenever it fills (a heap's sift costs a branch misprediction a level, several times the rest of the loop).
+
+The keys are bit-identical to the torch path's (IEEE float64 division and square root are correctly rounded, the
+float32 products are the same single operations, and ``-std=c99`` compiles without contracting a * b + c); the
+bound may differ in its last bit from torch's, which changes only how many items are scored, not the result.
+Built and loaded like the filter kernel (``model.gsu.cbuild``); ``select_keys`` is None where no C compiler is.
+"""
+
+import ctypes
+import threading
+from typing import Optional
+
+import torch
+
+from model.gsu import cbuild
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+/* The k largest values of a stream, without a heap's unpredictable branches: values above the running threshold go
+   to a buffer of 2k; a full buffer is cut to its k largest (a quickselect) and the threshold becomes their minimum. */
+#define TOPK(NAME, T)                                                                           \
+  static void select_##NAME(T *a, int64_t n, int64_t k) { /* a[0..k-1] := the k largest of a[0..n-1] */ \
+    int64_t lo = 0, hi = n - 1, nth = k - 1;                                                      \
+    while (hi > lo) {                                                                             \
+      T pivot = a[lo + (hi - lo) / 2];                                                            \
+      int64_t i = lo, j = hi;                                                                     \
+      while (i <= j) {                                                                            \
+        while (a[i] > pivot) i++;                                                                 \
+        while (a[j] < pivot) j--;                                                                 \
+        if (i <= j) { T t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }                              \
+      }                                                                                           \
+      if (nth <= j) hi = j; else if (nth >= i) lo = i; else return;                               \
+    }                                                                                             \
+  }                                                                                               \
+  typedef struct { T *buf; int64_t n, k; T threshold; int full; } NAME##_topk;                   \
+  static inline void push_##NAME(NAME##_topk *s, T v) {                                           \
+    if (s->full && !(v > s->threshold)) return;                                                   \
+    s->buf[s->n++] = v;                                                                           \
+    if (s->n == 2 * s->k) {                                                                       \
+      select_##NAME(s->buf, s->n, s->k);                                                          \
+      T low = s->buf[0];                                                                          \
+      for (int64_t i = 1; i < s->k; i++) low = s->buf[i] < low ? s->buf[i] : low;                 \
+      s->threshold = low, s->full = 1, s->n = s->k;                                               \
+    }                                                                                             \
+  }                                                                                               \
+  static inline int64_t finish_##NAME(NAME##_topk *s) { /* buf[0..min(n, k)-1] the k largest */  \
+    if (s->n > s->k) select_##NAME(s->buf, s->n, s->k), s->n = s->k;                              \
+    return s->n;                                                                                  \
+  }
+TOPK(f32, float)
+TOPK(key, int64_t)
+
+static inline int64_t rank_key(float score, int64_t position) {
+  int32_t bits;
+  memcpy(&bits, &score, 4);
+  int64_t ordered = (int64_t)(bits ^ ((bits >> 31) & 0x7FFFFFFF));
+  return (int64_t)((uint64_t)ordered << 32) | position;
+}
+
+/* dots [c, u] (row stride ld) exact integer dots of c targets with u items; inverse [u] fl32(1 / |r|) (0 for zero
+   rows); sq_items [u], sq_targets [c] squared norms; k <= u; the bound's sample is every stride-th item (at least
+   k of them). out [c, k]: each target's k best rank keys, descending. Returns 0, or -1 when out of memory. */
+int64_t muse_dense_select(const float *dots, int64_t c, int64_t u, int64_t ld, const float *inverse,
+                          const double *sq_items, const double *sq_targets, int64_t k, int64_t stride, int64_t *out) {
+  float *values = (float *)malloc(sizeof(float) * (size_t)(2 * k));
+  int64_t *keys = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * k));
+  if (!values || !keys) { free(values); free(keys); return -1; }
+  for (int64_t i = 0; i < c; i++) {
+    const float *row = dots + i * ld;
+    f32_topk sample = {values, 0, k, 0.0f, 0};
+    for (int64_t j = 0; j < u; j += stride) push_f32(&sample, row[j] * inverse[j]);
+    int64_t n = finish_f32(&sample);
+    float kth = values[0];
+    for (int64_t s = 1; s < n; s++) kth = values[s] < kth ? values[s] : kth;
+    float bound = kth - fabsf(kth) * 0x1p-19f;
+    bound = bound - 1e-30f;
+    double sq_t = sq_targets[i];
+    key_topk best = {keys, 0, k, 0, 0};
+    for (int64_t j = 0; j < u; j++) {
+      float a = row[j] * inverse[j];
+      if (a >= bound) {
+        double den = sq_items[j] * sq_t;
+        if (den < 1e-300) den = 1e-300;
+        float score = (float)((double)row[j] / sqrt(den)) + 0.0f;
+        push_key(&best, rank_key(score, j));
+      }
+    }
+    int64_t m = finish_key(&best);
+    for (int64_t s = 1; s < m; s++) {  /* insertion sort, descending: k is small, and it has few mispredictions */
+      int64_t key = keys[s], at = s;
+      while (at > 0 && keys[at - 1] < key) { keys[at] = keys[at - 1]; at--; }
+      keys[at] = key;
+    }
+    int64_t *o = out + i * k;
+    for (int64_t s = 0; s < k; s++) o[s] = s < m ? keys[s] : INT64_MIN;
+  }
+  free(values);
+  free(keys);
+  return 0;
+}
+"""
+
+_SIGNATURES = {"muse_dense_select": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                    ctypes.c_int64, ctypes.c_void_p])}
+_LOCK = threading.Lock()
+_STATE: dict = {}  # "lib": the ctypes function or None, "reason": why None
+
+
+def library():
+    """The compiled ``muse_dense_select`` (a ctypes function), built and loaded once per process; None where it
+    cannot be built (``unavailable_reason()`` says why)."""
+    if "lib" not in _STATE:
+        with _LOCK:
+            if "lib" not in _STATE:
+                functions, reason = cbuild.load_library("muse_dense", SOURCE, _SIGNATURES)
+                _STATE["lib"], _STATE["reason"] = (functions["muse_dense_select"] if functions else None), reason
+    return _STATE["lib"]
+
+
+def unavailable_reason() -> str:
+    """Why ``library()`` is None ("" when it loaded)."""
+    library()
+    return _STATE.get("reason", "")
+
+
+def select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor, sq_targets: torch.Tensor, k: int,
+                stride: int) -> Optional[torch.Tensor]:
+    """int64 [C, k] rank keys, descending (module docstring), or None when the kernel is not available.
+
+    dots: float32 [C, U] exact integer dots, rows contiguous; inverse: float32 [U]; sq_items [U], sq_targets [C]:
+    squared norms (taken in float64, as ``cosines`` takes them); 1 <= k <= U; stride: the bound's sample is every stride-th item (U // stride >= k)."""
+    function = library()
+    if function is None:
+        return None
+    c, u = dots.shape
+    if dots.stride(1) != 1 or not 1 <= k <= u or (u + stride - 1) // stride < k:
+        raise ValueError(f"dots {tuple(dots.shape)} (stride {dots.stride()}), k {k}, stride {stride}: not a valid selection")
+    inverse = inverse.to(torch.float32).contiguous()
+    sq_items, sq_targets = sq_items.double().contiguous(), sq_targets.double().contiguous()
+    out = torch.empty(c, k, dtype=torch.int64)
+    if function(dots.data_ptr(), c, u, dots.stride(0), inverse.data_ptr(), sq_items.data_ptr(), sq_targets.data_ptr(),
+                k, stride, out.data_ptr()) != 0:
+        raise MemoryError(f"muse_dense_select: no memory for {u} keys")
+    return out
