@@ -401,3 +401,20 @@ def test_native_dense_selection_gives_the_torch_selection_keys_bit_for_bit():
         dense_select.select_keys(dots, inverse, sq_items, sq_targets, 50, 10)  # 31 sampled items < k
     with pytest.raises(ValueError, match="not a valid selection"):
         dense_select.select_keys(dots.t(), inverse, sq_items, sq_targets, 5, 1)
+
+
+def test_native_dense_selection_on_degenerate_rows_equal_to_torch():
+    """Rows whose estimates all tie, or differ by a few ulps of a large value (the histogram's bins would be finer
+    than float32 can place), or are all zero: the native selection still gives the torch keys."""
+    from model.gsu import dense_select
+
+    if dense_select.library() is None:
+        pytest.skip(f"no native kernel here: {dense_select.unavailable_reason()}")
+    u = 90
+    dots = torch.stack([torch.full((u,), 7.0), 1e6 + torch.arange(u, dtype=torch.float32) % 3, torch.zeros(u),
+                        torch.arange(u, dtype=torch.float32) - 45])
+    sq_items, sq_targets = torch.full((u,), 4.0), torch.tensor([9.0, 1e12, 0.0, 16.0])
+    inverse = torch.full((u,), 0.5)
+    for k in (1, 20, u):
+        native = dense_select.select_keys(dots, inverse, sq_items, sq_targets, k, 1)
+        assert torch.equal(native, topk._select_keys(dots, inverse[None, :], sq_items, sq_targets, k, 1)), k

@@ -423,3 +423,18 @@ def test_model_with_the_recent_window_given_once_equals_it_repeated_in_every_sam
     once = with_recent(torch.tensor([window, 0, 0, 0, 0, 0]), 1)
     with torch.no_grad():
         torch.testing.assert_close(model(once, shared_recent=True), model(repeated), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [0.1, 0.05, 2.0 / 7, 0.5])
+def test_tiers_of_equals_bucketize_on_edges_neighbours_and_outliers(width):
+    """The arithmetic tiering gives torch.bucketize's tiers exactly: at every edge, one float32 ulp either side of
+    it, at -1, 1, beyond them, and on random scores."""
+    from model.simtier import tier_edges, tiers_of
+
+    num_tiers = round(2.0 / width)
+    edges = tier_edges(num_tiers, width)
+    near = torch.cat([edges, torch.nextafter(edges, torch.full_like(edges, 2.0)),
+                      torch.nextafter(edges, torch.full_like(edges, -2.0))])
+    scores = torch.cat([near, torch.tensor([-1.0, 1.0, -1.5, 1.5, -0.0, 0.0, -100.0, 100.0]),
+                        torch.rand(5000, generator=torch.Generator().manual_seed(1)) * 2.2 - 1.1]).view(-1, 1)
+    assert torch.equal(tiers_of(scores, num_tiers, width), torch.bucketize(scores, edges, right=True))

@@ -6,15 +6,17 @@ The torch formulation of the same step runs a dozen whole-matrix ops over [C, U]
 1,000 candidates x ~530 items they cost ~15 ms on one core, far more than the product itself. The loop below does
 it row by row in one pass over the row, with the row in cache:
 
-1. a = fl32(dot * inverse) for every stride-th item, and their k-th largest, lowered by a relative
-   2**-19 (the bound of ``_dense_topk``: items below it cannot reach the top k; see its docstring for the proof);
+1. a = fl32(dot * inverse) for every stride-th item, and a value A at most their k-th largest (from a histogram
+   of them: ``sample_bound``), lowered by a relative 2**-19 (the bound of ``_dense_topk``: any A no larger than
+   the k-th largest a is safe, items below the bound cannot reach the top k; see its docstring for the proof);
 2. every item with a >= bound gets its exact score fl32(dot / sqrt(|r|^2 |t|^2)) computed in float64, as
    ``model.gsu.cosine.cosines`` computes it, plus 0.0, and its rank key (``model.gsu.ranking.rank_keys``: the
    score's order-preserving bits high, the item's index low);
 3. the k largest keys, sorted descending.
 
-Both selections keep the values above a running threshold in a buffer of 2k, cut to the k largest by a quickselect
-whenever it fills (a heap's sift costs a branch misprediction a level, several times the rest of the loop).
+The keys are kept above a running threshold in a buffer of 2k, cut to the k largest by a quickselect whenever it
+fills (a heap's sift costs a branch misprediction a level, several times the rest of the loop); a histogram, not a
+selection, finds A (a selection over every item was most of the kernel's time).
 
 The keys are bit-identical to the torch path's (IEEE float64 division and square root are correctly rounded, the
 float32 products are the same single operations, and ``-std=c99`` compiles without contracting a * b + c); the
@@ -67,8 +69,42 @@ SOURCE = r"""
     if (s->n > s->k) select_##NAME(s->buf, s->n, s->k), s->n = s->k;                              \
     return s->n;                                                                                  \
   }
-TOPK(f32, float)
 TOPK(key, int64_t)
+
+/* A lower bound of the k-th largest a = fl32(dot * inverse) over every stride-th item (at least k of them), lowered
+   by a relative 2**-19: a 64-bin histogram of those a over [min, max], the highest bin b where at least k of them
+   lie at or above, and A = the lower edge of bin b - 1 (one bin below: the float bin arithmetic can misplace a
+   value near an edge, never by a whole bin), clamped to min. At least k sampled a are >= A, so A is at most their
+   k-th largest, which is all the bound of _dense_topk needs; the few items of the bins near A are scored too. */
+static float sample_bound(const float *row, const float *inverse, int64_t u, int64_t stride, int64_t k) {
+  enum { BINS = 64 };
+  int32_t counts[BINS] = {0};
+  float lo = row[0] * inverse[0], hi = lo;
+  for (int64_t j = stride; j < u; j += stride) {
+    float a = row[j] * inverse[j];
+    lo = a < lo ? a : lo;
+    hi = a > hi ? a : hi;
+  }
+  float a_bound = lo, magnitude = fabsf(lo) > fabsf(hi) ? fabsf(lo) : fabsf(hi);
+  /* Bins far wider than a float32 ulp of the values (a range of at least 2**-10 of their magnitude), else A = min. */
+  if (hi - lo > magnitude * 0x1p-10f && isfinite(BINS / (hi - lo))) {
+    float width = (hi - lo) / BINS, scale = BINS / (hi - lo);
+    for (int64_t j = 0; j < u; j += stride) {
+      int32_t b = (int32_t)((row[j] * inverse[j] - lo) * scale);
+      counts[b < BINS - 1 ? b : BINS - 1]++;
+    }
+    int64_t above = 0;
+    int32_t b = BINS - 1;
+    for (; b > 0; b--) {
+      above += counts[b];
+      if (above >= k) break;
+    }
+    float edge = lo + (float)(b - 1) * width;
+    a_bound = edge > lo ? edge : lo;
+  }
+  float bound = a_bound - fabsf(a_bound) * 0x1p-19f;
+  return bound - 1e-30f;
+}
 
 static inline int64_t rank_key(float score, int64_t position) {
   int32_t bits;
@@ -82,18 +118,11 @@ static inline int64_t rank_key(float score, int64_t position) {
    k of them). out [c, k]: each target's k best rank keys, descending. Returns 0, or -1 when out of memory. */
 int64_t muse_dense_select(const float *dots, int64_t c, int64_t u, int64_t ld, const float *inverse,
                           const double *sq_items, const double *sq_targets, int64_t k, int64_t stride, int64_t *out) {
-  float *values = (float *)malloc(sizeof(float) * (size_t)(2 * k));
   int64_t *keys = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * k));
-  if (!values || !keys) { free(values); free(keys); return -1; }
+  if (!keys) return -1;
   for (int64_t i = 0; i < c; i++) {
     const float *row = dots + i * ld;
-    f32_topk sample = {values, 0, k, 0.0f, 0};
-    for (int64_t j = 0; j < u; j += stride) push_f32(&sample, row[j] * inverse[j]);
-    int64_t n = finish_f32(&sample);
-    float kth = values[0];
-    for (int64_t s = 1; s < n; s++) kth = values[s] < kth ? values[s] : kth;
-    float bound = kth - fabsf(kth) * 0x1p-19f;
-    bound = bound - 1e-30f;
+    float bound = sample_bound(row, inverse, u, stride, k);
     double sq_t = sq_targets[i];
     key_topk best = {keys, 0, k, 0, 0};
     for (int64_t j = 0; j < u; j++) {
@@ -114,7 +143,6 @@ int64_t muse_dense_select(const float *dots, int64_t c, int64_t u, int64_t ld, c
     int64_t *o = out + i * k;
     for (int64_t s = 0; s < k; s++) o[s] = s < m ? keys[s] : INT64_MIN;
   }
-  free(values);
   free(keys);
   return 0;
 }
