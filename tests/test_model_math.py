@@ -438,3 +438,18 @@ def test_tiers_of_equals_bucketize_on_edges_neighbours_and_outliers(width):
     scores = torch.cat([near, torch.tensor([-1.0, 1.0, -1.5, 1.5, -0.0, 0.0, -100.0, 100.0]),
                         torch.rand(5000, generator=torch.Generator().manual_seed(1)) * 2.2 - 1.1]).view(-1, 1)
     assert torch.equal(tiers_of(scores, num_tiers, width), torch.bucketize(scores, edges, right=True))
+
+
+def test_pad_values_of_full_samples_is_a_view_equal_to_the_padding_kernel():
+    from model.jagged import pad_values
+
+    values = torch.randn(12, 3)
+    full = torch.arange(5) * 3  # 4 samples of exactly 3 values
+    padded = pad_values(values, full, 3)
+    assert padded.data_ptr() == values.data_ptr()
+    assert torch.equal(padded, torch.ops.fbgemm.jagged_to_padded_dense(values, [full], [3], 0.0))
+    ragged = torch.tensor([0, 3, 5, 9, 12])
+    expected = torch.zeros(4, 4, 3)
+    for i in range(4):
+        expected[i, : ragged[i + 1] - ragged[i]] = values[ragged[i]:ragged[i + 1]]
+    assert torch.equal(pad_values(values, ragged, 4), expected)
