@@ -37,6 +37,9 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 /* The k largest values of a stream, without a heap's unpredictable branches: values above the running threshold go
    to a buffer of 2k; a full buffer is cut to its k largest (a quickselect) and the threshold becomes their minimum. */
@@ -106,6 +109,13 @@ static float sample_bound(const float *row, const float *inverse, int64_t u, int
   return bound - 1e-30f;
 }
 
+/* fl32(dot / sqrt(|r|^2 |t|^2)) in float64, + 0.0: model.gsu.cosine.cosines, operation for operation. */
+static inline float exact_score(float dot, double sq_item, double sq_target) {
+  double den = sq_item * sq_target;
+  if (den < 1e-300) den = 1e-300;
+  return (float)((double)dot / sqrt(den)) + 0.0f;
+}
+
 static inline int64_t rank_key(float score, int64_t position) {
   int32_t bits;
   memcpy(&bits, &score, 4);
@@ -125,15 +135,21 @@ int64_t muse_dense_select(const float *dots, int64_t c, int64_t u, int64_t ld, c
     float bound = sample_bound(row, inverse, u, stride, k);
     double sq_t = sq_targets[i];
     key_topk best = {keys, 0, k, 0, 0};
-    for (int64_t j = 0; j < u; j++) {
-      float a = row[j] * inverse[j];
-      if (a >= bound) {
-        double den = sq_items[j] * sq_t;
-        if (den < 1e-300) den = 1e-300;
-        float score = (float)((double)row[j] / sqrt(den)) + 0.0f;
-        push_key(&best, rank_key(score, j));
+    int64_t j = 0;
+#if defined(__AVX2__)
+    const __m256 wall = _mm256_set1_ps(bound);  /* 8 estimates a compare; the few at or above it are scored */
+    for (; j + 8 <= u; j += 8) {
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(inverse + j));
+      int hits = _mm256_movemask_ps(_mm256_cmp_ps(a, wall, _CMP_GE_OQ));
+      while (hits) {
+        int64_t at = j + __builtin_ctz((unsigned)hits);
+        hits &= hits - 1;
+        push_key(&best, rank_key(exact_score(row[at], sq_items[at], sq_t), at));
       }
     }
+#endif
+    for (; j < u; j++)
+      if (row[j] * inverse[j] >= bound) push_key(&best, rank_key(exact_score(row[j], sq_items[j], sq_t), j));
     int64_t m = finish_key(&best);
     for (int64_t s = 1; s < m; s++) {  /* insertion sort, descending: k is small, and it has few mispredictions */
       int64_t key = keys[s], at = s;
