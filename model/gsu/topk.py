@@ -236,7 +236,7 @@ def _dense_topk(table: torch.Tensor, target_ids: torch.Tensor, items: torch.Tens
     ``rank_keys`` (position = index into ``items``), and the k best keys win, as in ``_streaming_topk``.
     Zero rows have a = 0 and score 0.
     Returns (scores float32 [C, k], indices into items int64 [C, k]), best first."""
-    rows = gather(table, items).to(torch.float32).t().contiguous()  # [D, U]; bad ids: ValueError (history_ids)
+    rows = gather(table, items).to(torch.float32)  # [U, D]; bad ids: ValueError (history_ids)
     sq_items = norms.sq_norm.index_select(0, items)
     inverse = torch.where(sq_items > 0, 1.0 / sq_items.clamp_min(1.0).sqrt(), torch.zeros((), dtype=torch.float64))
     inverse = inverse.to(torch.float32)[None, :]
@@ -244,7 +244,7 @@ def _dense_topk(table: torch.Tensor, target_ids: torch.Tensor, items: torch.Tens
     keys = []
     for start in range(0, target_ids.shape[0], step):
         targets = target_ids[start:start + step]
-        dots = torch.mm(table.index_select(0, targets).to(torch.float32), rows)  # [c, U], exact integers
+        dots = torch.mm(table.index_select(0, targets).to(torch.float32), rows.t())  # [c, U], exact integers
         sq_targets = norms.sq_norm.index_select(0, targets)
         # The k-th largest a among every stride-th item is at most the k-th of all: a bound as safe, found in a
         # fraction of the time (it keeps a few hundred items instead of a few dozen).
