@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--history", type=int, default=100_000, help="behaviors per request history (default 100,000)")
     parser.add_argument("--requests", type=int, default=MIN_REQUESTS, help=f"timed requests, at least {MIN_REQUESTS} (default {MIN_REQUESTS})")
     parser.add_argument("--warmup", type=int, default=3, help="untimed requests first (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads, in process or per server worker "
-                        "(default: torch's / cpus / workers)")
+    parser.add_argument("--threads", type=int, default=None, help="in process: torch intra-op threads (default: torch's); "
+                        "with --serve: the server's --threads, rank threads per worker (default: cpus / workers)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the candidate draws (default 0)")
     parser.add_argument("--workdir", default=None, help="where an own run is built (default: a temp directory, removed)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
