@@ -205,6 +205,7 @@ class _SharedBlock:
         self.hidden = [(torch.empty(rows * r, lin.out_features, dtype=keys.dtype),
                         torch.empty(rows * r, lin.out_features, dtype=keys.dtype)) for lin, _ in self.pairs]
         self.weights_t = [lin.weight.t() for lin, _ in self.pairs[1:]]
+        self.dice = [act.eval_parameters() if isinstance(act, Dice) else None for _, act in self.pairs]
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         b, (r, e) = query.shape[0], self.keys.shape
@@ -218,11 +219,13 @@ class _SharedBlock:
         hidden, scratch = (t[:n] for t in self.hidden[0])
         per_query = torch.nn.functional.linear(query, self.w_query, first.bias)  # [b, H1]
         torch.add(per_query[:, None, :], self.per_key[None, :, :], out=hidden.view(b, r, -1)).view(n, -1)
-        hidden = self._activate(activation, hidden.addmm_(products, self.w_p), scratch)
-        for (linear, activation), (out, scratch), w_t in zip(self.pairs[1:], self.hidden[1:], self.weights_t):
-            hidden = self._activate(activation, torch.addmm(linear.bias, hidden, w_t, out=out[:n]), scratch[:n])
+        hidden = self._activate(activation, hidden.addmm_(products, self.w_p), scratch, self.dice[0])
+        for (linear, activation), (out, scratch), w_t, dice in zip(self.pairs[1:], self.hidden[1:], self.weights_t,
+                                                                    self.dice[1:]):
+            hidden = self._activate(activation, torch.addmm(linear.bias, hidden, w_t, out=out[:n]), scratch[:n], dice)
         return self.din.score(hidden).view(b, r)
 
     @staticmethod
-    def _activate(activation: nn.Module, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-        return activation.apply_(x, scratch) if isinstance(activation, Dice) else activation(x)
+    def _activate(activation: nn.Module, x: torch.Tensor, scratch: torch.Tensor,
+                  dice: torch.Tensor | None) -> torch.Tensor:
+        return activation.apply_(x, scratch, dice) if isinstance(activation, Dice) else activation(x)

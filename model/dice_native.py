@@ -8,7 +8,8 @@ scaled by 2**n through the exponent bits; inputs are clamped to [-87, 88] (sigmo
 Its relative error is a few float32 ulps (tests compare it with torch's eval Dice at 1e-6), so a probability
 computed through it differs from one through torch's sigmoid in the 7th digit at most. Hosts without AVX2 run the
 same formula in plain C (``expf``). Built and loaded like the GSU kernels (``model.gsu.cbuild``); ``dice_`` returns
-False where no C compiler is, and the caller runs the torch ops.
+False where no C compiler is, and the caller runs the torch ops. Its parameters come as one [4, H] tensor
+(``parameters``), built once per caller rather than per call.
 """
 
 import ctypes
@@ -90,13 +91,22 @@ def unavailable_reason() -> str:
     return _STATE.get("reason", "")
 
 
-def dice_(x: torch.Tensor, inv: torch.Tensor, shift: torch.Tensor, alpha: torch.Tensor) -> bool:
-    """Eval Dice of x float32 [n, H] (rows may be strided, columns contiguous) in place, with per-column float32
-    [H] ``inv`` (1 / sqrt(running_var + eps)), ``shift`` (-running_mean inv) and ``alpha``. False (x untouched)
-    when the kernel is not available or x is not a float32 matrix with contiguous columns."""
+def parameters(inv: torch.Tensor, shift: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """float32 [4, H] contiguous rows inv, shift, alpha, 1 - alpha: what ``dice_`` reads (build once, reuse)."""
+    return torch.stack([inv, shift, alpha, 1 - alpha]).detach().to(torch.float32).contiguous()
+
+
+def dice_(x: torch.Tensor, params: torch.Tensor) -> bool:
+    """Eval Dice of x float32 [n, H] (rows may be strided, columns contiguous) in place, with ``params`` [4, H] from
+    ``parameters`` (inv = 1 / sqrt(running_var + eps), shift = -running_mean inv, alpha, 1 - alpha). False (x
+    untouched) when the kernel is not available or x is not a float32 matrix with contiguous columns."""
     function = library()
     if function is None or x.dtype != torch.float32 or x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
         return False
-    params = [t.detach().to(torch.float32).contiguous() for t in (inv, shift, alpha, 1 - alpha)]
-    function(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), *(t.data_ptr() for t in params))
+    if params.dtype != torch.float32 or not params.is_contiguous() or tuple(params.shape) != (4, x.shape[1]):
+        raise ValueError(f"params: expected contiguous float32 [4, {x.shape[1]}] (dice_native.parameters), "
+                         f"got {params.dtype} {tuple(params.shape)}")
+    row = params.stride(0) * params.element_size()
+    base = params.data_ptr()
+    function(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), base, base + row, base + 2 * row, base + 3 * row)
     return True

@@ -44,19 +44,24 @@ class Dice(nn.Module):
         return not self.training and norm.track_running_stats and norm.running_var is not None
 
     @torch.no_grad()
-    def apply_(self, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    def apply_(self, x: torch.Tensor, scratch: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
         """Eval Dice written into ``x`` [..., dim] (returned), with ``scratch`` (same shape) as its only buffer, for
         callers that reuse their buffers (``DinAttention.shared_weights``): on a float32 matrix the one-pass C kernel
         (``model.dice_native``, equal to ``forward``'s eval path to a few float32 ulps), else ``forward``'s eval
-        ops.
+        ops. params: ``eval_parameters()``, when the caller applies this Dice many times.
         No gradient; RuntimeError in training mode (batch statistics need the whole batch)."""
         if not self._running():
             raise RuntimeError("Dice.apply_: inference only (running statistics; call .eval() first)")
-        norm = self.norm
-        inv = torch.rsqrt(norm.running_var + norm.eps)
-        if x.dim() == 2 and dice_native.dice_(x, inv, -norm.running_mean * inv, self.alpha):
+        if x.dim() == 2 and dice_native.dice_(x, params if params is not None else self.eval_parameters()):
             return x
         return x.mul_(self._gate(x, scratch))
+
+    @torch.no_grad()
+    def eval_parameters(self) -> torch.Tensor:
+        """float32 [4, dim]: 1 / sqrt(running_var + eps), -running_mean of that, alpha, 1 - alpha (``apply_``)."""
+        norm = self.norm
+        inv = torch.rsqrt(norm.running_var + norm.eps)
+        return dice_native.parameters(inv, -norm.running_mean * inv, self.alpha)
 
     def _gate(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """alpha + sigmoid(x * inv + shift) (1 - alpha), the eval factor of x; written into ``out`` (returned) when
