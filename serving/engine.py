@@ -227,8 +227,9 @@ class Engine:
 
         def score(part: slice) -> torch.Tensor:
             given = {name: side[field][part] if field in side else None for name, field in _SIDE_ARGS.items()}
-            return p.rank_indices(rows.user, rows.profile, cand[part], rows.items, rows.cats, content=rows.local,
-                                  **given)
+            with torch.inference_mode():  # less dispatch work a tensor op than no_grad (~4% of a rank)
+                return p.rank_indices(rows.user, rows.profile, cand[part], rows.items, rows.cats, content=rows.local,
+                                      **given)
 
         parts = _parts(cand.shape[0], self.threads)
         if len(parts) == 1:
