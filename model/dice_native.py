@@ -13,7 +13,6 @@ False where no C compiler is, and the caller runs the torch ops. Its parameters 
 """
 
 import ctypes
-import threading
 
 import torch
 
@@ -70,25 +69,7 @@ void muse_dice_(float *x, int64_t rows, int64_t width, int64_t ld, const float *
 
 _SIGNATURES = {"muse_dice_": (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p])}
-_LOCK = threading.Lock()
-_STATE: dict = {}  # "lib": the ctypes function or None, "reason": why None
-
-
-def library():
-    """The compiled ``muse_dice_`` (a ctypes function), built and loaded once per process; None where it cannot be
-    built (``unavailable_reason()`` says why)."""
-    if "lib" not in _STATE:
-        with _LOCK:
-            if "lib" not in _STATE:
-                functions, reason = cbuild.load_library("muse_dice", SOURCE, _SIGNATURES)
-                _STATE["lib"], _STATE["reason"] = (functions["muse_dice_"] if functions else None), reason
-    return _STATE["lib"]
-
-
-def unavailable_reason() -> str:
-    """Why ``library()`` is None ("" when it loaded)."""
-    library()
-    return _STATE.get("reason", "")
+LIBRARY = cbuild.Library("muse_dice", SOURCE, _SIGNATURES)  # LIBRARY.reason(): why it is not built here
 
 
 def parameters(inv: torch.Tensor, shift: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -100,7 +81,7 @@ def dice_(x: torch.Tensor, params: torch.Tensor) -> bool:
     """Eval Dice of x float32 [n, H] (rows may be strided, columns contiguous) in place, with ``params`` [4, H] from
     ``parameters`` (inv = 1 / sqrt(running_var + eps), shift = -running_mean inv, alpha, 1 - alpha). False (x
     untouched) when the kernel is not available or x is not a float32 matrix with contiguous columns."""
-    function = library()
+    function = LIBRARY.function("muse_dice_")
     if function is None or x.dtype != torch.float32 or x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
         return False
     if params.dtype != torch.float32 or not params.is_contiguous() or tuple(params.shape) != (4, x.shape[1]):

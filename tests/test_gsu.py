@@ -289,9 +289,9 @@ def test_bad_norms_and_chunk_rows():
 
 def _without_native_select(monkeypatch) -> None:
     """The dense top-K's selection in torch ops, as on a host without a C compiler."""
-    from model.gsu import dense_select
+    from model.gsu import cbuild, dense_select
 
-    monkeypatch.setattr(dense_select, "_STATE", {"lib": None, "reason": "test: no compiler"})
+    monkeypatch.setattr(dense_select, "LIBRARY", cbuild.Library.absent("test: no compiler"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -382,8 +382,8 @@ def test_native_dense_selection_gives_the_torch_selection_keys_bit_for_bit():
     zero rows (inverse 0, score 0) and a bound from every stride-th item; its argument checks."""
     from model.gsu import dense_select
 
-    if dense_select.library() is None:
-        pytest.skip(f"no native kernel here: {dense_select.unavailable_reason()}")
+    if dense_select.LIBRARY.function("muse_dense_select") is None:
+        pytest.skip(f"no native kernel here: {dense_select.LIBRARY.reason()}")
     g = torch.Generator().manual_seed(8)
     c, u = 37, 301
     rows = torch.randint(-9, 10, (u, 8), generator=g).to(torch.float32)
@@ -408,8 +408,8 @@ def test_native_dense_selection_on_degenerate_rows_equal_to_torch():
     than float32 can place), or are all zero: the native selection still gives the torch keys."""
     from model.gsu import dense_select
 
-    if dense_select.library() is None:
-        pytest.skip(f"no native kernel here: {dense_select.unavailable_reason()}")
+    if dense_select.LIBRARY.function("muse_dense_select") is None:
+        pytest.skip(f"no native kernel here: {dense_select.LIBRARY.reason()}")
     u = 90
     dots = torch.stack([torch.full((u,), 7.0), 1e6 + torch.arange(u, dtype=torch.float32) % 3, torch.zeros(u),
                         torch.arange(u, dtype=torch.float32) - 45])

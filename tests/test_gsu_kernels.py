@@ -290,3 +290,25 @@ def test_a_named_cache_that_cannot_be_used_is_said_not_replaced(monkeypatch, tmp
     monkeypatch.setenv(native.CACHE_ENV, str(blocker))
     assert native.library() is None
     assert native.unavailable_reason() == f"{native.CACHE_ENV}={blocker}: not a writable directory"
+
+
+def test_a_library_loads_once_and_says_why_when_it_cannot(monkeypatch, tmp_path):
+    """cbuild.Library: the serving kernels' loader (model.dice_native, model.gsu.dense_select) builds on first use,
+    returns the same function after, and without a compiler gives None and the reason instead of raising."""
+    from model import dice_native
+    from model.gsu import cbuild
+
+    import shutil
+
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this host")
+    monkeypatch.setenv(cbuild.CACHE_ENV, str(tmp_path))
+    built = cbuild.Library("muse_dice", dice_native.SOURCE, dice_native._SIGNATURES)
+    first = built.function("muse_dice_")
+    assert first is not None and built.function("muse_dice_") is first and built.reason() == ""
+    assert any(name.startswith("muse_dice_") for name in os.listdir(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    missing = cbuild.Library("muse_dice", dice_native.SOURCE, dice_native._SIGNATURES)
+    assert missing.function("muse_dice_") is None and "no-such-cc" in missing.reason()
+    absent = cbuild.Library.absent("test")
+    assert absent.function("anything") is None and absent.reason() == "test"

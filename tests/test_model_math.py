@@ -363,12 +363,13 @@ def test_dice_apply_in_place_equals_eval_forward_and_refuses_training(native, mo
     saturated sigmoids), a width with a scalar tail (13 = 8 + 5) and strided rows; without it, the same torch ops
     bit for bit."""
     from model import dice_native
+    from model.gsu import cbuild
     from model.tower import Dice
 
-    if native and dice_native.library() is None:
-        pytest.skip(f"no native kernel here: {dice_native.unavailable_reason()}")
+    if native and dice_native.LIBRARY.function("muse_dice_") is None:
+        pytest.skip(f"no native kernel here: {dice_native.LIBRARY.reason()}")
     if not native:
-        monkeypatch.setattr(dice_native, "_STATE", {"lib": None, "reason": "test: no compiler"})
+        monkeypatch.setattr(dice_native, "LIBRARY", cbuild.Library.absent("test: no compiler"))
     torch.manual_seed(6)
     dice = Dice(13)
     dice.norm.running_mean.uniform_(-1, 1)

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -51,6 +52,38 @@ def load_library(prefix: str, source: str, signatures: Dict[str, Signature]) -> 
         if reason:
             return None, reason
     return _bind(path, signatures)
+
+
+class Library:
+    """A C library built and loaded on first use, once per process (thread-safe): ``load_library`` of ``prefix``,
+    ``source`` and ``signatures``. ``function(symbol)`` is the ctypes function, or None where it cannot be built
+    (``reason()`` says why). ``Library.absent(why)``: one that never loads (hosts without a compiler, in tests)."""
+
+    def __init__(self, prefix: str, source: str, signatures: Dict[str, Signature]) -> None:
+        self.prefix, self.source, self.signatures = prefix, source, signatures
+        self._lock = threading.Lock()
+        self._loaded: Optional[Tuple[Optional[Dict[str, object]], str]] = None
+
+    @classmethod
+    def absent(cls, why: str) -> "Library":
+        library = cls("", "", {})
+        library._loaded = (None, why)
+        return library
+
+    def _load(self) -> Tuple[Optional[Dict[str, object]], str]:
+        if self._loaded is None:
+            with self._lock:
+                if self._loaded is None:
+                    self._loaded = load_library(self.prefix, self.source, self.signatures)
+        return self._loaded
+
+    def function(self, symbol: str) -> Optional[object]:
+        functions, _ = self._load()
+        return functions[symbol] if functions else None
+
+    def reason(self) -> str:
+        """Why ``function`` is None ("" when the library loaded)."""
+        return self._load()[1]
 
 
 def _bind(path: str, signatures: Dict[str, Signature]) -> Tuple[Optional[Dict[str, object]], str]:

@@ -25,7 +25,6 @@ Built and loaded like the filter kernel (``model.gsu.cbuild``); ``select_keys`` 
 """
 
 import ctypes
-import threading
 from typing import Optional
 
 import torch
@@ -167,25 +166,7 @@ int64_t muse_dense_select(const float *dots, int64_t c, int64_t u, int64_t ld, c
 _SIGNATURES = {"muse_dense_select": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                                     ctypes.c_int64, ctypes.c_void_p])}
-_LOCK = threading.Lock()
-_STATE: dict = {}  # "lib": the ctypes function or None, "reason": why None
-
-
-def library():
-    """The compiled ``muse_dense_select`` (a ctypes function), built and loaded once per process; None where it
-    cannot be built (``unavailable_reason()`` says why)."""
-    if "lib" not in _STATE:
-        with _LOCK:
-            if "lib" not in _STATE:
-                functions, reason = cbuild.load_library("muse_dense", SOURCE, _SIGNATURES)
-                _STATE["lib"], _STATE["reason"] = (functions["muse_dense_select"] if functions else None), reason
-    return _STATE["lib"]
-
-
-def unavailable_reason() -> str:
-    """Why ``library()`` is None ("" when it loaded)."""
-    library()
-    return _STATE.get("reason", "")
+LIBRARY = cbuild.Library("muse_dense", SOURCE, _SIGNATURES)  # LIBRARY.reason(): why it is not built here
 
 
 def select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor, sq_targets: torch.Tensor, k: int,
@@ -194,7 +175,7 @@ def select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tenso
 
     dots: float32 [C, U] exact integer dots, rows contiguous; inverse: float32 [U]; sq_items [U], sq_targets [C]:
     squared norms (taken in float64, as ``cosines`` takes them); 1 <= k <= U; stride: the bound's sample is every stride-th item (U // stride >= k)."""
-    function = library()
+    function = LIBRARY.function("muse_dense_select")
     if function is None:
         return None
     c, u = dots.shape
