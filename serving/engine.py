@@ -232,14 +232,15 @@ class Engine:
                                       **given)
 
         parts = _parts(cand.shape[0], self.threads)
-        if len(parts) == 1:
-            return score(parts[0]), facts
-        return torch.cat(list(self._pool().map(score, parts))), facts
+        others = [self._pool().submit(score, part) for part in parts[1:]]  # the first part runs in this thread
+        first = score(parts[0])
+        return torch.cat([first] + [future.result() for future in others]) if others else first, facts
 
     def _pool(self) -> ThreadPoolExecutor:
-        """This engine's rank threads (made on first use; they exit when a reload drops the engine)."""
+        """This engine's threads - 1 extra rank threads (made on first use; they exit when a reload drops the
+        engine)."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="muse-rank")
+            self._executor = ThreadPoolExecutor(max(1, self.threads - 1), thread_name_prefix="muse-rank")
         return self._executor
 
     def _rank_legacy(self, request: RankRequest) -> Tuple[torch.Tensor, Dict[str, Any]]:
