@@ -80,8 +80,9 @@ class DinAttention(nn.Module):
         """Attention weights [B, R] of B queries [B, E] over the same R keys [R, E] (one user's recent behaviors
         ranked against B candidates): ``weights`` of B samples that all hold these keys, without repeating them.
 
-        The keys' first-layer term k (W_k - W_d)^T is taken once for the R keys, the query's once per query, and the
-        rest of the MLP runs on blocks of about ``SHARED_PAIRS`` (query, key) pairs in buffers allocated once, so
+        Equal keys (a behavior repeated in the window) are scored once and their score used at each of their
+        positions. The keys' first-layer term k (W_k - W_d)^T is taken once per key, the query's once per query, and
+        the rest of the MLP runs on blocks of about ``SHARED_PAIRS`` (query, key) pairs in buffers allocated once, so
         its activations stay in the CPU's cache instead of streaming [B * R, H] tensors through memory (and no block
         pays for fresh pages). Inference only (Dice's batch statistics would need every pair at once; no gradient):
         raises RuntimeError in training mode."""
@@ -90,12 +91,14 @@ class DinAttention(nn.Module):
         b, r = query.shape[0], keys.shape[0]
         if r == 0 or b == 0:
             return query.new_zeros(b, r)
-        step = max(1, SHARED_PAIRS // r)
-        block = _SharedBlock(self, keys, min(b, step))
-        scores = torch.empty(b, r, dtype=query.dtype)
+        distinct, slot = torch.unique(keys, dim=0, return_inverse=True)  # a behavior repeated: scored once
+        u = distinct.shape[0]
+        step = max(1, SHARED_PAIRS // u)
+        block = _SharedBlock(self, distinct, min(b, step))
+        scores = torch.empty(b, u, dtype=query.dtype)
         for s in range(0, b, step):
             scores[s:s + step] = block.scores(query[s:s + step])
-        return torch.softmax(scores, dim=1)
+        return torch.softmax(scores.index_select(1, slot), dim=1)
 
     def forward_shared(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Pooled interest [B, E] of B queries [B, E] over the same R keys [R, E] (``shared_weights``); zeros when
