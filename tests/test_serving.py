@@ -368,8 +368,9 @@ class Client:
 def server(packages, tmp_path_factory):
     package, _ = packages
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    # 2 rank threads per worker: a rank of at least 128 candidates is scored in two parts
     cmd = [os.path.join(VENV_BIN, "muse"), "serve", "--package", package, "--port", "0", "--workers", "2",
-           "--threads", "1", "--max-candidates", str(MAX_CANDIDATES), "--max-body-bytes", str(MAX_BODY),
+           "--threads", "2", "--max-candidates", str(MAX_CANDIDATES), "--max-body-bytes", str(MAX_BODY),
            "--shutdown-timeout", "20"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=str(tmp_path_factory.mktemp("cwd")))
