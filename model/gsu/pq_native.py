@@ -41,7 +41,6 @@ _TARGET_BLOCK = 32  # targets summed per pass over a behavior's codes (an accumu
 
 SOURCE = r"""
 #include <stdint.h>
-#include <string.h>
 
 #define PREFETCH @PREFETCH@
 #define BLOCK @BLOCK@
@@ -96,14 +95,6 @@ static inline float clamp_unit(float s) {
 /* A behavior's estimate for one target: 0 + lut[c0] + lut[256 + c1] + ..., in subspace order. */
 static inline float estimate(const float *lut, const uint8_t *c, int64_t m_) {
   float s = 0.0f;
-  if (m_ % 8 == 0) {
-    for (int64_t m0 = 0; m0 < m_; m0 += 8) {
-      uint64_t w;
-      memcpy(&w, c + m0, 8);
-      for (int b = 0; b < 8; b++) s += lut[(m0 + b) * 256 + ((w >> (8 * b)) & 255)];
-    }
-    return s;
-  }
   for (int64_t m = 0; m < m_; m++) s += lut[m * 256 + c[m]];
   return s;
 }
