@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.gsu import PQIndex, PQSettings, cosine_topk, kernels, pq_native, pq_topk
-from model.gsu.pq_scan import NativeScan, TorchScan, native_lut
+from model.gsu.pq_scan import NativeScan, TorchScan, native_luts
 from model.gsu.ranking import NO_KEY, rank_keys
 
 NATIVE = pq_native.library() is not None
@@ -115,19 +115,40 @@ def test_the_c_scan_keeps_the_top_keys_of_subspace_ordered_sums(m, length, targe
     lut = {"random": torch.randn(m * 256, targets, generator=g) * 0.2, "zero": torch.zeros(m * 256, targets),
            "coarse": torch.randint(-3, 4, (m * 256, targets), generator=g).float() / 8}[values]
     out = torch.empty(targets, width, dtype=torch.int64)
-    assert pq_native.scan(codes, ids, lut, out, torch.empty(targets, 2 * width, dtype=torch.int64)) == -1
+    history, group, starts = ids.repeat(targets, 1), torch.arange(targets), torch.tensor([0, targets])
+    assert pq_native.scan(codes, history, lut.t().contiguous(), group, starts, out) == -1
     assert torch.equal(torch.sort(out, dim=1, descending=True).values, reference_keys(codes, lut, ids, width))
 
 
 @needs_native
-def test_the_native_lut_layout_and_the_torch_bag_agree_on_every_estimate():
-    """native_lut moves entry (m, c) of target j to row m * 256 + c, column j; fewer than 256 centroids leave zeros."""
+def test_the_native_lookup_tables_put_every_code_at_m_times_256():
+    """native_luts moves entry (m, c) to m * 256 + c; fewer than 256 centroids leave the unused codes at zero."""
     g = torch.Generator().manual_seed(3)
-    luts = torch.randn(3, 4 * 200, generator=g)  # G = 3 targets, M = 4, C = 200
-    lut = native_lut(luts, 4)
-    assert lut.shape == (4 * 256, 3) and lut.is_contiguous()
-    assert torch.equal(lut.view(4, 256, 3)[:, :200].permute(2, 0, 1).reshape(3, -1), luts)
-    assert not bool(lut.view(4, 256, 3)[:, 200:].any())
+    luts = torch.randn(3, 4 * 200, generator=g)  # B = 3 targets, M = 4, C = 200
+    out = native_luts(luts, 4)
+    assert out.shape == (3, 4 * 256) and out.is_contiguous()
+    assert torch.equal(out.view(3, 4, 256)[:, :, :200].reshape(3, -1), luts)
+    assert not bool(out.view(3, 4, 256)[:, :, 200:].any())
+
+
+def test_groups_of_one_and_many_samples_in_one_call_match_their_scans_alone():
+    """One C call for groups of 1, 3 and 35 samples (2 blocks of 32 targets) = each sample scanned on its own."""
+    if not NATIVE:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(8)
+    codes = torch.randint(0, 256, (3000, 16), dtype=torch.uint8, generator=g)
+    rows = torch.randint(1, 3000, (3, 501), generator=g)
+    owner = torch.tensor([0] + [1] * 3 + [2] * 35)
+    history = rows[owner]
+    luts = torch.randn(owner.shape[0], 16 * 256, generator=g) * 0.1
+    groups = [[0], [1, 2, 3], list(range(4, 39))]
+    members = torch.tensor([b for group in groups for b in group])
+    together = torch.empty(owner.shape[0], 40, dtype=torch.int64)
+    assert pq_native.scan(codes, history, luts, members, torch.tensor([0, 1, 4, 39]), together) == -1
+    for b in range(owner.shape[0]):
+        alone = torch.empty(1, 40, dtype=torch.int64)
+        assert pq_native.scan(codes, history[b:b + 1], luts[b:b + 1].contiguous(), torch.tensor([0]), torch.tensor([0, 1]), alone) == -1
+        assert torch.equal(torch.sort(together[b]).values, torch.sort(alone[0]).values)
 
 
 @needs_native

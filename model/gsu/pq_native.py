@@ -134,15 +134,12 @@ static int64_t scan8(const uint8_t *codes, int64_t m_, const int64_t *ids, int64
   return i;
 }
 
-/* For every position i < n with ids[i] != 0: estimate_j = 0 + sum_m lut[(m * 256 + codes[ids[i] * m_ + m]) * g + j]
-   (float32, m in order), clamped to [-1, 1], + 0.0, for each of g targets; target j keeps the kprime largest
-   rank keys (score, position i) in out[j * kprime ..] (any order; INT64_MIN where it has fewer behaviors).
-   work: int64 [g, 2 * kprime] scratch. Every id is checked first: returns the first i whose id is outside
-   [0, rows) before anything is read, else -1. */
-int64_t muse_pq_scan(const uint8_t *codes, int64_t rows, int64_t m_, const int64_t *ids, int64_t n,
-                     const float *lut, int64_t g, int64_t *out, int64_t kprime, int64_t *work) {
-  for (int64_t i = 0; i < n; i++)
-    if (ids[i] < 0 || ids[i] >= rows) return i;
+/* One history ids[0..n) for g targets: estimate_j = 0 + sum_m lut[(m * 256 + codes[id * m_ + m]) * g + j]
+   (float32, m in order), clamped to [-1, 1], + 0.0; target j keeps the kprime largest rank keys (score,
+   position) of the non-padding positions in out[rows[j] * kprime ..] (any order; INT64_MIN where it has fewer).
+   work: int64 [g, 2 * kprime] scratch. The ids are checked by the caller. */
+static void scan_history(const uint8_t *codes, int64_t m_, const int64_t *ids, int64_t n, const float *lut,
+                         int64_t g, const int64_t *rows, int64_t *out, int64_t kprime, int64_t *work) {
   int64_t counts[BLOCK], thrs[BLOCK];
   float acc[BLOCK];
   for (int64_t j0 = 0; j0 < g; j0 += BLOCK) {  /* a block of targets per pass over the codes */
@@ -168,11 +165,43 @@ int64_t muse_pq_scan(const uint8_t *codes, int64_t rows, int64_t m_, const int64
         offer(work + (j0 + j) * 2 * kprime, counts + j, thrs + j, kprime, rank_key(clamp_unit(acc[j]), i));
     }
     for (int64_t j = 0; j < w; j++) {
-      int64_t *buf = work + (j0 + j) * 2 * kprime, *o = out + (j0 + j) * kprime;
+      int64_t *buf = work + (j0 + j) * 2 * kprime, *o = out + rows[j0 + j] * kprime;
       if (counts[j] > kprime) select_top(buf, counts[j], kprime);
       int64_t kept = counts[j] < kprime ? counts[j] : kprime;
       for (int64_t i = 0; i < kprime; i++) o[i] = i < kept ? buf[i] : INT64_MIN;
     }
+  }
+}
+
+/* Every group q of samples sharing a history: samples members[starts[q] .. starts[q + 1]), history row
+   history[members[starts[q]] * length ..] (ids, 0 = padding), sample b's lookup table luts[b * m_ * 256 ..]
+   ([m_, 256] float32). Writes out[b * kprime ..] for every listed sample (see scan_history). A group of g > 1
+   samples is scanned once for all of them from its tables transposed into lut_work ([m_ * 256, g]).
+   work: int64 [gmax, 2 * kprime]; lut_work: float32 [m_ * 256 * gmax] (gmax: the largest group).
+   Every id of every listed history is checked first: returns the first flat index (row * length + i) outside
+   [0, rows) before anything is scanned, else -1. */
+int64_t muse_pq_scan(const uint8_t *codes, int64_t rows, int64_t m_, const int64_t *history, int64_t length,
+                     const float *luts, const int64_t *members, const int64_t *starts, int64_t groups,
+                     int64_t *out, int64_t kprime, int64_t *work, float *lut_work) {
+  for (int64_t q = 0; q < groups; q++) {
+    const int64_t *ids = history + members[starts[q]] * length;
+    for (int64_t i = 0; i < length; i++)
+      if (ids[i] < 0 || ids[i] >= rows) return members[starts[q]] * length + i;
+  }
+  int64_t entries = m_ * 256;
+  for (int64_t q = 0; q < groups; q++) {
+    const int64_t *mine = members + starts[q];
+    int64_t g = starts[q + 1] - starts[q];
+    const int64_t *ids = history + mine[0] * length;
+    if (g == 1) {
+      scan_history(codes, m_, ids, length, luts + mine[0] * entries, 1, mine, out, kprime, work);
+      continue;
+    }
+    for (int64_t j = 0; j < g; j++) {
+      const float *src = luts + mine[j] * entries;
+      for (int64_t e = 0; e < entries; e++) lut_work[e * g + j] = src[e];
+    }
+    scan_history(codes, m_, ids, length, lut_work, g, mine, out, kprime, work);
   }
   return -1;
 }
@@ -207,7 +236,8 @@ int64_t muse_pair_dots_i8(const int8_t *table, int64_t rows, int64_t width, cons
 
 _SIGNATURES = {
     "muse_pq_scan": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]),
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]),
     "muse_pair_dots_i8": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]),
 }
@@ -240,20 +270,27 @@ def _functions() -> Dict[str, object]:
     return functions
 
 
-def scan(codes: torch.Tensor, ids: torch.Tensor, lut: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> int:
-    """Scan one history for its targets: out int64 [G, K'] = each target's K' largest rank keys (any order,
-    ``NO_KEY`` where it has fewer non-padding behaviors).
+def scan(codes: torch.Tensor, history: torch.Tensor, luts: torch.Tensor, groups: torch.Tensor, starts: torch.Tensor,
+         out: torch.Tensor) -> int:
+    """Scan the histories of groups of samples: out int64 [B, K'] row b = sample b's K' largest rank keys (any
+    order, ``NO_KEY`` where it has fewer non-padding behaviors), for every sample listed in ``groups``.
 
-    codes: uint8 [N, M]; ids: int64 [L] (0 = padding, skipped; position = index in ``ids``); lut: float32
-    [M * LUT_CODES, G] (entry (m, c) of target j at row m * 256 + c, column j); work: int64 [G, 2 * K'] scratch.
-    All contiguous. Returns -1, or the first index of ``ids`` outside [0, N).
+    codes: uint8 [N, M]; history: int64 [B, L] (0 = padding, skipped; position = column); luts: float32
+    [B, M * LUT_CODES] (sample b's entry (m, c) at m * 256 + c); groups: int64 [S] sample indices, group q =
+    groups[starts[q]:starts[q + 1]] (samples sharing history row groups[starts[q]], read once for all of them);
+    starts: int64 [Q + 1]. All contiguous. Returns -1, or the first flat index of ``history`` outside [0, N).
     """
-    g, width = out.shape
-    if lut.shape != (codes.shape[1] * LUT_CODES, g) or work.shape != (g, 2 * width):
-        raise ValueError(f"lut {tuple(lut.shape)}, work {tuple(work.shape)}: expected [{codes.shape[1] * LUT_CODES}, {g}] "
-                         f"and [{g}, {2 * width}]")
-    return int(_functions()["muse_pq_scan"](codes.data_ptr(), codes.shape[0], codes.shape[1], ids.data_ptr(),
-                                             ids.shape[0], lut.data_ptr(), g, out.data_ptr(), width, work.data_ptr()))
+    batch, width = out.shape
+    m = codes.shape[1]
+    if luts.shape != (history.shape[0], m * LUT_CODES) or batch != history.shape[0]:
+        raise ValueError(f"luts {tuple(luts.shape)}, out {tuple(out.shape)}: expected [{history.shape[0]}, {m * LUT_CODES}] "
+                         f"and [{history.shape[0]}, K']")
+    largest = int((starts[1:] - starts[:-1]).max()) if starts.shape[0] > 1 else 1
+    work = torch.empty(largest, 2 * width, dtype=torch.int64)
+    lut_work = torch.empty(largest * m * LUT_CODES if largest > 1 else 1, dtype=torch.float32)
+    return int(_functions()["muse_pq_scan"](codes.data_ptr(), codes.shape[0], m, history.data_ptr(), history.shape[1],
+                                             luts.data_ptr(), groups.data_ptr(), starts.data_ptr(), starts.shape[0] - 1,
+                                             out.data_ptr(), width, work.data_ptr(), lut_work.data_ptr()))
 
 
 def pair_dots(table: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor, out: torch.Tensor) -> int:

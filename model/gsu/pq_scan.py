@@ -103,18 +103,15 @@ class NativeScan(PQScan):
 
     def scan(self, codes: torch.Tensor, luts: torch.Tensor, history_ids: torch.Tensor, groups: List[List[int]],
              width: int, chunk_rows: int) -> torch.Tensor:
+        """One C call for the whole batch (per-group calls from Python cost more than a 1,000-behavior scan)."""
         keys = torch.empty(history_ids.shape[0], width, dtype=torch.int64)
-        codes = codes.contiguous()
-        m = codes.shape[1]
-        work = torch.empty(max(len(members) for members in groups), 2 * width, dtype=torch.int64)
-        for members in groups:
-            lut = native_lut(luts.index_select(0, torch.tensor(members)), m)
-            ids = history_ids[members[0]].contiguous()
-            out = keys[members[0]:members[0] + 1] if len(members) == 1 else torch.empty(len(members), width, dtype=torch.int64)
-            if pq_native.scan(codes, ids, lut, out, work[:len(members)]) >= 0:
-                raise history_error(codes.shape[0], ids)
-            if len(members) > 1:
-                keys[members] = out
+        members = torch.tensor([b for group in groups for b in group], dtype=torch.int64)
+        starts = torch.zeros(len(groups) + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor([len(group) for group in groups], dtype=torch.int64), 0, out=starts[1:])
+        history = history_ids.contiguous()
+        bad = pq_native.scan(codes.contiguous(), history, native_luts(luts, codes.shape[1]), members, starts, keys)
+        if bad >= 0:
+            raise history_error(codes.shape[0], history.view(-1)[bad:bad + 1])
         return keys
 
     def rescore_dots(self, table: torch.Tensor, ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -124,14 +121,15 @@ class NativeScan(PQScan):
         return out.double()
 
 
-def native_lut(luts: torch.Tensor, m: int) -> torch.Tensor:
-    """float32 [M * 256, G] contiguous from ``luts`` [G, M * C] (C <= 256): entry (m, c) of target j at row
-    m * 256 + c, column j (codes C..255 of a subspace, which no item has, read 0)."""
-    g = luts.shape[0]
+def native_luts(luts: torch.Tensor, m: int) -> torch.Tensor:
+    """float32 [B, M * 256] contiguous from ``luts`` [B, M * C] (C <= 256): entry (m, c) at m * 256 + c (codes
+    C..255 of a subspace, which no item has, read 0)."""
     c = luts.shape[1] // m
-    out = torch.zeros(m, pq_native.LUT_CODES, g, dtype=torch.float32)
-    out[:, :c] = luts.view(g, m, c).permute(1, 2, 0)
-    return out.view(m * pq_native.LUT_CODES, g)
+    if c == pq_native.LUT_CODES:
+        return luts.contiguous()
+    out = torch.zeros(luts.shape[0], m, pq_native.LUT_CODES, dtype=torch.float32)
+    out[:, :, :c] = luts.view(-1, m, c)
+    return out.view(luts.shape[0], m * pq_native.LUT_CODES)
 
 
 def _by_size(groups: List[List[int]]) -> Dict[int, List[List[int]]]:
