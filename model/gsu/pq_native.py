@@ -53,31 +53,38 @@ static inline int64_t rank_key(float s, int64_t position) {
   return (int64_t)(((uint64_t)(int64_t)ordered << 32) | (uint64_t)position);
 }
 
-/* Put the k largest of a[0..n) (distinct keys, n >= k >= 1) first, in any order: quickselect (Hoare partition,
-   descending, median-of-3 pivot). */
+/* Put the k largest of a[0..n) (distinct keys, n >= k >= 1) first, in any order: quickselect with a branchless
+   Lomuto partition (every element swapped, the front advanced by the comparison: no mispredicted branch per
+   element), median-of-3 pivot. */
 static void select_top(int64_t *a, int64_t n, int64_t k) {
-  int64_t lo = 0, hi = n - 1;
-  while (hi > lo) {
-    int64_t mid = lo + (hi - lo) / 2, x = a[lo], y = a[mid], z = a[hi], p;
-    p = (x > y) ? ((y > z) ? y : (x > z ? z : x)) : ((x > z) ? x : (y > z ? z : y));
-    int64_t i = lo, j = hi;
-    while (i <= j) {
-      while (a[i] > p) i++;
-      while (a[j] < p) j--;
-      if (i <= j) { int64_t t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
+  int64_t lo = 0, hi = n;  /* the k-th largest lies in [lo, hi) */
+  while (hi - lo > 1) {
+    int64_t mid = lo + (hi - lo) / 2, last = hi - 1, x = a[lo], y = a[mid], z = a[last];
+    int64_t pick = (x > y) ? ((y > z) ? mid : (x > z ? last : lo)) : ((x > z) ? lo : (y > z ? last : mid));
+    int64_t p = a[pick], j = lo;
+    a[pick] = a[last];
+    a[last] = p;
+    for (int64_t i = lo; i < last; i++) {
+      int64_t v = a[i];
+      a[i] = a[j];
+      a[j] = v;
+      j += v > p;
     }
-    if (k - 1 <= j) hi = j;
-    else if (k - 1 >= i) lo = i;
-    else return;
+    a[last] = a[j];
+    a[j] = p;  /* a[lo..j) > p, a[j] = p, a(j..hi) < p */
+    if (j + 1 == k) return;
+    if (j + 1 > k) hi = j;
+    else lo = j + 1;
   }
 }
 
 /* One target's running top-K': keys in buf[0..*count) (capacity 2 * kprime), every key not there is <= *thr
-   and so outside the top K' (keys are distinct). A key above the threshold is appended; a full buffer is cut
-   to its K' largest, whose smallest becomes the threshold. */
-static inline void offer(int64_t *buf, int64_t *count, int64_t *thr, int64_t kprime, int64_t key) {
-  if (key <= *thr) return;
-  buf[(*count)++] = key;
+   and so outside the top K' (keys are distinct). A key above the threshold (and kept: not padding) is appended
+   without a branch (written always, the count advanced by the comparison); a full buffer is cut to its K'
+   largest, whose smallest becomes the threshold. */
+static inline void offer(int64_t *buf, int64_t *count, int64_t *thr, int64_t kprime, int64_t key, int keep) {
+  buf[*count] = key;
+  *count += (key > *thr) & keep;
   if (*count == 2 * kprime) {
     select_top(buf, *count, kprime);
     int64_t least = buf[0];
@@ -99,19 +106,9 @@ static inline float estimate(const float *lut, const uint8_t *c, int64_t m_) {
   return s;
 }
 
-/* The score packed in a rank key; -2 (below every clamped estimate) for INT64_MIN, the empty threshold. */
-static inline float key_score(int64_t key) {
-  if (key == INT64_MIN) return -2.0f;
-  union { float f; int32_t i; } u;
-  int32_t ordered = (int32_t)(key >> 32);
-  u.i = ordered ^ ((ordered >> 31) & 0x7FFFFFFF);
-  return u.f;
-}
-
 /* The single-target scan of positions [0, n), 8 behaviors at a time: their 8 sums are independent chains the
-   core overlaps (one behavior's M dependent adds alone would bound the loop by the add latency); a behavior
-   whose clamped estimate is below the threshold's score cannot beat it and skips its key. Returns the first
-   position it did not scan. */
+   core overlaps (one behavior's M dependent adds alone would bound the loop by the add latency). Returns the
+   first position it did not scan. */
 static int64_t scan8(const uint8_t *codes, int64_t m_, const int64_t *ids, int64_t n, const float *lut,
                      int64_t *buf, int64_t *count, int64_t *thr, int64_t kprime) {
   int64_t i = 0;
@@ -125,11 +122,7 @@ static int64_t scan8(const uint8_t *codes, int64_t m_, const int64_t *ids, int64
       const float *b = lut + m * 256;
       for (int k = 0; k < 8; k++) e[k] += b[c[k][m]];
     }
-    float floor_score = key_score(*thr);
-    for (int k = 0; k < 8; k++) {
-      float v = clamp_unit(e[k]);
-      if (v >= floor_score && ids[i + k] != 0) offer(buf, count, thr, kprime, rank_key(v, i + k));
-    }
+    for (int k = 0; k < 8; k++) offer(buf, count, thr, kprime, rank_key(clamp_unit(e[k]), i + k), ids[i + k] != 0);
   }
   return i;
 }
@@ -152,7 +145,7 @@ static void scan_history(const uint8_t *codes, int64_t m_, const int64_t *ids, i
       const uint8_t *c = codes + id * m_;
       if (g == 1) {
         float s = estimate(lut, c, m_);
-        if (id != 0) offer(work, counts, thrs, kprime, rank_key(clamp_unit(s), i));
+        offer(work, counts, thrs, kprime, rank_key(clamp_unit(s), i), id != 0);
         continue;
       }
       if (id == 0) continue;
@@ -162,7 +155,7 @@ static void scan_history(const uint8_t *codes, int64_t m_, const int64_t *ids, i
         for (int64_t j = 0; j < w; j++) acc[j] += e[j];
       }
       for (int64_t j = 0; j < w; j++)
-        offer(work + (j0 + j) * 2 * kprime, counts + j, thrs + j, kprime, rank_key(clamp_unit(acc[j]), i));
+        offer(work + (j0 + j) * 2 * kprime, counts + j, thrs + j, kprime, rank_key(clamp_unit(acc[j]), i), 1);
     }
     for (int64_t j = 0; j < w; j++) {
       int64_t *buf = work + (j0 + j) * 2 * kprime, *o = out + rows[j0 + j] * kprime;
@@ -193,6 +186,10 @@ int64_t muse_pq_scan(const uint8_t *codes, int64_t rows, int64_t m_, const int64
     const int64_t *mine = members + starts[q];
     int64_t g = starts[q + 1] - starts[q];
     const int64_t *ids = history + mine[0] * length;
+    if (q + 1 < groups) {  /* the next history's first codes, which its own scan cannot prefetch ahead */
+      const int64_t *next = history + members[starts[q + 1]] * length;
+      for (int64_t i = 0; i < PREFETCH && i < length; i++) __builtin_prefetch(codes + next[i] * m_);
+    }
     if (g == 1) {
       scan_history(codes, m_, ids, length, luts + mine[0] * entries, 1, mine, out, kprime, work);
       continue;
