@@ -115,8 +115,8 @@ def test_the_c_scan_keeps_the_top_keys_of_subspace_ordered_sums(m, length, targe
     lut = {"random": torch.randn(m * 256, targets, generator=g) * 0.2, "zero": torch.zeros(m * 256, targets),
            "coarse": torch.randint(-3, 4, (m * 256, targets), generator=g).float() / 8}[values]
     out = torch.empty(targets, width, dtype=torch.int64)
-    history, group, starts = ids.repeat(targets, 1), torch.arange(targets), torch.tensor([0, targets])
-    assert pq_native.scan(codes, history, lut.t().contiguous(), group, starts, out) == -1
+    group, starts = torch.arange(targets), torch.tensor([0, targets])
+    assert pq_native.scan(codes, ids[None, :], lut.t().contiguous(), group, starts, out) == -1
     assert torch.equal(torch.sort(out, dim=1, descending=True).values, reference_keys(codes, lut, ids, width))
 
 
@@ -144,7 +144,7 @@ def test_groups_of_one_and_many_samples_in_one_call_match_their_scans_alone():
     groups = [[0], [1, 2, 3], list(range(4, 39))]
     members = torch.tensor([b for group in groups for b in group])
     together = torch.empty(owner.shape[0], 40, dtype=torch.int64)
-    assert pq_native.scan(codes, history, luts, members, torch.tensor([0, 1, 4, 39]), together) == -1
+    assert pq_native.scan(codes, rows, luts, members, torch.tensor([0, 1, 4, 39]), together) == -1
     for b in range(owner.shape[0]):
         alone = torch.empty(1, 40, dtype=torch.int64)
         assert pq_native.scan(codes, history[b:b + 1], luts[b:b + 1].contiguous(), torch.tensor([0]), torch.tensor([0, 1]), alone) == -1

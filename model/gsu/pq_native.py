@@ -29,7 +29,7 @@ then offers only the torch scan.
 
 import ctypes
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
@@ -167,27 +167,24 @@ static void scan_history(const uint8_t *codes, int64_t m_, const int64_t *ids, i
 }
 
 /* Every group q of samples sharing a history: samples members[starts[q] .. starts[q + 1]), history row
-   history[members[starts[q]] * length ..] (ids, 0 = padding), sample b's lookup table luts[b * m_ * 256 ..]
+   history[q * length ..] (ids, 0 = padding), sample b's lookup table luts[b * m_ * 256 ..]
    ([m_, 256] float32). Writes out[b * kprime ..] for every listed sample (see scan_history). A group of g > 1
    samples is scanned once for all of them from its tables transposed into lut_work ([m_ * 256, g]).
    work: int64 [gmax, 2 * kprime]; lut_work: float32 [m_ * 256 * gmax] (gmax: the largest group).
-   Every id of every listed history is checked first: returns the first flat index (row * length + i) outside
-   [0, rows) before anything is scanned, else -1. */
+   Every id of every history is checked first: returns the first flat index (q * length + i) outside [0, rows)
+   before anything is scanned, else -1. */
 int64_t muse_pq_scan(const uint8_t *codes, int64_t rows, int64_t m_, const int64_t *history, int64_t length,
                      const float *luts, const int64_t *members, const int64_t *starts, int64_t groups,
                      int64_t *out, int64_t kprime, int64_t *work, float *lut_work) {
-  for (int64_t q = 0; q < groups; q++) {
-    const int64_t *ids = history + members[starts[q]] * length;
-    for (int64_t i = 0; i < length; i++)
-      if (ids[i] < 0 || ids[i] >= rows) return members[starts[q]] * length + i;
-  }
+  for (int64_t f = 0; f < groups * length; f++)
+    if (history[f] < 0 || history[f] >= rows) return f;
   int64_t entries = m_ * 256;
   for (int64_t q = 0; q < groups; q++) {
     const int64_t *mine = members + starts[q];
     int64_t g = starts[q + 1] - starts[q];
-    const int64_t *ids = history + mine[0] * length;
+    const int64_t *ids = history + q * length;
     if (q + 1 < groups) {  /* the next history's first codes, which its own scan cannot prefetch ahead */
-      const int64_t *next = history + members[starts[q + 1]] * length;
+      const int64_t *next = ids + length;
       for (int64_t i = 0; i < PREFETCH && i < length; i++) __builtin_prefetch(codes + next[i] * m_);
     }
     if (g == 1) {
@@ -272,16 +269,16 @@ def scan(codes: torch.Tensor, history: torch.Tensor, luts: torch.Tensor, groups:
     """Scan the histories of groups of samples: out int64 [B, K'] row b = sample b's K' largest rank keys (any
     order, ``NO_KEY`` where it has fewer non-padding behaviors), for every sample listed in ``groups``.
 
-    codes: uint8 [N, M]; history: int64 [B, L] (0 = padding, skipped; position = column); luts: float32
-    [B, M * LUT_CODES] (sample b's entry (m, c) at m * 256 + c); groups: int64 [S] sample indices, group q =
-    groups[starts[q]:starts[q + 1]] (samples sharing history row groups[starts[q]], read once for all of them);
-    starts: int64 [Q + 1]. All contiguous. Returns -1, or the first flat index of ``history`` outside [0, N).
+    codes: uint8 [N, M]; history: int64 [Q, L], row q the history of group q (0 = padding, skipped; position =
+    column); luts: float32 [B, M * LUT_CODES] (sample b's entry (m, c) at m * 256 + c); groups: int64 [S] sample
+    indices, group q = groups[starts[q]:starts[q + 1]] (samples sharing history row q, read once for all of
+    them); starts: int64 [Q + 1]. All contiguous. Returns -1, or the first flat index of ``history`` outside [0, N).
     """
     batch, width = out.shape
     m = codes.shape[1]
-    if luts.shape != (history.shape[0], m * LUT_CODES) or batch != history.shape[0]:
-        raise ValueError(f"luts {tuple(luts.shape)}, out {tuple(out.shape)}: expected [{history.shape[0]}, {m * LUT_CODES}] "
-                         f"and [{history.shape[0]}, K']")
+    if luts.shape != (batch, m * LUT_CODES) or history.shape[0] != starts.shape[0] - 1:
+        raise ValueError(f"luts {tuple(luts.shape)}, history {tuple(history.shape)}: expected [{batch}, {m * LUT_CODES}] "
+                         f"and one row per group ({starts.shape[0] - 1})")
     largest = int((starts[1:] - starts[:-1]).max()) if starts.shape[0] > 1 else 1
     work = torch.empty(largest, 2 * width, dtype=torch.int64)
     lut_work = torch.empty(largest * m * LUT_CODES if largest > 1 else 1, dtype=torch.float32)

@@ -103,12 +103,17 @@ class NativeScan(PQScan):
 
     def scan(self, codes: torch.Tensor, luts: torch.Tensor, history_ids: torch.Tensor, groups: List[List[int]],
              width: int, chunk_rows: int) -> torch.Tensor:
-        """One C call for the whole batch (per-group calls from Python cost more than a 1,000-behavior scan)."""
+        """One C call for the whole batch (per-group calls from Python cost more than a 1,000-behavior scan), with
+        one history row per group (a history broadcast to many samples is not copied for each)."""
         keys = torch.empty(history_ids.shape[0], width, dtype=torch.int64)
         members = torch.tensor([b for group in groups for b in group], dtype=torch.int64)
         starts = torch.zeros(len(groups) + 1, dtype=torch.int64)
         torch.cumsum(torch.tensor([len(group) for group in groups], dtype=torch.int64), 0, out=starts[1:])
-        history = history_ids.contiguous()
+        firsts = members.index_select(0, starts[:-1])
+        if firsts.shape[0] == history_ids.shape[0] and bool((firsts == torch.arange(firsts.shape[0])).all()):
+            history = history_ids.contiguous()  # one sample per history, in order: its rows as they are
+        else:
+            history = history_ids.index_select(0, firsts)  # [Q, L], one row per group
         bad = pq_native.scan(codes.contiguous(), history, native_luts(luts, codes.shape[1]), members, starts, keys)
         if bad >= 0:
             raise history_error(codes.shape[0], history.view(-1)[bad:bad + 1])
