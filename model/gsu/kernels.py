@@ -19,6 +19,12 @@ Two products, both exact integer dot products of int8 rows of width D:
   same stage, so it uses the same kernels). Candidates: ``int16`` (products in int16, sum in int32) and
   ``float32`` (products and sum in float32).
 
+A third op, ``pq_scan`` (``model.gsu.pq_scan``), picks the approximate GSU's scan for codes of M subspaces (the
+width key is M): ``torch`` (the ``embedding_bag`` scan, everywhere) or ``native`` (``model.gsu.pq_native``'s C scan,
+where a C compiler builds it). Both sum each estimate in subspace order in float32 and keep the same rank keys, so
+they select identically; the probe (a 65,536-item code table, a 4,096-position history alone and shared by 4
+targets, K' = 64, with tied estimates, then the re-scoring dots) checks each against a reference before timing.
+
 Why every candidate is exact (so results are bit-identical whichever runs): an int8 entry has |v| <= 128, so
 a product has |p| <= 2**14 and a dot of D products has every partial sum an integer of magnitude
 <= D * 2**14. For D <= FLOAT32_EXACT_WIDTH = 1024 that is <= 2**24, and every integer of magnitude <= 2**24
