@@ -25,7 +25,9 @@ CPU capability and every candidate's time on the selection probe are printed and
 With ``--pq M`` (``bench.gsu_pq``): the approximate GSU ``pq_topk`` on the table's M-subspace PQ codes (built once
 before timing, with every CPU), as methods ``pq`` (estimates only) and ``pq+rescoreK'`` (the best K' of each ``--pq-candidates``
 re-scored exactly), each with its recall@K against ``cosine_topk``'s top-K, bytes its scan reads and the bytes of
-the table it scans, beside ``cosine_topk``'s. ``--table-kind clustered`` (content like ``muse synth``'s) or
+the table it scans, beside ``cosine_topk``'s, and the PQ scan that ran (``pq_scan=native|torch``, measured like the
+int8 kernels; ``--compare-pq-scans`` also times every pq method with the other scan forced, results checked
+identical). ``--table-kind clustered`` (content like ``muse synth``'s) or
 ``--table-from DATA`` (a prepared dataset's table) give PQ the structure real content has; a random table has none.
 
 Printed: ms per batch, behaviors/s (B * L / time), peak extra resident memory (``VmHWM`` after a reset,
@@ -80,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time the approximate PQ GSU on M-subspace codes (recall@K against cosine_topk)")
     parser.add_argument("--pq-candidates", type=int, nargs="+", default=[200, 1000, 5000],
                         help="K' values re-scored exactly, one method pq+rescoreK' each where K' < L (default 200 1000 5000)")
+    parser.add_argument("--compare-pq-scans", action="store_true",
+                        help="with --pq: also time every pq method with each other PQ scan forced (e.g. pq_scan=torch)")
     parser.add_argument("--pq-sample-rows", type=int, default=65536, help="table rows k-means trains on (default 65536)")
     parser.add_argument("--table-kind", choices=gsu_pq.TABLE_KINDS, default="random",
                         help="random: uniform int8 rows (no structure; default); clustered: content like muse synth's")
@@ -106,7 +110,7 @@ class Row:
     vs_reference: Optional[float] = None
     vs_index_select: Optional[float] = None
     agrees: Optional[bool] = None
-    kernels: Optional[str] = None  # cosine_topk rows: the int8 kernels that ran, as MUSE_GSU_KERNEL would name them
+    kernels: Optional[str] = None  # the kernels that ran, as MUSE_GSU_KERNEL names them (pq rows: the PQ scan)
     recall_at_k: Optional[float] = None  # pq rows: share of cosine_topk's top-K positions also selected
     vs_cosine_topk: Optional[float] = None  # cosine_topk's time / this method's
     bytes_read: Optional[int] = None  # cosine_topk and pq rows: bytes the scan reads per batch (from the shapes)
@@ -141,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
             index, seconds = gsu_pq.build_index(table, args.pq, args.pq_sample_rows, args.seed)
             print(f"PQ index: M = {index.m}, {index.codebooks.shape[1]} centroids, {index.nbytes / _GB:.3f} GB "
                   f"(table {table.numel() * table.element_size() / _GB:.3f} GB), built in {seconds:.1f} s")
+            scan_choice = kernels.choose(kernels.PQ_SCAN, index.m)
+            print(f"  {scan_choice.describe()}")
+            chosen = chosen + [scan_choice] if scan_choice not in chosen else chosen
         row_bytes = table.element_size() * args.dim
         print(f"\n{name} table: {table.shape[0]:,} x {args.dim} ({table.numel() * table.element_size() / _GB:.2f} GB), "
               f"copy ceiling {copy_gbps * 1e9 / row_bytes / 1e6:.1f} M rows/s")
@@ -206,6 +213,24 @@ class _Forced:
             os.environ.pop(kernels.ENV_VAR, None)
         else:
             os.environ[kernels.ENV_VAR] = self.saved
+
+
+def _pq_scan_alternatives(m: int) -> List[str]:
+    """MUSE_GSU_KERNEL settings that force each PQ scan other than the chosen one."""
+    choice = kernels.choose(kernels.PQ_SCAN, m)
+    return [f"{choice.op}={name}" for name in choice.times_ms if name != choice.name]
+
+
+def _pq_method(index: PQIndex, table: torch.Tensor, norms: RowNorms, targets: torch.Tensor, history: torch.Tensor,
+               k: int, candidates: int, chunk: int, setting: str) -> Callable[[], object]:
+    """A call of ``pq_topk`` with ``candidates`` re-scored (0: none), under the MUSE_GSU_KERNEL ``setting`` ("" =
+    the measured choice)."""
+    def call() -> object:
+        if not setting:
+            return pq_topk(index, table, targets, history, k, candidates, norms=norms, chunk_rows=chunk)
+        with _Forced(setting):
+            return pq_topk(index, table, targets, history, k, candidates, norms=norms, chunk_rows=chunk)
+    return call
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -310,11 +335,14 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
         methods.update({f"cosine_topk[{setting}]": forced(setting) for setting in _alternatives(table.shape[1])})
     rescore: Dict[str, int] = {}
     if index is not None:
-        methods["pq"] = lambda: pq_topk(index, table, targets, history, args.k, 0, norms=norms, chunk_rows=chunk)
-        for candidates in sorted(c for c in set(args.pq_candidates) if c < length):  # K' >= L: the exact GSU itself
-            rescore[f"pq+rescore{candidates}"] = candidates
-            methods[f"pq+rescore{candidates}"] = (lambda c=candidates: pq_topk(index, table, targets, history, args.k, c,
-                                                                               norms=norms, chunk_rows=chunk))
+        pq_methods = {"pq": 0}
+        pq_methods.update({f"pq+rescore{c}": c for c in sorted(set(args.pq_candidates)) if c < length})  # K' >= L: exact
+        scans = [""] + (_pq_scan_alternatives(index.m) if args.compare_pq_scans else [])
+        for setting in scans:
+            for label, candidates in pq_methods.items():
+                m = f"{label}[{setting}]" if setting else label
+                rescore[m] = candidates
+                methods[m] = _pq_method(index, table, norms, targets, history, args.k, candidates, chunk, setting)
     best = {m: float("inf") for m in methods}
     peaks: Dict[str, Optional[float]] = {}
     outputs: Dict[str, object] = {}
@@ -343,7 +371,9 @@ def _compare(args: argparse.Namespace, name: str, table: torch.Tensor, norms: Ro
             row.bytes_read = gsu_pq.exact_bytes_read(positions, table, shadow is not None)
             row.table_bytes = gsu_pq.exact_table_bytes(table, shadow is not None)
         if m.startswith("pq"):
-            row.kernels = None
+            row.kernels = m[m.index("[") + 1:-1] if "[" in m else f"pq_scan={kernels.pq_scan_kernel(index.m).name}"
+            if "[" in m:  # another scan forced: its result must be identical to the chosen scan's
+                row.agrees = all(torch.equal(a, b) for a, b in zip(outputs[m], outputs[m[:m.index("[")]]))
             row.recall_at_k = gsu_pq.recall_at_k(outputs[m], outputs["cosine_topk"])
             row.vs_cosine_topk = best["cosine_topk"] / best[m]
             row.bytes_read = gsu_pq.pq_bytes_read(positions, index, table, batch, rescore.get(m, 0))
@@ -400,7 +430,8 @@ def _print(rows: List[Row]) -> None:
         extra = ""
         if r.method.startswith("pq"):
             extra = (f"  recall@K {r.recall_at_k:.4f}, x{r.vs_cosine_topk:.2f} vs cosine_topk, reads "
-                     f"{r.bytes_read / 1e6:.1f} MB, scans a {r.table_bytes / _GB:.3f} GB table")
+                     f"{r.bytes_read / 1e6:.1f} MB, scans a {r.table_bytes / _GB:.3f} GB table [{r.kernels}]"
+                     + ("" if r.agrees is None else f", identical to the chosen scan's: {'yes' if r.agrees else 'NO'}"))
         elif r.method.startswith("cosine_topk"):
             same = "same top-k" if r.method == "cosine_topk" else "bit-identical"
             extra = f"  x{r.vs_reference:.1f} vs reference, {r.vs_index_select:.2f} of index_select, " \

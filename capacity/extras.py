@@ -4,6 +4,8 @@ All figures are plain products, so they can be checked by hand:
 
 - multimodal table: ``item rows x mm_dim x bytes(mm dtype)``; ``replicated-per-host`` keeps one
   memory-mapped copy per host (shared by its ranks), ``sharded`` splits the rows evenly over all ranks.
+- GSU row norms: ``item rows x 4`` (float32 squared norms of an int8 table; 8 for bf16/fp32), one copy per rank
+  (each rank's process computes them when it loads the table; its data workers share them).
 - per batch of the long sequence, per rank (B = per-rank batch, L = history length, D = mm_dim,
   b = bytes per table value, C = the GSU's chunk of gathered rows, K = top-k):
   ``raw history``   B x L x 2 x 8      int64 item and category ids of the reader's batch;
@@ -46,6 +48,15 @@ def mm_bytes_per_host(item_rows: int, mm_dim: int, mm_dtype: str, placement: str
     world = nnodes * nproc_per_node
     rows_per_rank = -(-item_rows // world)
     return nproc_per_node * mm_table_bytes(rows_per_rank, mm_dim, mm_dtype)
+
+
+def row_norm_bytes(item_rows: int, mm_dtype: str) -> int:
+    """Bytes of the GSU's per-row squared norms (``model.gsu.table.RowNorms.sq_norm``): item rows x 4 (float32 for an
+    int8 table, exact there) or x 8 (float64 for bf16/fp32 tables). Each process that loads the table (each rank)
+    computes its own copy, shared with its data workers."""
+    if mm_dtype not in MM_DTYPE_BYTES:
+        raise ValueError(f"mm_dtype: unknown {mm_dtype!r} (choose from {', '.join(MM_DTYPE_BYTES)})")
+    return item_rows * (FP32 if mm_dtype == "int8" else 2 * FP32)
 
 
 @dataclass(frozen=True)

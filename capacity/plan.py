@@ -5,7 +5,7 @@ from typing import Mapping, Optional
 
 from capacity.cluster import Cluster
 from capacity.embedding import dense_parameter_bytes, plan_embeddings, unplaced_state_bytes
-from capacity.extras import mm_bytes_per_host, mm_table_bytes, sequence_memory
+from capacity.extras import mm_bytes_per_host, mm_table_bytes, row_norm_bytes, sequence_memory
 from capacity.layout import layout_rows, measured_layout
 from capacity.report import REPORTED_SEQ_LENS, CapacityReport, assemble
 from capacity.scale import DataScale
@@ -83,4 +83,5 @@ def plan_capacity(
         layout,
         measured,
         code_table_bytes(item_rows, w.model.pq_m, scale.mm_dim) if w.model.pq_m is not None else 0,
+        row_norm_bytes(item_rows, w.mm_dtype),
     )

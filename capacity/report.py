@@ -56,6 +56,22 @@ class CapacityReport:
     layout: List[LayoutRow] = field(default_factory=list)
     measured_layout: Optional[Dict[str, object]] = None
     pq_code_bytes: int = 0  # the approximate GSU's code table (``ModelConfig.pq_m``), one copy per host; 0: exact GSU
+    norm_bytes: int = 0  # the GSU's row norms (``RowNorms``), one copy per rank
+
+    def gsu_resident(self) -> Dict[str, object]:
+        """What each GSU keeps resident for the whole catalogue, one copy, in bytes, and the two size ratios of the
+        approximate GSU: its scanned codes against the exact scan's rows alone, and against rows + row norms
+        (what the exact GSU really holds per item). The PQ GSU also keeps the rows and norms (targets' lookup
+        tables and the re-scoring read them), so in all it holds more than the exact GSU."""
+        exact = self.mm_table_bytes + self.norm_bytes
+        out: Dict[str, object] = {"exact": {"rows": self.mm_table_bytes, "row_norms": self.norm_bytes, "total": exact}}
+        if self.pq_code_bytes:
+            out["pq"] = {"codes_and_codebooks": self.pq_code_bytes, "rows": self.mm_table_bytes,
+                         "row_norms": self.norm_bytes, "total": exact + self.pq_code_bytes,
+                         "scan_smaller_than_rows": self.mm_table_bytes / self.pq_code_bytes,
+                         "scan_smaller_than_rows_and_norms": exact / self.pq_code_bytes,
+                         "total_vs_exact": (exact + self.pq_code_bytes) / exact}
+        return out
 
     def to_dict(self) -> Dict[str, object]:
         world = self.cluster.world_size
@@ -71,6 +87,8 @@ class CapacityReport:
             "dense_parameter_bytes": self.dense_bytes,
             "mm_table": {"bytes": self.mm_table_bytes, "bytes_per_host": self.mm_bytes_per_host},
             "pq_codes": {"m": self.inputs.get("pq_m"), "bytes": self.pq_code_bytes, "bytes_per_host": self.pq_code_bytes},
+            "row_norms": {"bytes": self.norm_bytes, "bytes_per_host": self.norm_bytes * self.cluster.nproc_per_node},
+            "gsu_resident": self.gsu_resident(),
             "sequence_memory_per_rank": [asdict(s) for s in self.sequence],
             "resources": [
                 {"name": r.name, "capacity": r.capacity, "used": r.used, "utilization": r.utilization, "parts": r.parts}
@@ -121,10 +139,17 @@ class CapacityReport:
             f"  multimodal table {inp['mm_rows']:,} x {inp['mm_dim']} x {inp['mm_dtype']} = {self.mm_table_bytes:,} B "
             f"({_gib(self.mm_table_bytes)}); {inp['mm_placement']}: {_gib(self.mm_bytes_per_host)} per host"
         )
+        if self.norm_bytes:
+            out.append(f"  GSU row norms {inp['mm_rows']:,} x {self.norm_bytes // max(1, int(inp['mm_rows']))} B = "
+                       f"{self.norm_bytes:,} B ({_gib(self.norm_bytes)}); one copy per rank")
         if self.pq_code_bytes:
+            resident = self.gsu_resident()["pq"]
             out.append(f"  PQ codes {inp['mm_rows']:,} x M={inp['pq_m']} uint8 + codebooks = {self.pq_code_bytes:,} B "
-                       f"({_gib(self.pq_code_bytes)}, {self.mm_table_bytes / self.pq_code_bytes:.1f}x smaller than the table; "
-                       f"the table stays for targets and re-scoring); one copy per host")
+                       f"({_gib(self.pq_code_bytes)}); one copy per host. The scan reads them instead of the rows: "
+                       f"{resident['scan_smaller_than_rows']:.3f}x smaller than the rows alone, "
+                       f"{resident['scan_smaller_than_rows_and_norms']:.3f}x smaller than rows + norms (what the exact "
+                       f"GSU keeps per item); the rows and norms stay (targets, re-scoring), so the PQ GSU holds "
+                       f"{resident['total']:,} B in all, {resident['total_vs_exact']:.3f}x the exact GSU's")
         out.append(f"  long sequence, per rank and batch of {inp['batch_size']} (GSU chunk {inp['gsu_chunk']:,} gathered rows):")
         out.append(tabulate(
             [[s.seq_len, _gib(s.raw_history), _gib(s.gsu_unchunked), _gib(s.gsu_chunked), _gib(s.device_activations)] for s in self.sequence],
@@ -177,6 +202,7 @@ def assemble(
     layout: Optional[List[LayoutRow]] = None,
     measured: Optional[Dict[str, object]] = None,
     pq_code_bytes: int = 0,
+    norm_bytes: int = 0,
 ) -> CapacityReport:
     """Sum every resource's parts and decide fits / binding constraint."""
     world = cluster.world_size
@@ -196,6 +222,8 @@ def assemble(
             "raw history batches": configured.raw_history * len(ranks),
             "gsu (chunked)": configured.gsu_chunked * len(ranks),
         }
+        if norm_bytes:
+            parts["gsu row norms"] = norm_bytes * len(ranks)
         if pq_code_bytes:
             parts["pq codes"] = pq_code_bytes
         if not on_cuda:
@@ -211,7 +239,7 @@ def assemble(
         binding = f"{worst.name}: {_gib(worst.used)} of {_gib(worst.capacity)} ({100 * worst.utilization:.1f}%), largest part {top}"
     return CapacityReport(inputs, cluster, embedding, unplaced_state_bytes, dense_bytes, mm_table_bytes,
                           mm_bytes_per_host, sequence, configured, resources, fits, binding, layout or [], measured,
-                          pq_code_bytes)
+                          pq_code_bytes, norm_bytes)
 
 
 def _most_loaded(resources: List[Resource], limit: int = 8) -> List[Resource]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from capacity.cluster import cluster_from_gib
+from capacity.extras import row_norm_bytes
 from capacity.plan import Workload, plan_capacity
 from capacity.scale import preset
 from cli.compare import protocol_models, with_pq_models
@@ -113,6 +114,25 @@ def test_plan_counts_the_code_table():
     assert host.parts["pq codes"] == approx.pq_code_bytes
     assert approx.to_dict()["pq_codes"]["bytes"] == approx.pq_code_bytes
     assert "PQ codes" in approx.to_text() and "PQ codes" not in exact.to_text()
+
+
+def test_plan_reports_the_resident_gsu_bytes_both_ways():
+    """The exact GSU keeps int8 rows and float32 row norms per item; the PQ scan reads codes + codebooks instead,
+    and the PQ GSU keeps the rows and norms as well (targets, re-scoring)."""
+    cluster = cluster_from_gib(1, 8, 80, 1024, "cuda")
+    approx = plan_capacity(Workload(ModelConfig.preset("muse_pq")), preset("taobao-mm-p90"), cluster)
+    rows = approx.inputs["mm_rows"]
+    codes = rows * 16 + 256 * 128 * 4
+    assert approx.norm_bytes == rows * 4
+    resident = approx.gsu_resident()
+    assert resident["exact"] == {"rows": rows * 128, "row_norms": rows * 4, "total": rows * 132}
+    pq = resident["pq"]
+    assert pq["total"] == rows * 132 + codes and pq["total_vs_exact"] > 1
+    assert pq["scan_smaller_than_rows"] == rows * 128 / codes < 8 < pq["scan_smaller_than_rows_and_norms"] == rows * 132 / codes
+    host = next(r for r in approx.resources if r.name == "DDR host 0")
+    assert host.parts["gsu row norms"] == rows * 4 * 8  # one copy per rank, 8 ranks
+    assert approx.to_dict()["gsu_resident"] == resident and "8.248x smaller than rows + norms" in approx.to_text()
+    assert row_norm_bytes(10, "bf16") == 80 and row_norm_bytes(10, "int8") == 40
 
 
 def test_export_carries_the_codes_to_the_predictor(coded, tmp_path):

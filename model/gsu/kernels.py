@@ -19,6 +19,12 @@ Two products, both exact integer dot products of int8 rows of width D:
   same stage, so it uses the same kernels). Candidates: ``int16`` (products in int16, sum in int32) and
   ``float32`` (products and sum in float32).
 
+A third op, ``pq_scan`` (``model.gsu.pq_scan``), picks the approximate GSU's scan for codes of M subspaces (the
+width key is M): ``torch`` (the ``embedding_bag`` scan, everywhere) or ``native`` (``model.gsu.pq_native``'s C scan,
+where a C compiler builds it). Both sum each estimate in subspace order in float32 and keep the same rank keys, so
+they select identically; the probe (a 65,536-item code table, a 4,096-position history alone and shared by 4
+targets, K' = 64, with tied estimates, then the re-scoring dots) checks each against a reference before timing.
+
 Why every candidate is exact (so results are bit-identical whichever runs): an int8 entry has |v| <= 128, so
 a product has |p| <= 2**14 and a dot of D products has every partial sum an integer of magnitude
 <= D * 2**14. For D <= FLOAT32_EXACT_WIDTH = 1024 that is <= 2**24, and every integer of magnitude <= 2**24
@@ -53,11 +59,13 @@ import torch
 
 from common.errors import UserError
 from model.gsu import native
+from model.gsu.pq_scan import NativeScan, PQScan, TorchScan
 
 ENV_VAR = "MUSE_GSU_KERNEL"
 FILTER = "filter"
 FILTER_WIDE = "filter_wide"
 DOTS = "dots"
+PQ_SCAN = "pq_scan"
 # Widest D whose int8 dots are exact in float32: every partial sum <= D * 128**2 <= 2**24 (module docstring).
 FLOAT32_EXACT_WIDTH = 2 ** 24 // 128 ** 2
 
@@ -210,7 +218,8 @@ class Float32Dots(DotsKernel):
 
 
 _FILTERS = (Float32MM(), IntMM(), NativeFilter())
-KERNELS: Dict[str, Tuple] = {FILTER: _FILTERS, FILTER_WIDE: _FILTERS, DOTS: (Int16Dots(), Float32Dots())}
+KERNELS: Dict[str, Tuple] = {FILTER: _FILTERS, FILTER_WIDE: _FILTERS, DOTS: (Int16Dots(), Float32Dots()),
+                              PQ_SCAN: (TorchScan(), NativeScan())}
 
 
 @dataclass(frozen=True)
@@ -239,7 +248,7 @@ class Choice:
         times = ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(self.times_ms.items(), key=lambda item: item[1]))
         extra = "".join(f"; {n} excluded ({why})" for n, why in self.excluded.items())
         note = f"; {self.note}" if self.note else ""
-        return (f"{self.op} (D={self.width}): {self.name} ({how}; {times or 'nothing timed'}{extra}{note}; "
+        return (f"{self.op} ({'M' if self.op == PQ_SCAN else 'D'}={self.width}): {self.name} ({how}; {times or 'nothing timed'}{extra}{note}; "
                 f"cpu {self.cpu_capability}, {self.threads} thread(s))")
 
     def to_dict(self) -> Dict[str, object]:
@@ -282,9 +291,15 @@ def dots_kernel(width: int) -> DotsKernel:
     return choose(DOTS, width).kernel
 
 
+def pq_scan_kernel(m: int) -> PQScan:
+    """The ``PQScan`` the approximate GSU runs for codes of ``m`` subspaces (scan and re-scoring dots)."""
+    return choose(PQ_SCAN, m).kernel
+
+
 def choose(op: str, width: int) -> Choice:
-    """The ``Choice`` for product ``op`` (FILTER | FILTER_WIDE | DOTS) at row width ``width``: the override if set and exact at
-    this width, else the fastest measured candidate (measured once per process, width and thread count)."""
+    """The ``Choice`` for product ``op`` (FILTER | FILTER_WIDE | DOTS | PQ_SCAN) at row width ``width`` (PQ_SCAN: M
+    subspaces): the override if set and exact at this width, else the fastest measured candidate (measured once
+    per process, width and thread count)."""
     if op not in KERNELS:
         raise ValueError(f"op: expected one of {', '.join(KERNELS)}, got {op!r}")
     setting = os.environ.get(ENV_VAR, "")
@@ -361,20 +376,21 @@ def _measure(op: str, width: int) -> _Measured:
     global measure_count
     measure_count += 1
     generator = torch.Generator().manual_seed(width)
-    run, reference = _DOTS_PROBE if op == DOTS else _FILTER_PROBE
-    probe = _probe_data(op, width, generator)
+    run, reference, data = _PROBES[op]
+    probe = data(op, width, generator)
     expected = reference(*probe)
     excluded: Dict[str, str] = {}
     states: Dict[str, Tuple[FilterKernel, object]] = {}
     for kernel in KERNELS[op]:
         if not kernel.supports(width):
-            excluded[kernel.name] = (f"not exact for D={width}" if kernel.name == "float32"
+            excluded[kernel.name] = (f"unavailable: {kernel.unavailable()}" if isinstance(kernel, PQScan)
+                                     else f"not exact for D={width}" if kernel.name == "float32"
                                      else f"unavailable: {native.unavailable_reason()}" if kernel.name == "native"
                                      else f"unsupported for D={width}")
             continue
         try:
             prepared = run(kernel, *probe, None)
-            if not all(torch.equal(got.double(), want) for got, want in zip(prepared[0], expected)):
+            if not all(_same(got, want) for got, want in zip(prepared[0], expected)):
                 excluded[kernel.name] = "disagreed with float64 on the probe"
                 continue
         except RuntimeError as err:
@@ -391,6 +407,11 @@ def _measure(op: str, width: int) -> _Measured:
             best[name] = min(best[name], time.perf_counter() - start)
     times = {name: seconds * 1e3 for name, seconds in best.items()}
     return _Measured(times, excluded, _cpu_capability())
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal values: compared as they are when the dtypes match (int64 keys), else as float64 (products)."""
+    return torch.equal(got, want) if got.dtype == want.dtype else torch.equal(got.double(), want)
 
 
 def _probe_data(op: str, width: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
@@ -442,8 +463,55 @@ def _dots_reference(rows: torch.Tensor, targets: torch.Tensor) -> List[torch.Ten
     return [(rows.double() * targets.double()).sum(-1)]
 
 
-_FILTER_PROBE = (_filter_run, _filter_reference)
-_DOTS_PROBE = (_dots_run, _dots_reference)
+# The PQ probe: 65,536 items' codes (1 MB at M = 16, out of L2 as a real code table is), a history of 4,096
+# positions (1 in 16 padding) shared by 1 and by 4 targets, K' = 64 candidates re-scored on a 4,096-row table.
+_PQ_ROWS, _PQ_LENGTH, _PQ_GROUPS, _PQ_CANDIDATES, _PQ_TABLE_ROWS = 65536, 4096, (1, 4), 64, 4096
+
+
+def _pq_probe_data(op: str, m: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
+    """(codes uint8 [_PQ_ROWS, M], luts float32 [5, M * 256], history int64 [5, L] (rows 1-4 one shared history),
+    table int8 [_PQ_TABLE_ROWS, 128], candidate ids [5, K'], target ids [5]). The lookup tables hold ties (values
+    on a coarse grid), so the probe checks the position order among equal estimates too."""
+    codes = torch.randint(0, 256, (_PQ_ROWS, m), dtype=torch.uint8, generator=generator)
+    count = sum(_PQ_GROUPS)
+    luts = torch.randint(-8, 9, (count, m * 256), generator=generator).to(torch.float32) / 64
+    history = torch.randint(1, _PQ_ROWS, (count, _PQ_LENGTH), generator=generator)
+    history[:, ::16] = 0
+    history[2:] = history[1]
+    table = torch.randint(-128, 128, (_PQ_TABLE_ROWS, 128), dtype=torch.int8, generator=generator)
+    candidates = torch.randint(0, _PQ_TABLE_ROWS, (count, _PQ_CANDIDATES), generator=generator)
+    return codes, luts, history, table, candidates, torch.arange(1, count + 1)
+
+
+def _pq_run(kernel: PQScan, codes: torch.Tensor, luts: torch.Tensor, history: torch.Tensor, table: torch.Tensor,
+            candidates: torch.Tensor, targets: torch.Tensor, state) -> Tuple[List[torch.Tensor], object]:
+    """The probe of PQ_SCAN: the scan of one single-sample history and one shared by 4 targets, then the
+    re-scoring dots; keys sorted per sample (a kernel may leave them in any order)."""
+    groups = [[0], list(range(1, sum(_PQ_GROUPS)))]
+    keys = kernel.scan(codes, luts, history, groups, _PQ_CANDIDATES, 1 << 15)
+    return [torch.sort(keys, dim=1).values, kernel.rescore_dots(table, candidates, targets)], True
+
+
+def _pq_reference(codes: torch.Tensor, luts: torch.Tensor, history: torch.Tensor, table: torch.Tensor,
+                  candidates: torch.Tensor, targets: torch.Tensor) -> List[torch.Tensor]:
+    """The estimates summed subspace by subspace in float32 (the order both kernels use), clamped, every
+    position's key, a full top-K'; float64 dots."""
+    from model.gsu.ranking import NO_KEY, rank_keys  # not at module level: ranking -> cosine -> this module
+
+    m = codes.shape[1]
+    est = torch.zeros(history.shape, dtype=torch.float32)
+    for j in range(m):
+        est = est + luts[:, j * 256:(j + 1) * 256].gather(1, codes[history, j].long())
+    est = est.clamp(-1.0, 1.0) + 0.0
+    keys = torch.where(history != 0, rank_keys(est, torch.arange(history.shape[1]).expand_as(history)),
+                       torch.full((), NO_KEY))
+    top = torch.sort(torch.topk(keys, _PQ_CANDIDATES, dim=1).values, dim=1).values
+    rows = table.index_select(0, candidates.reshape(-1)).double().view(*candidates.shape, -1)
+    return [top, (rows * table.index_select(0, targets).double()[:, None, :]).sum(-1)]
+
+
+_PROBES = {FILTER: (_filter_run, _filter_reference, _probe_data), FILTER_WIDE: (_filter_run, _filter_reference, _probe_data),
+           DOTS: (_dots_run, _dots_reference, _probe_data), PQ_SCAN: (_pq_run, _pq_reference, _pq_probe_data)}
 
 
 def _cpu_capability() -> str:
