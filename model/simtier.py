@@ -19,15 +19,16 @@ def tiers_of(scores: torch.Tensor, num_tiers: int, width: float) -> torch.Tensor
     """The tier of each score, int64, same shape: ``torch.bucketize(scores, tier_edges(...), right=True)`` computed
     as floor((s + 1) / width), clamped, then moved by one tier where that guess falls on the wrong side of an edge
     (float32 rounding can put it one tier off, never more): a few elementwise passes instead of a binary search
-    per element (5x faster on serving's [1,000, 50] cosines), the same tiers."""
+    per element (2x faster on serving's [1,000, 50] cosines), the same tiers (NaN and +inf in the last, as
+    bucketize puts them)."""
     edges = tier_edges(num_tiers, width, scores.device)
     inf = torch.full((1,), torch.inf, device=scores.device)
     bounds = torch.cat([-inf, edges, inf])  # tier t covers [bounds[t], bounds[t + 1])
-    s = scores.float()
+    s = torch.nan_to_num(scores.float(), nan=torch.inf)  # bucketize puts NaN, like +inf, in the last tier
     guess = torch.floor((s + 1.0) * (1.0 / width)).clamp_(0, num_tiers - 1).to(torch.int64)
     guess -= (s < bounds[guess]).to(torch.int64)
     guess += (s >= bounds[guess + 1]).to(torch.int64)
-    return guess
+    return guess.clamp_(max=num_tiers - 1)  # +inf >= bounds[T] = inf
 
 
 def tier_counts(scores: torch.Tensor, mask: torch.Tensor, num_tiers: int, width: float) -> torch.Tensor:

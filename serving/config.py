@@ -6,6 +6,8 @@ from typing import Optional
 
 from common.errors import UserError
 
+MAX_THREADS = 256  # rank threads per worker
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -42,8 +44,8 @@ class ServeConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"--{flag}: must be >= 1 (got {value})")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads: must be >= 1 (got {self.threads})")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise UserError(f"--threads: must lie in [1, {MAX_THREADS}] (got {self.threads})")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port: must lie in [0, 65535] (got {self.port})")
         if self.cache_mb < 0:

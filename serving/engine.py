@@ -80,6 +80,7 @@ class PackageInfo:
     mm_table_mapped: bool
     histories: Optional[str]
     legacy: bool  # exported before Predictor.rank_indices: served through rank / rank_user (module docstring)
+    kernels: Dict[str, str]  # the package's C kernels: "native", or "torch fallback: <why>" (``kernel_status``)
 
 
 def _mm_table_offset(path: str, record: str) -> Optional[int]:
@@ -108,6 +109,31 @@ def _mapped_blob(path: str, records: Dict[str, str], entry: Dict[str, Any]) -> O
     with warnings.catch_warnings():  # read-only memory: nothing ever writes to the multimodal table
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
+
+
+# The package's C kernels /health reports: name -> (module, symbol). Each is built (or found in the kernel cache) when
+# the engine loads, so a first rank does not wait for a compiler.
+KERNELS = {"gsu_filter": ("model.gsu.native", "muse_gather_dots_i8"),
+           "gsu_dense_select": ("model.gsu.dense_select", "muse_dense_select"),
+           "pq_scan": ("model.gsu.pq_native", "muse_pq_scan"), "dice": ("model.dice_native", "muse_dice_")}
+
+
+def kernel_status(importer: PackageImporter) -> Dict[str, str]:
+    """{kernel: "native" or "torch fallback: <why>"} for the C kernels of a package's own code (``KERNELS``); a
+    package exported before a kernel existed says so."""
+    status = {}
+    for name, (module_name, symbol) in KERNELS.items():
+        try:
+            module = importer.import_module(module_name)
+        except ImportError:
+            status[name] = "not in this package (exported before it)"
+            continue
+        if hasattr(module, "LIBRARY"):
+            ready, why = module.LIBRARY.function(symbol) is not None, module.LIBRARY.reason()
+        else:
+            ready, why = module.library() is not None, module.unavailable_reason()
+        status[name] = "native" if ready else f"torch fallback: {why}"
+    return status
 
 
 def load_engine(package: str, histories: Optional[str], config: Any, generation: int,
@@ -155,7 +181,7 @@ def load_engine(package: str, histories: Optional[str], config: Any, generation:
                        dataset=str(manifest["dataset"]["path"]), mm_table_rows=int(predictor.stage.mm_table.num_rows),
                        mm_table_mapped=mapped is not None,
                        histories=os.path.abspath(histories) if histories is not None else None,
-                       legacy=not callable(getattr(predictor, "rank_indices", None)))
+                       legacy=not callable(getattr(predictor, "rank_indices", None)), kernels=kernel_status(importer))
     cache = PrefetchCache(config.cache_bytes, config.cache_users, on_cache_change)
     return Engine(predictor, info, cache, generation, threads=getattr(config, "rank_threads", 1))
 
@@ -234,7 +260,7 @@ class Engine:
         parts = _parts(cand.shape[0], self.threads)
         others = [self._pool().submit(score, part) for part in parts[1:]]  # the first part runs in this thread
         first = score(parts[0])
-        return torch.cat([first] + [future.result() for future in others]) if others else first, facts
+        return torch.cat([first] + [future.result() for future in others]), facts  # a tensor of normal mode
 
     def _pool(self) -> ThreadPoolExecutor:
         """This engine's threads - 1 extra rank threads (made on first use; they exit when a reload drops the

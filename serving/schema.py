@@ -78,6 +78,8 @@ def parse_object(body: bytes) -> Dict[str, Any]:
         value = json.loads(body)
     except (UnicodeDecodeError, ValueError) as err:
         raise BadRequest(400, f"body: not valid JSON ({err})", "malformed_json") from None
+    except RecursionError:
+        raise BadRequest(400, "body: JSON nested too deeply", "malformed_json") from None
     if not isinstance(value, dict):
         raise BadRequest(400, f"body: expected a JSON object, got {_type_name(value)}", "malformed_json")
     return value

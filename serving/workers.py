@@ -77,6 +77,9 @@ def worker_main(config: ServeConfig, index: int, sock: socket.socket, shared_met
     except Exception as err:
         events.put(("failed", index, f"{type(err).__name__}: {err}", False))
         raise
+    for name, status in state.engine.info.kernels.items():
+        if status != "native" and index == 0:  # said once, by the first worker (all build the same way)
+            print(f"muse serve: kernel {name}: {status}", file=sys.stderr, flush=True)
     state.start_watcher()
     server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=max(1, int(config.shutdown_timeout)),

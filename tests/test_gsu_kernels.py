@@ -312,3 +312,14 @@ def test_a_library_loads_once_and_says_why_when_it_cannot(monkeypatch, tmp_path)
     assert missing.function("muse_dice_") is None and "no-such-cc" in missing.reason()
     absent = cbuild.Library.absent("test")
     assert absent.function("anything") is None and absent.reason() == "test"
+    monkeypatch.delenv("CC")
+    unwritable = tmp_path / "refuses"
+    unwritable.mkdir()
+    monkeypatch.setenv(cbuild.CACHE_ENV, str(unwritable))
+    monkeypatch.setattr(cbuild.tempfile, "TemporaryDirectory", _refusing_directory)  # writable to os.access, yet refuses
+    refused = cbuild.Library("muse_dice_refused", dice_native.SOURCE + "\n", dice_native._SIGNATURES)
+    assert refused.function("muse_dice_") is None and "building in" in refused.reason()
+
+
+def _refusing_directory(*args, **kwargs):
+    raise PermissionError(1, "Operation not permitted")

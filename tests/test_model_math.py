@@ -431,14 +431,15 @@ def test_model_with_the_recent_window_given_once_equals_it_repeated_in_every_sam
 @pytest.mark.parametrize("width", [0.1, 0.05, 2.0 / 7, 0.5])
 def test_tiers_of_equals_bucketize_on_edges_neighbours_and_outliers(width):
     """The arithmetic tiering gives torch.bucketize's tiers exactly: at every edge, one float32 ulp either side of
-    it, at -1, 1, beyond them, and on random scores."""
+    it, at -1, 1, beyond them, at +-inf and NaN (last tier, as bucketize), and on random scores."""
     from model.simtier import tier_edges, tiers_of
 
     num_tiers = round(2.0 / width)
     edges = tier_edges(num_tiers, width)
     near = torch.cat([edges, torch.nextafter(edges, torch.full_like(edges, 2.0)),
                       torch.nextafter(edges, torch.full_like(edges, -2.0))])
-    scores = torch.cat([near, torch.tensor([-1.0, 1.0, -1.5, 1.5, -0.0, 0.0, -100.0, 100.0]),
+    scores = torch.cat([near, torch.tensor([-1.0, 1.0, -1.5, 1.5, -0.0, 0.0, -100.0, 100.0, torch.inf, -torch.inf,
+                                            torch.nan]),
                         torch.rand(5000, generator=torch.Generator().manual_seed(1)) * 2.2 - 1.1]).view(-1, 1)
     assert torch.equal(tiers_of(scores, num_tiers, width), torch.bucketize(scores, edges, right=True))
 
@@ -456,3 +457,30 @@ def test_pad_values_of_full_samples_is_a_view_equal_to_the_padding_kernel():
     for i in range(4):
         expected[i, : ragged[i + 1] - ragged[i]] = values[ragged[i]:ragged[i + 1]]
     assert torch.equal(pad_values(values, ragged, 4), expected)
+
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_eval_dice_without_autograd_never_writes_its_input(native, monkeypatch):
+    """Eval Dice under no_grad (the C kernel on a contiguous copy, or the torch ops): the caller's x is left as it
+    was, for a transposed, an expanded and a float64 input too, and the result equals the formula."""
+    from model import dice_native
+    from model.gsu import cbuild
+    from model.tower import Dice
+
+    if not native:
+        monkeypatch.setattr(dice_native, "LIBRARY", cbuild.Library.absent("test: no compiler"))
+    torch.manual_seed(7)
+    dice = Dice(6)
+    dice.norm.running_mean.uniform_(-1, 1)
+    dice.norm.running_var.uniform_(0.5, 2.0)
+    dice.alpha.data.uniform_(-0.5, 0.5)
+    dice.eval()
+    for x in (torch.randn(9, 6), torch.randn(6, 9).t(), torch.randn(1, 6).expand(9, 6), torch.randn(9, 6).double()):
+        module = dice.double() if x.dtype == torch.float64 else dice.float()
+        before = x.clone()
+        with torch.no_grad():
+            y = module(x)
+        assert torch.equal(x, before)
+        p = torch.sigmoid((x - module.norm.running_mean) / torch.sqrt(module.norm.running_var + module.norm.eps))
+        torch.testing.assert_close(y, p * x + (1 - p) * module.alpha * x, rtol=1e-6, atol=1e-6)

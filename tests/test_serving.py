@@ -9,6 +9,7 @@ import dataclasses
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -285,6 +286,7 @@ def test_bench_serve_starts_a_server_on_its_own_package_and_ranks_after_prefetch
 
 @pytest.mark.parametrize("body, status, field", [
     (b"{not json", 400, "body"), (b"[1, 2]", 400, "body"),
+    (b'{"user_id": 3, "candidates": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "body"),  # nested too deeply
     (b'{"candidates": [1], "user_id": 3, "colour": 1}', 422, "colour"),
     (b'{"user_id": 3}', 422, "candidates"),
     (b'{"candidates": [1, 2.5], "user_id": 3}', 422, "candidates[1]"),
@@ -409,6 +411,9 @@ def test_served_scores_equal_predictor_score(server, users):
     client = Client(server.port)
     status, health = client.send("GET", "/health")
     assert status == 200 and health["package"]["histories"] and health["generation"] == 1
+    kernels = health["package"]["kernels"]  # each C kernel native or the torch fallback with its reason
+    assert set(kernels) == {"gsu_filter", "gsu_dense_select", "pq_scan", "dice"}
+    assert all(v == "native" or v.startswith("torch fallback: ") for v in kernels.values())
     for seed, (raw_user, index) in enumerate(chosen[:3]):
         candidates = _candidates(items, 200, seed)
         expected = _reference(predictor, raw_ids, index, raw_user, candidates)
@@ -584,3 +589,14 @@ def test_an_approximate_gsu_package_ranks_and_serves_as_it_scores(prepared_datas
     engine.prefetch(raw_user)
     served, _ = engine.rank(rank_request({"user_id": raw_user, "candidates": candidates}, Limits(1000, 10_000)))
     assert torch.allclose(served, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("flag, value, message", [("threads", 0, "--threads: must lie in [1, 256]"),
+                                                  ("threads", 100_000, "--threads: must lie in [1, 256]"),
+                                                  ("workers", 0, "--workers: must be >= 1")])
+def test_serve_flags_out_of_range_are_one_user_error(packages, flag, value, message):
+    from common.errors import UserError
+    from serving.config import ServeConfig
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        ServeConfig(package=packages[0], **{flag: value})

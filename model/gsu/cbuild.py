@@ -101,19 +101,22 @@ def _bind(path: str, signatures: Dict[str, Signature]) -> Tuple[Optional[Dict[st
 
 def _build(compiler: str, flags: list, source: str, directory: str, path: str) -> str:
     """Compile ``source`` into ``path`` (atomically: a temp file in the same directory, renamed); "" or why not."""
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as work:
-        c_file, so_file = os.path.join(work, "gsu.c"), os.path.join(work, "gsu.so")
-        with open(c_file, "w") as f:
-            f.write(source)
-        try:
-            done = subprocess.run([*shlex.split(compiler), *flags, "-o", so_file, c_file], capture_output=True, text=True,
-                                  timeout=_BUILD_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as err:
-            return f"{compiler} failed to run: {err}"
-        if done.returncode != 0:
-            first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            return f"{compiler} {' '.join(flags)} failed: {first}"
-        os.replace(so_file, path)
+    try:
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as work:
+            c_file, so_file = os.path.join(work, "gsu.c"), os.path.join(work, "gsu.so")
+            with open(c_file, "w") as f:
+                f.write(source)
+            try:
+                done = subprocess.run([*shlex.split(compiler), *flags, "-o", so_file, c_file], capture_output=True, text=True,
+                                      timeout=_BUILD_TIMEOUT_S)
+            except (OSError, subprocess.SubprocessError) as err:
+                return f"{compiler} failed to run: {err}"
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["no message"])[0]
+                return f"{compiler} {' '.join(flags)} failed: {first}"
+            os.replace(so_file, path)
+    except OSError as err:  # a cache directory that os.access calls writable but that refuses files
+        return f"building in {directory} failed: {err}"
     return ""
 
 
