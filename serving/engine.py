@@ -250,14 +250,17 @@ class Engine:
             return torch.zeros(0), facts
         side = {field: p.indices(space, torch.from_numpy(request.side[field]))
                 for field, space in SIDE_SPACES.items() if field in request.side}
+        parts = _parts(cand.shape[0], self.threads)
+        local = rows.local
+        if local is None and self.local_gsu and len(parts) > 1 and rows.items.shape[0]:
+            local = p.history_content(rows.items)  # gathered once here, not once per part from the big table
 
         def score(part: slice) -> torch.Tensor:
             given = {name: side[field][part] if field in side else None for name, field in _SIDE_ARGS.items()}
             with torch.inference_mode():  # less dispatch work a tensor op than no_grad (~4% of a rank)
-                return p.rank_indices(rows.user, rows.profile, cand[part], rows.items, rows.cats, content=rows.local,
+                return p.rank_indices(rows.user, rows.profile, cand[part], rows.items, rows.cats, content=local,
                                       **given)
 
-        parts = _parts(cand.shape[0], self.threads)
         others = [self._pool().submit(score, part) for part in parts[1:]]  # the first part runs in this thread
         first = score(parts[0])
         return torch.cat([first] + [future.result() for future in others]), facts  # a tensor of normal mode

@@ -16,6 +16,7 @@ load it stops the start, with its message), prints the address, then watches:
   ``RESTART_WINDOW`` seconds stop the server.
 """
 
+import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -32,6 +33,7 @@ from serving.config import ServeConfig
 START_TIMEOUT = 600.0
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -55,8 +57,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def worker_main(config: ServeConfig, index: int, sock: socket.socket, shared_metrics: Any, generation: Any,
                 events: Any) -> None:
-    """One worker process: load the package, report ready (or why not), serve until SIGTERM."""
+    """One worker process: load the package, report ready (or why not), serve until SIGTERM (also sent when the
+    supervisor dies, even by SIGKILL: no worker outlives it)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come through the shared generation
+    _terminate_with_parent()
     from common import quiet
 
     quiet.configure(os.environ.get("MUSE_VERBOSE") == "1")
@@ -87,6 +91,18 @@ def worker_main(config: ServeConfig, index: int, sock: socket.socket, shared_met
     events.put(("ready", index, os.getpid(), None))
     server.run(sockets=[sock])
     state.stop()
+
+
+def _terminate_with_parent() -> None:
+    """Ask Linux for SIGTERM when the supervisor exits (prctl PR_SET_PDEATHSIG), and exit now if it already has;
+    elsewhere (no prctl) workers end when the supervisor stops them."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        sys.exit(0)
 
 
 class Supervisor:

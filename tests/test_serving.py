@@ -600,3 +600,37 @@ def test_serve_flags_out_of_range_are_one_user_error(packages, flag, value, mess
 
     with pytest.raises(UserError, match=re.escape(message)):
         ServeConfig(package=packages[0], **{flag: value})
+
+
+@pytest.mark.slow
+def test_workers_do_not_outlive_a_killed_supervisor(packages, tmp_path):
+    """SIGKILL to `muse serve` (no chance to stop its workers): the workers get SIGTERM from the kernel and exit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen([os.path.join(VENV_BIN, "muse"), "serve", "--package", packages[0], "--port", "0",
+                             "--workers", "2", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=str(tmp_path))
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, line + proc.stderr.read()[-2000:]
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = [int(pid) for pid in children
+                   if "spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait(30)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped by init, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
