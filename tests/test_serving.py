@@ -604,9 +604,10 @@ def test_serve_flags_out_of_range_are_one_user_error(packages, flag, value, mess
 
 @pytest.mark.slow
 def test_workers_do_not_outlive_a_killed_supervisor(packages, tmp_path):
-    """SIGKILL to `muse serve` (no chance to stop its workers): the workers get SIGTERM from the kernel and exit."""
+    """SIGKILL to `muse serve` (no chance to stop its workers): the workers get SIGTERM from the kernel and exit.
+    (The second package: the reload tests rewrite the first.)"""
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.Popen([os.path.join(VENV_BIN, "muse"), "serve", "--package", packages[0], "--port", "0",
+    proc = subprocess.Popen([os.path.join(VENV_BIN, "muse"), "serve", "--package", packages[1], "--port", "0",
                              "--workers", "2", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=str(tmp_path))
     try:
