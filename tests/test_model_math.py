@@ -313,13 +313,7 @@ def test_paper_twin_selects_by_the_attention_id_score_not_by_r():
 
 def test_dice_in_eval_is_the_running_statistics_formula():
     """Eval's fused Dice equals p x + (1 - p) alpha x with p = sigmoid(batchnorm with running statistics)."""
-    from model.tower import Dice
-
-    torch.manual_seed(5)
-    dice = Dice(6)
-    dice.norm.running_mean.uniform_(-1, 1)
-    dice.norm.running_var.uniform_(0.5, 2.0)
-    dice.alpha.data.uniform_(-0.5, 0.5)
+    dice = _dice_with_statistics(6, seed=5)
     x = torch.randn(40, 6)
     p = torch.sigmoid((x - dice.norm.running_mean) / torch.sqrt(dice.norm.running_var + dice.norm.eps))
     torch.testing.assert_close(dice.eval()(x), p * x + (1 - p) * dice.alpha * x, rtol=1e-6, atol=1e-6)
@@ -366,17 +360,12 @@ def test_dice_apply_in_place_equals_eval_forward_and_refuses_training(native, mo
     bit for bit."""
     from model import dice_native
     from model.gsu import cbuild
-    from model.tower import Dice
 
     if native and dice_native.LIBRARY.function("muse_dice_") is None:
         pytest.skip(f"no native kernel here: {dice_native.LIBRARY.reason()}")
     if not native:
         monkeypatch.setattr(dice_native, "LIBRARY", cbuild.Library.absent("test: no compiler"))
-    torch.manual_seed(6)
-    dice = Dice(13)
-    dice.norm.running_mean.uniform_(-1, 1)
-    dice.norm.running_var.uniform_(0.5, 2.0)
-    dice.alpha.data.uniform_(-0.5, 0.5)
+    dice = _dice_with_statistics(13, seed=6)
     x = torch.cat([torch.randn(300, 13), torch.randn(40, 13) * 30])
     expected = dice.eval()(x)
     wide = torch.zeros(x.shape[0], 20)
@@ -466,15 +455,10 @@ def test_eval_dice_without_autograd_never_writes_its_input(native, monkeypatch):
     was, for a transposed, an expanded and a float64 input too, and the result equals the formula."""
     from model import dice_native
     from model.gsu import cbuild
-    from model.tower import Dice
 
     if not native:
         monkeypatch.setattr(dice_native, "LIBRARY", cbuild.Library.absent("test: no compiler"))
-    torch.manual_seed(7)
-    dice = Dice(6)
-    dice.norm.running_mean.uniform_(-1, 1)
-    dice.norm.running_var.uniform_(0.5, 2.0)
-    dice.alpha.data.uniform_(-0.5, 0.5)
+    dice = _dice_with_statistics(6, seed=7)
     dice.eval()
     for x in (torch.randn(9, 6), torch.randn(6, 9).t(), torch.randn(1, 6).expand(9, 6), torch.randn(9, 6).double()):
         module = dice.double() if x.dtype == torch.float64 else dice.float()
@@ -484,3 +468,15 @@ def test_eval_dice_without_autograd_never_writes_its_input(native, monkeypatch):
         assert torch.equal(x, before)
         p = torch.sigmoid((x - module.norm.running_mean) / torch.sqrt(module.norm.running_var + module.norm.eps))
         torch.testing.assert_close(y, p * x + (1 - p) * module.alpha * x, rtol=1e-6, atol=1e-6)
+
+
+def _dice_with_statistics(dim: int, seed: int):
+    """A Dice(dim) whose running mean, running variance and alpha are drawn (seeded), not the initial 0 / 1 / 0."""
+    from model.tower import Dice
+
+    torch.manual_seed(seed)
+    dice = Dice(dim)
+    dice.norm.running_mean.uniform_(-1, 1)
+    dice.norm.running_var.uniform_(0.5, 2.0)
+    dice.alpha.data.uniform_(-0.5, 0.5)
+    return dice

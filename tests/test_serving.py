@@ -34,6 +34,7 @@ from serving.cache import PrefetchCache
 from serving.engine import Engine, load_engine
 from serving.metrics import LAYOUT, Metrics
 from serving.schema import BadRequest, Limits, parse_object, rank_request
+from test_datapipes_reader import _alive
 from test_inference import make_run
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -627,11 +628,3 @@ def test_workers_do_not_outlive_a_killed_supervisor(packages, tmp_path):
         if proc.poll() is None:
             proc.kill()
 
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, exited but not yet reaped by init, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
