@@ -197,8 +197,8 @@ class Engine:
     """Rank and prefetch on one loaded package. predictor: the package's ``Predictor``; cache: this engine's
     ``PrefetchCache`` (a reload starts an empty one); threads: a rank's candidates are scored in up to this many
     parts at once (``rank_indices`` of each part in a thread of its own: a candidate's score does not depend on the
-    others, so the scores are those of one call, to float32 rounding; torch ops release the GIL, and the caller keeps torch at one
-    intra-op thread, ``serving.workers``)."""
+    others, so the scores are those of one call, to float32 rounding; torch ops release the GIL, and the caller
+    keeps torch at one intra-op thread, ``serving.workers``)."""
 
     def __init__(self, predictor: Any, info: PackageInfo, cache: PrefetchCache, generation: int,
                  threads: int = 1) -> None:

@@ -174,13 +174,15 @@ def select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tenso
     """int64 [C, k] rank keys, descending (module docstring), or None when the kernel is not available.
 
     dots: float32 [C, U] exact integer dots, rows contiguous; inverse: float32 [U]; sq_items [U], sq_targets [C]:
-    squared norms (taken in float64, as ``cosines`` takes them); 1 <= k <= U; stride: the bound's sample is every stride-th item (U // stride >= k)."""
+    squared norms (taken in float64, as ``cosines`` takes them); 1 <= k <= U; stride: the bound's sample is every
+    stride-th item (U // stride >= k)."""
     function = LIBRARY.function("muse_dense_select")
     if function is None:
         return None
     c, u = dots.shape
     if dots.stride(1) != 1 or not 1 <= k <= u or (u + stride - 1) // stride < k:
-        raise ValueError(f"dots {tuple(dots.shape)} (stride {dots.stride()}), k {k}, stride {stride}: not a valid selection")
+        raise ValueError(f"dots {tuple(dots.shape)} (stride {dots.stride()}), k {k}, stride {stride}: "
+                         "not a valid selection")
     inverse = inverse.to(torch.float32).contiguous()
     sq_items, sq_targets = sq_items.double().contiguous(), sq_targets.double().contiguous()
     out = torch.empty(c, k, dtype=torch.int64)
