@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--threads", type=int, default=None, help="threads per worker: a rank's candidates are scored in up to this many "
-                        "parts at once, torch running one thread in each (default: cpus / workers)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per worker: a rank's candidates are scored in up to this many parts at once, "
+                        "torch running one thread in each (default: cpus / workers, at most 256)")
     for flag, kind, text in (("max-candidates", int, "candidates per rank request"),
                              ("max-history", int, "behaviors of an explicit history"),
                              ("max-body-bytes", int, "bytes of a request body"),
