@@ -215,7 +215,7 @@ def test_the_native_kernel_gives_the_int64_products(width, count):
 
 
 def test_without_a_compiler_the_native_kernel_is_not_offered(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native, "LIBRARY", native.LIBRARY.fresh())
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
     assert native.library() is None and "no-such-cc" in native.unavailable_reason()
@@ -277,7 +277,7 @@ def test_cc_with_arguments_builds_the_native_kernel(monkeypatch, tmp_path):
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         pytest.skip("no C compiler here")
-    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native, "LIBRARY", native.LIBRARY.fresh())
     monkeypatch.setenv("CC", f"{compiler} -O1")
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
     assert native.library() is not None, native.unavailable_reason()
@@ -286,7 +286,7 @@ def test_cc_with_arguments_builds_the_native_kernel(monkeypatch, tmp_path):
 def test_a_named_cache_that_cannot_be_used_is_said_not_replaced(monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native, "LIBRARY", native.LIBRARY.fresh())
     monkeypatch.setenv(native.CACHE_ENV, str(blocker))
     assert native.library() is None
     assert native.unavailable_reason() == f"{native.CACHE_ENV}={blocker}: not a writable directory"

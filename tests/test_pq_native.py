@@ -181,7 +181,7 @@ def test_an_id_outside_the_table_is_a_value_error_naming_history_ids(monkeypatch
 def test_without_a_compiler_only_the_torch_scan_is_offered_and_runs(monkeypatch, tmp_path, case):
     table, index = case
     targets, history = histories(200, 5)
-    monkeypatch.setattr(pq_native, "_STATE", {})
+    monkeypatch.setattr(pq_native, "LIBRARY", pq_native.LIBRARY.fresh())
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(kernels, "_MEASURED", {})
     monkeypatch.setattr(kernels, "_CHOICES", {})

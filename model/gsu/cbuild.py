@@ -1,5 +1,6 @@
-"""Build and load the GSU's small C libraries (``model.gsu.native``, ``model.gsu.pq_native``): compiled once per
-host, lazily, with the system C compiler, cached on disk, loaded with ``ctypes``.
+"""Build and load the project's small C libraries (``model.gsu.native``, ``model.gsu.pq_native``,
+``model.gsu.dense_select``, ``model.dice_native``, each a ``Library``): compiled once per host, lazily, with the
+system C compiler, cached on disk, loaded with ``ctypes``.
 
 The compiler is ``CC`` (split as a shell would, e.g. ``ccache gcc``; else ``cc``/``gcc`` on PATH), run with
 ``-O3 -shared -fPIC -std=c99`` and ``-mavx2`` only when the CPU reports AVX2. The library goes into a cache
@@ -77,8 +78,16 @@ class Library:
                     self._loaded = load_library(self.prefix, self.source, self.signatures)
         return self._loaded
 
+    def fresh(self) -> "Library":
+        """The same library not yet loaded: built or found again on first use (after a change of CC or cache)."""
+        return Library(self.prefix, self.source, self.signatures)
+
+    def functions(self) -> Optional[Dict[str, object]]:
+        """{symbol: ctypes function} for every symbol of the signatures, or None (``reason()``)."""
+        return self._load()[0]
+
     def function(self, symbol: str) -> Optional[object]:
-        functions, _ = self._load()
+        functions = self.functions()
         return functions[symbol] if functions else None
 
     def reason(self) -> str:

@@ -14,9 +14,9 @@ it row by row in one pass over the row, with the row in cache:
    score's order-preserving bits high, the item's index low);
 3. the k largest keys, sorted descending.
 
-The keys are kept above a running threshold in a buffer of 2k, cut to the k largest by a quickselect whenever it
-fills (a heap's sift costs a branch misprediction a level, several times the rest of the loop); a histogram, not a
-selection, finds A (a selection over every item was most of the kernel's time).
+The keys are kept by the GSU's shared running top-k in C (``model.gsu.ranking.RUNNING_TOPK_C``: a buffer of 2k cut
+by a branchless quickselect, as the PQ scan keeps its K'); a histogram, not a selection, finds A (a selection over
+every item was most of the kernel's time).
 
 The keys are bit-identical to the torch path's (IEEE float64 division and square root are correctly rounded, the
 float32 products are the same single operations, and ``-std=c99`` compiles without contracting a * b + c); the
@@ -30,48 +30,17 @@ from typing import Optional
 import torch
 
 from model.gsu import cbuild
+from model.gsu.rank_keys_c import RUNNING_TOPK_C
 
 SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <math.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-/* The k largest values of a stream, without a heap's unpredictable branches: values above the running threshold go
-   to a buffer of 2k; a full buffer is cut to its k largest (a quickselect) and the threshold becomes their minimum. */
-#define TOPK(NAME, T)                                                                           \
-  static void select_##NAME(T *a, int64_t n, int64_t k) { /* a[0..k-1] := the k largest of a[0..n-1] */ \
-    int64_t lo = 0, hi = n - 1, nth = k - 1;                                                      \
-    while (hi > lo) {                                                                             \
-      T pivot = a[lo + (hi - lo) / 2];                                                            \
-      int64_t i = lo, j = hi;                                                                     \
-      while (i <= j) {                                                                            \
-        while (a[i] > pivot) i++;                                                                 \
-        while (a[j] < pivot) j--;                                                                 \
-        if (i <= j) { T t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }                              \
-      }                                                                                           \
-      if (nth <= j) hi = j; else if (nth >= i) lo = i; else return;                               \
-    }                                                                                             \
-  }                                                                                               \
-  typedef struct { T *buf; int64_t n, k; T threshold; int full; } NAME##_topk;                   \
-  static inline void push_##NAME(NAME##_topk *s, T v) {                                           \
-    if (s->full && !(v > s->threshold)) return;                                                   \
-    s->buf[s->n++] = v;                                                                           \
-    if (s->n == 2 * s->k) {                                                                       \
-      select_##NAME(s->buf, s->n, s->k);                                                          \
-      T low = s->buf[0];                                                                          \
-      for (int64_t i = 1; i < s->k; i++) low = s->buf[i] < low ? s->buf[i] : low;                 \
-      s->threshold = low, s->full = 1, s->n = s->k;                                               \
-    }                                                                                             \
-  }                                                                                               \
-  static inline int64_t finish_##NAME(NAME##_topk *s) { /* buf[0..min(n, k)-1] the k largest */  \
-    if (s->n > s->k) select_##NAME(s->buf, s->n, s->k), s->n = s->k;                              \
-    return s->n;                                                                                  \
-  }
-TOPK(key, int64_t)
+@RUNNING_TOPK@
 
 /* A lower bound of the k-th largest a = fl32(dot * inverse) over every stride-th item (at least k of them), lowered
    by a relative 2**-19: a 64-bin histogram of those a over [min, max], the highest bin b where at least k of them
@@ -115,12 +84,6 @@ static inline float exact_score(float dot, double sq_item, double sq_target) {
   return (float)((double)dot / sqrt(den)) + 0.0f;
 }
 
-static inline int64_t rank_key(float score, int64_t position) {
-  int32_t bits;
-  memcpy(&bits, &score, 4);
-  int64_t ordered = (int64_t)(bits ^ ((bits >> 31) & 0x7FFFFFFF));
-  return (int64_t)((uint64_t)ordered << 32) | position;
-}
 
 /* dots [c, u] (row stride ld) exact integer dots of c targets with u items; inverse [u] fl32(1 / |r|) (0 for zero
    rows); sq_items [u], sq_targets [c] squared norms; k <= u; the bound's sample is every stride-th item (at least
@@ -133,7 +96,7 @@ int64_t muse_dense_select(const float *dots, int64_t c, int64_t u, int64_t ld, c
     const float *row = dots + i * ld;
     float bound = sample_bound(row, inverse, u, stride, k);
     double sq_t = sq_targets[i];
-    key_topk best = {keys, 0, k, 0, 0};
+    int64_t m = 0, threshold = INT64_MIN;
     int64_t j = 0;
 #if defined(__AVX2__)
     const __m256 wall = _mm256_set1_ps(bound);  /* 8 estimates a compare; the few at or above it are scored */
@@ -143,13 +106,14 @@ int64_t muse_dense_select(const float *dots, int64_t c, int64_t u, int64_t ld, c
       while (hits) {
         int64_t at = j + __builtin_ctz((unsigned)hits);
         hits &= hits - 1;
-        push_key(&best, rank_key(exact_score(row[at], sq_items[at], sq_t), at));
+        offer(keys, &m, &threshold, k, rank_key(exact_score(row[at], sq_items[at], sq_t), at), 1);
       }
     }
 #endif
     for (; j < u; j++)
-      if (row[j] * inverse[j] >= bound) push_key(&best, rank_key(exact_score(row[j], sq_items[j], sq_t), j));
-    int64_t m = finish_key(&best);
+      if (row[j] * inverse[j] >= bound)
+        offer(keys, &m, &threshold, k, rank_key(exact_score(row[j], sq_items[j], sq_t), j), 1);
+    if (m > k) select_top(keys, m, k), m = k;
     for (int64_t s = 1; s < m; s++) {  /* insertion sort, descending: k is small, and it has few mispredictions */
       int64_t key = keys[s], at = s;
       while (at > 0 && keys[at - 1] < key) { keys[at] = keys[at - 1]; at--; }
@@ -166,7 +130,8 @@ int64_t muse_dense_select(const float *dots, int64_t c, int64_t u, int64_t ld, c
 _SIGNATURES = {"muse_dense_select": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                                     ctypes.c_int64, ctypes.c_void_p])}
-LIBRARY = cbuild.Library("muse_dense", SOURCE, _SIGNATURES)  # LIBRARY.reason(): why it is not built here
+# LIBRARY.reason(): why it is not built here.
+LIBRARY = cbuild.Library("muse_dense", SOURCE.replace("@RUNNING_TOPK@", RUNNING_TOPK_C), _SIGNATURES)
 
 
 def select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor, sq_targets: torch.Tensor, k: int,

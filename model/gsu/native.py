@@ -21,8 +21,6 @@ with ``ctypes`` (the call releases the GIL).
 """
 
 import ctypes
-import threading
-from typing import Optional, Tuple
 
 import torch
 
@@ -126,8 +124,10 @@ int64_t muse_gather_dots_i8(const int8_t *table, int64_t rows, int64_t width, co
 }
 """
 
-_LOCK = threading.Lock()
-_STATE: dict = {}  # "lib": the loaded function or None, "reason": why None
+_SIGNATURES = {"muse_gather_dots_i8": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                      ctypes.c_int64])}
+LIBRARY = cbuild.Library("muse_gsu", SOURCE.replace("@PREFETCH@", str(_PREFETCH)), _SIGNATURES)
 
 
 def gather_dots(table: torch.Tensor, ids: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> int:
@@ -136,34 +136,18 @@ def gather_dots(table: torch.Tensor, ids: torch.Tensor, columns: torch.Tensor, o
     RuntimeError if the library is not available (``library()`` says why)."""
     function = library()
     if function is None:
-        raise RuntimeError(f"native GSU kernel unavailable: {_STATE.get('reason')}")
+        raise RuntimeError(f"native GSU kernel unavailable: {unavailable_reason()}")
     n, width = table.shape
     return int(function(table.data_ptr(), n, width, ids.data_ptr(), ids.shape[0], columns.data_ptr(),
                         columns.shape[0], out.data_ptr(), out.stride(0)))
 
 
 def library():
-    """The compiled ``muse_gather_dots_i8`` (a ctypes function), built and loaded once per process; None when it
-    cannot be built here (``unavailable_reason()`` says why)."""
-    if "lib" in _STATE:
-        return _STATE["lib"]
-    with _LOCK:
-        if "lib" not in _STATE:
-            _STATE["lib"], _STATE["reason"] = _load()
-    return _STATE["lib"]
+    """The compiled ``muse_gather_dots_i8`` (a ctypes function), built and loaded once per process (``LIBRARY``);
+    None when it cannot be built here (``unavailable_reason()`` says why)."""
+    return LIBRARY.function("muse_gather_dots_i8")
 
 
 def unavailable_reason() -> str:
     """Why ``library()`` is None ("" when it loaded)."""
-    library()
-    return _STATE.get("reason", "")
-
-
-_SIGNATURES = {"muse_gather_dots_i8": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                                      ctypes.c_int64])}
-
-
-def _load() -> Tuple[Optional[object], str]:
-    functions, reason = cbuild.load_library("muse_gsu", SOURCE.replace("@PREFETCH@", str(_PREFETCH)), _SIGNATURES)
-    return (functions["muse_gather_dots_i8"], "") if functions else (None, reason)
+    return LIBRARY.reason()

@@ -28,12 +28,12 @@ then offers only the torch scan.
 """
 
 import ctypes
-import threading
 from typing import Dict, Optional
 
 import torch
 
 from model.gsu import cbuild
+from model.gsu.rank_keys_c import RUNNING_TOPK_C
 
 _PREFETCH = 32
 LUT_CODES = 256  # entries per subspace in the native lookup table (every uint8 code; unused ones are 0)
@@ -45,55 +45,7 @@ SOURCE = r"""
 #define PREFETCH @PREFETCH@
 #define BLOCK @BLOCK@
 
-/* The rank key of a float32 score (no NaN, no -0.0) at a position: order-preserving bits << 32 | position. */
-static inline int64_t rank_key(float s, int64_t position) {
-  union { float f; int32_t i; } u;
-  u.f = s;
-  int32_t ordered = u.i ^ ((u.i >> 31) & 0x7FFFFFFF);
-  return (int64_t)(((uint64_t)(int64_t)ordered << 32) | (uint64_t)position);
-}
-
-/* Put the k largest of a[0..n) (distinct keys, n >= k >= 1) first, in any order: quickselect with a branchless
-   Lomuto partition (every element swapped, the front advanced by the comparison: no mispredicted branch per
-   element), median-of-3 pivot. */
-static void select_top(int64_t *a, int64_t n, int64_t k) {
-  int64_t lo = 0, hi = n;  /* the k-th largest lies in [lo, hi) */
-  while (hi - lo > 1) {
-    int64_t mid = lo + (hi - lo) / 2, last = hi - 1, x = a[lo], y = a[mid], z = a[last];
-    int64_t pick = (x > y) ? ((y > z) ? mid : (x > z ? last : lo)) : ((x > z) ? lo : (y > z ? last : mid));
-    int64_t p = a[pick], j = lo;
-    a[pick] = a[last];
-    a[last] = p;
-    for (int64_t i = lo; i < last; i++) {
-      int64_t v = a[i];
-      a[i] = a[j];
-      a[j] = v;
-      j += v > p;
-    }
-    a[last] = a[j];
-    a[j] = p;  /* a[lo..j) > p, a[j] = p, a(j..hi) < p */
-    if (j + 1 == k) return;
-    if (j + 1 > k) hi = j;
-    else lo = j + 1;
-  }
-}
-
-/* One target's running top-K': keys in buf[0..*count) (capacity 2 * kprime), every key not there is <= *thr
-   and so outside the top K' (keys are distinct). A key above the threshold (and kept: not padding) is appended
-   without a branch (written always, the count advanced by the comparison); a full buffer is cut to its K'
-   largest, whose smallest becomes the threshold. */
-static inline void offer(int64_t *buf, int64_t *count, int64_t *thr, int64_t kprime, int64_t key, int keep) {
-  buf[*count] = key;
-  *count += (key > *thr) & keep;
-  if (*count == 2 * kprime) {
-    select_top(buf, *count, kprime);
-    int64_t least = buf[0];
-    for (int64_t i = 1; i < kprime; i++) least = buf[i] < least ? buf[i] : least;
-    *thr = least;
-    *count = kprime;
-  }
-}
-
+@RUNNING_TOPK@
 static inline float clamp_unit(float s) {
   s = s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);
   return s + 0.0f;
@@ -235,32 +187,25 @@ _SIGNATURES = {
     "muse_pair_dots_i8": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]),
 }
-_LOCK = threading.Lock()
-_STATE: dict = {}  # "lib": {symbol: function} or None, "reason": why None
+LIBRARY = cbuild.Library("muse_pq", SOURCE.replace("@PREFETCH@", str(_PREFETCH)).replace("@BLOCK@", str(_TARGET_BLOCK))
+                         .replace("@RUNNING_TOPK@", RUNNING_TOPK_C), _SIGNATURES)
 
 
 def library() -> Optional[Dict[str, object]]:
-    """The compiled functions (``muse_pq_scan``, ``muse_pair_dots_i8``), built and loaded once per process; None
-    when they cannot be built here (``unavailable_reason()`` says why)."""
-    if "lib" in _STATE:
-        return _STATE["lib"]
-    with _LOCK:
-        if "lib" not in _STATE:
-            source = SOURCE.replace("@PREFETCH@", str(_PREFETCH)).replace("@BLOCK@", str(_TARGET_BLOCK))
-            _STATE["lib"], _STATE["reason"] = cbuild.load_library("muse_pq", source, _SIGNATURES)
-    return _STATE["lib"]
+    """The compiled functions (``muse_pq_scan``, ``muse_pair_dots_i8``), built and loaded once per process
+    (``LIBRARY``); None when they cannot be built here (``unavailable_reason()`` says why)."""
+    return LIBRARY.functions()
 
 
 def unavailable_reason() -> str:
     """Why ``library()`` is None ("" when it loaded)."""
-    library()
-    return _STATE.get("reason", "")
+    return LIBRARY.reason()
 
 
 def _functions() -> Dict[str, object]:
     functions = library()
     if functions is None:
-        raise RuntimeError(f"native PQ kernel unavailable: {_STATE.get('reason')}")
+        raise RuntimeError(f"native PQ kernel unavailable: {unavailable_reason()}")
     return functions
 
 
