@@ -83,7 +83,7 @@ def _vocab_blobs(space: str, ids: np.ndarray) -> Dict[str, torch.Tensor]:
             f"vocab.{space}.index": torch.from_numpy(order.astype(np.int64) + 1)}
 
 
-def _content_table(rng: np.random.Generator, cfg: OwnPackageConfig, cluster: np.ndarray) -> torch.Tensor:
+def content_table(rng: np.random.Generator, cfg: OwnPackageConfig, cluster: np.ndarray) -> torch.Tensor:
     """int8 [items + 1, dim]: centroid of the item's cluster plus noise, quantized; row 0 zeros."""
     centroids = rng.standard_normal((cfg.clusters, cfg.dim), dtype=np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
@@ -96,7 +96,7 @@ def _content_table(rng: np.random.Generator, cfg: OwnPackageConfig, cluster: np.
     return torch.from_numpy(table)
 
 
-def _histories(rng: np.random.Generator, cfg: OwnPackageConfig) -> np.ndarray:
+def histories(rng: np.random.Generator, cfg: OwnPackageConfig) -> np.ndarray:
     """int64 [users, history] item indices: Zipf-like popularity over all items, popular items scattered."""
     weights = np.arange(1, cfg.items + 1, dtype=np.float64) ** -cfg.zipf
     cdf = np.cumsum(weights)
@@ -119,7 +119,7 @@ def build_own_package(workdir: str, cfg: OwnPackageConfig) -> OwnPackage:
     for space, size in vocab_sizes.items():
         tensors.update(_vocab_blobs(space, _raw_ids(rng, size)))
     cluster = rng.integers(0, cfg.clusters, size=cfg.items + 1)
-    tensors["mm_table"] = _content_table(rng, cfg, cluster)
+    tensors["mm_table"] = content_table(rng, cfg, cluster)
     cluster_category = rng.integers(1, vocab_sizes["category"] + 1, size=cfg.clusters)
     category = cluster_category[cluster]
     category[0] = 0
@@ -143,7 +143,7 @@ def build_own_package(workdir: str, cfg: OwnPackageConfig) -> OwnPackage:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "model.pt")
     write_package(path, manifest, tensors)
-    items = _histories(rng, cfg)
+    items = histories(rng, cfg)
     with atomic_output_dir(histories_path(path), force=True, flag="--workdir") as tmp:
         writer = HistoryWriter(tmp, cfg.users, cfg.items, vocab_sizes["category"], fingerprint, "bench")
         writer.add(np.arange(1, cfg.users + 1, dtype=np.int64), np.full(cfg.users, cfg.history, dtype=np.int64),

@@ -1,10 +1,10 @@
 """A native (C) kernel for eval Dice in place (``Dice.apply_``): x <- x (alpha + sigmoid(x inv + shift) (1 - alpha)).
 
 Why: serving's DIN runs Dice over [1,000 candidates x 50 behaviors, 80] and [.., 40] activations per request; in
-torch that is four passes (addcmul, sigmoid, addcmul, mul), ~2 ns an element on one core, about a third of DIN's
-time. Here it is one pass, 8 lanes at a time with AVX2, with fused multiply-adds where the CPU has FMA (both
-variants compiled, one chosen at run time; FMA measured 0.67 against 0.99 ns an element on this host):
-sigmoid(z) = 1 / (1 + exp(-z)) with exp from a Cody-Waite range reduction (n = round(y log2 e), r = y - n ln 2 in
+torch that is four passes (addcmul, sigmoid, addcmul, mul). Here it is one pass, 8 lanes at a time with AVX2, with
+fused multiply-adds where the CPU has FMA (both variants compiled, one chosen at run time); ``muse bench kernels``
+times it against the torch passes (docs/serving.md). The
+formula: sigmoid(z) = 1 / (1 + exp(-z)) with exp from a Cody-Waite range reduction (n = round(y log2 e), r = y - n ln 2 in
 two parts) and a degree-6 polynomial on r (Cephes' expf), scaled by 2**n through the exponent bits; exp's argument
 is clamped to [-87, 88], so beyond |z| = 87 sigmoid is within 1e-38 of 0 or 1 rather than torch's value there
 (which differs only for |x| above ~1e30). Its relative error is a few float32 ulps (tests compare it with torch's

@@ -29,9 +29,8 @@ class Dice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._running():
-            # Eval: the same function in three fused passes instead of six (3x faster on [50,000, 80], what
-            # serving's DIN over 1,000 candidates x 50 recent behaviors runs): batchnorm(x) = x * inv + shift,
-            # and p x + (1 - p) alpha x = x (alpha + p (1 - alpha)); equal up to float32 rounding. Without autograd,
+            # Eval: the same function in three fused passes instead of six: batchnorm(x) = x * inv + shift, and
+            # p x + (1 - p) alpha x = x (alpha + p (1 - alpha)); equal up to float32 rounding. Without autograd,
             # a contiguous copy of x through the one-pass kernel of ``apply_`` (x itself is never written).
             if not torch.is_grad_enabled() and x.dim() == 2:
                 out = x.clone(memory_format=torch.contiguous_format)
@@ -60,19 +59,22 @@ class Dice(nn.Module):
 
     @torch.no_grad()
     def eval_parameters(self) -> torch.Tensor:
-        """float32 [4, dim]: 1 / sqrt(running_var + eps), -running_mean of that, alpha, 1 - alpha (``apply_``)."""
+        """float32 [4, dim]: inv, shift (``_affine``), alpha, 1 - alpha, as ``apply_``'s kernel reads them."""
+        return dice_native.parameters(*self._affine(), self.alpha)
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inv, shift) [dim] each, with batchnorm(x) = x * inv + shift under the running statistics."""
         norm = self.norm
         inv = torch.rsqrt(norm.running_var + norm.eps)
-        return dice_native.parameters(inv, -norm.running_mean * inv, self.alpha)
+        return inv, -norm.running_mean * inv
 
     def _gate(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """alpha + sigmoid(x * inv + shift) (1 - alpha), the eval factor of x; written into ``out`` (returned) when
         given (no autograd), else a new tensor."""
-        norm = self.norm
-        inv = torch.rsqrt(norm.running_var + norm.eps)
+        inv, shift = self._affine()
         if out is None:
-            return torch.addcmul(self.alpha, torch.sigmoid(torch.addcmul(-norm.running_mean * inv, x, inv)), 1 - self.alpha)
-        torch.addcmul(-norm.running_mean * inv, x, inv, out=out).sigmoid_()
+            return torch.addcmul(self.alpha, torch.sigmoid(torch.addcmul(shift, x, inv)), 1 - self.alpha)
+        torch.addcmul(shift, x, inv, out=out).sigmoid_()
         return torch.addcmul(self.alpha, out, 1 - self.alpha, out=out)
 
 

@@ -323,3 +323,24 @@ def test_a_library_loads_once_and_says_why_when_it_cannot(monkeypatch, tmp_path)
 
 def _refusing_directory(*args, **kwargs):
     raise PermissionError(1, "Operation not permitted")
+
+
+def test_bench_kernels_reports_each_kernel_against_its_torch_ops(tmp_path):
+    """`muse bench kernels` on a small table: a row per case, the dense top-K identical with either selection, the
+    Dice and DIN differences within float32 rounding, the CPU capability recorded (no timing is asserted)."""
+    import argparse
+    import json
+
+    from bench import kernels as bench_kernels
+
+    out = tmp_path / "k.json"
+    args = argparse.Namespace(items=3000, lengths=[300], candidates=70, pairs=500, repeats=1, seed=0, json=str(out))
+    assert bench_kernels.run(args) == 0
+    payload = json.loads(out.read_text())
+    assert payload["cpu_capability"] == str(torch.backends.cpu.get_cpu_capability())
+    rows = {row["kernel"]: row for row in payload["rows"]}
+    assert set(rows) == {"dense top-K", "Dice (eval)", "DIN, shared keys"}
+    assert rows["dense top-K"]["check"] == "identical: yes"
+    for name in ("Dice (eval)", "DIN, shared keys"):
+        assert float(rows[name]["check"].split()[-1]) < 1e-5
+        assert rows[name]["native_ms"] > 0 and rows[name]["torch_ms"] > 0

@@ -2,9 +2,9 @@
 the exact integer dots of C targets with the U distinct items of one history, each target's top-k rank keys.
 
 The torch formulation of the same step runs a dozen whole-matrix ops over [C, U] (the prefilter's products, a
-``topk`` for its bound, ``nonzero``, the survivors' cosines in float64, a padded ``topk`` and a sort); at serving's
-1,000 candidates x ~530 items they cost ~15 ms on one core, far more than the product itself. The loop below does
-it row by row in one pass over the row, with the row in cache:
+``topk`` for its bound, ``nonzero``, the survivors' cosines in float64, a padded ``topk`` and a sort), which at
+serving's 1,000 candidates cost more than the product itself (``muse bench kernels`` times both). The loop below
+does it row by row in one pass over the row, with the row in cache:
 
 1. a = fl32(dot * inverse) for every stride-th item, and a value A at most their k-th largest (from a histogram
    of them: ``sample_bound``), lowered by a relative 2**-19 (the bound of ``_dense_topk``: any A no larger than

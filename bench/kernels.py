@@ -1,0 +1,154 @@
+"""``muse bench kernels``: serving's C kernels against the torch ops they replace, in one process, one thread.
+
+- ``dense top-K``: ``cosine_topk`` of ``--candidates`` targets against one history broadcast to all of them (what
+  ``muse serve`` runs) on an int8 table of ``--items`` + 1 rows (default 1,000,001: the rows are read from memory,
+  not cache), with the per-target selection in C (``model.gsu.dense_select``) and in torch ops; histories of each
+  ``--lengths`` behaviors drawn with Zipf popularity as ``muse bench serve`` draws them. Results must be identical.
+- ``Dice``: eval Dice without autograd over [``--pairs``, 80] activations (the C kernel, ``model.dice_native``, vs
+  torch's four passes); largest absolute difference printed.
+- ``DIN``: ``DinAttention`` of ``--candidates`` queries over the same 50 keys: the jagged forward (keys repeated per
+  query) vs ``forward_shared`` (keys once, cache-sized blocks); largest difference printed.
+
+Each method is timed ``--repeats`` times in turns (so a burst of load slows all alike) and the best kept; the CPU
+capability torch dispatches on, the kernels that loaded and the load average are printed with the ratios.
+"""
+
+import argparse
+import json
+import os
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from bench.serve_package import OwnPackageConfig, content_table, histories
+from common.atomic import check_output_path, write_text_atomic
+from common.errors import UserError
+from model import dice_native
+from model.attention import DinAttention
+from model.gsu import cbuild, dense_select
+from model.gsu.topk import cosine_topk
+from model.tower import Dice
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--items", type=int, default=1_000_000, help="table rows - 1 (default 1,000,000)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 100_000],
+                        help="history lengths of the dense top-K (default 1000 100000)")
+    parser.add_argument("--candidates", type=int, default=1000, help="targets / DIN queries (default 1000)")
+    parser.add_argument("--pairs", type=int, default=50_000, help="rows of the Dice activations (default 50,000)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each method, best kept (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+
+
+def _best_in_turns(methods: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Best ms of each method over ``repeats`` rounds, the methods run in turns (one warm-up round first)."""
+    best = {name: float("inf") for name in methods}
+    for round_ in range(repeats + 1):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    return best
+
+
+def _without(module, prefix: str):
+    """A context that swaps ``module.LIBRARY`` for one that never loads (the torch fallback runs)."""
+    class _Swap:
+        def __enter__(self):
+            self.saved, module.LIBRARY = module.LIBRARY, cbuild.Library.absent(f"{prefix}: torch ops forced")
+
+        def __exit__(self, *exc):
+            module.LIBRARY = self.saved
+    return _Swap()
+
+
+def _dense_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
+    rng = np.random.default_rng(args.seed)
+    cfg = OwnPackageConfig(items=args.items, users=1, history=max(args.lengths), seed=args.seed)
+    table = content_table(rng, cfg, rng.integers(0, cfg.clusters, size=cfg.items + 1))
+    targets = torch.from_numpy(rng.integers(1, args.items + 1, size=args.candidates))
+    rows = []
+    for length in args.lengths:
+        history = torch.from_numpy(histories(rng, OwnPackageConfig(items=args.items, users=1, history=length))[0])
+        shared = history[None, :].expand(args.candidates, -1)
+
+        def native(shared=shared):
+            return cosine_topk(table, targets, shared, 50)
+
+        def fallback(shared=shared):
+            with _without(dense_select, "dense_select"):
+                return cosine_topk(table, targets, shared, 50)
+
+        identical = all(torch.equal(a, b) for a, b in zip(native(), fallback()))
+        times = _best_in_turns({"native": native, "torch": fallback}, args.repeats)
+        rows.append({"kernel": "dense top-K", "case": f"{args.candidates} x L={length:,} "
+                     f"({int(torch.unique(history).numel()):,} distinct items)", "native_ms": times["native"],
+                     "torch_ms": times["torch"], "check": f"identical: {'yes' if identical else 'NO'}"})
+    return rows
+
+
+def _dice_row(args: argparse.Namespace) -> Dict[str, object]:
+    torch.manual_seed(args.seed)
+    dice = Dice(80).eval()
+    dice.norm.running_var.uniform_(0.5, 2.0)
+    dice.norm.running_mean.uniform_(-1, 1)
+    dice.alpha.data.uniform_(-0.5, 0.5)
+    x = torch.randn(args.pairs, 80)
+    def fallback():
+        with _without(dice_native, "dice"):
+            return dice(x)
+
+    with torch.no_grad():
+        diff = float((dice(x) - fallback()).abs().max())
+        times = _best_in_turns({"native": lambda: dice(x), "torch": fallback}, args.repeats)
+    return {"kernel": "Dice (eval)", "case": f"[{args.pairs:,}, 80]", "native_ms": times["native"],
+            "torch_ms": times["torch"], "check": f"max |diff| {diff:.1e}"}
+
+
+def _din_row(args: argparse.Namespace) -> Dict[str, object]:
+    torch.manual_seed(args.seed)
+    din = DinAttention(32, (80, 40), "dice").eval()
+    query, keys = torch.randn(args.candidates, 32), torch.randn(50, 32)
+    lengths = torch.full((args.candidates,), 50)
+    offsets = torch.arange(args.candidates + 1) * 50
+    repeated = keys.repeat(args.candidates, 1)
+    with torch.no_grad():
+        jagged = lambda: din(query, repeated, lengths, offsets, 50)  # noqa: E731
+        shared = lambda: din.forward_shared(query, keys)  # noqa: E731
+        times = _best_in_turns({"shared": shared, "jagged": jagged}, args.repeats)
+        diff = float((shared() - jagged()).abs().max())
+    return {"kernel": "DIN, shared keys", "case": f"{args.candidates:,} queries x 50 keys", "native_ms": times["shared"],
+            "torch_ms": times["jagged"], "check": f"max |diff| {diff:.1e}"}
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag, value in (("--items", args.items), ("--candidates", args.candidates), ("--pairs", args.pairs),
+                        ("--repeats", args.repeats), ("--lengths", min(args.lengths))):
+        if value < 1:
+            raise UserError(f"{flag}: must be >= 1 (got {value})")
+    if args.json:
+        check_output_path(args.json, "--json")
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    loaded = {"dense_select": dense_select.LIBRARY.reason() or "native",
+              "dice": dice_native.LIBRARY.reason() or "native"}
+    rows = _dense_rows(args) + [_dice_row(args), _din_row(args)]
+    for row in rows:
+        row["ratio"] = row["torch_ms"] / row["native_ms"]
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    print(f"cpu capability {capability}, 1 torch thread, table {args.items + 1:,} x 128 int8, kernels: {loaded}, "
+          f"load average {' '.join(f'{v:.2f}' for v in load_before)} -> {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(tabulate([[r["kernel"], r["case"], f"{r['native_ms']:.2f}", f"{r['torch_ms']:.2f}", f"{r['ratio']:.2f}x",
+                     r["check"]] for r in rows],
+                   headers=["kernel", "case", "new ms", "torch ms", "torch / new", "check"]))
+    print("(DIN: 'new' is forward_shared, 'torch' the jagged forward over the repeated keys; both run the Dice kernel)")
+    if args.json:
+        payload = {"cpu_capability": capability, "threads": 1, "kernels": loaded, "load_before": load_before,
+                   "load_after": os.getloadavg(), "args": vars(args), "rows": rows}
+        write_text_atomic(args.json, json.dumps(payload, indent=2, default=str), flag="--json")
+    return 0
