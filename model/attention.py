@@ -213,15 +213,14 @@ class _SharedBlock:
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         b, (r, e) = query.shape[0], self.keys.shape
         n = b * r
-        products = torch.mul(query[:, None, :], self.keys[None, :, :], out=self.products[:b]).view(n, e)
-        if not self.pairs:  # no hidden layer: the score layer on [q, k, q - k, q * k] itself
-            q = query[:, None, :].expand(b, r, e).reshape(n, e)
-            k = self.keys[None, :, :].expand(b, r, e).reshape(n, e)
-            return self.din.score(torch.cat([q, k, q - k, products], dim=1)).view(b, r)
+        if not self.pairs:  # no hidden layer: DinAttention's own [q, k, q - k, q * k] input to the score layer
+            sample = torch.arange(b).repeat_interleave(r)
+            return self.din.score(self.din._mlp(query, self.keys.repeat(b, 1), sample)).view(b, r)
         first, activation = self.pairs[0]
         hidden, scratch = (t[:n] for t in self.hidden[0])
         per_query = torch.nn.functional.linear(query, self.w_query, first.bias)  # [b, H1]
-        torch.add(per_query[:, None, :], self.per_key[None, :, :], out=hidden.view(b, r, -1)).view(n, -1)
+        torch.add(per_query[:, None, :], self.per_key[None, :, :], out=hidden.view(b, r, -1))
+        products = torch.mul(query[:, None, :], self.keys[None, :, :], out=self.products[:b]).view(n, e)
         hidden = self._activate(activation, hidden.addmm_(products, self.w_p), scratch, self.dice[0])
         for (linear, activation), (out, scratch), w_t, dice in zip(self.pairs[1:], self.hidden[1:], self.weights_t,
                                                                     self.dice[1:]):
