@@ -239,7 +239,7 @@ def _dense_topk(table: torch.Tensor, target_ids: torch.Tensor, items: torch.Tens
     rows = gather(table, items).to(torch.float32)  # [U, D]; bad ids: ValueError (history_ids)
     sq_items = norms.sq_norm.index_select(0, items)
     inverse = torch.where(sq_items > 0, 1.0 / sq_items.clamp_min(1.0).sqrt(), torch.zeros((), dtype=torch.float64))
-    inverse = inverse.to(torch.float32)[None, :]
+    inverse = inverse.to(torch.float32)  # [U]
     step = max(1, DENSE_ENTRIES // items.shape[0])
     keys = []
     for start in range(0, target_ids.shape[0], step):
@@ -249,7 +249,7 @@ def _dense_topk(table: torch.Tensor, target_ids: torch.Tensor, items: torch.Tens
         # The k-th largest a among every stride-th item is at most the k-th of all: a bound as safe, found in a
         # fraction of the time (it keeps a few hundred items instead of a few dozen).
         stride = max(1, min(dots.shape[1] // DENSE_SAMPLE, dots.shape[1] // k))
-        selected = dense_select.select_keys(dots, inverse[0], sq_items, sq_targets, k, stride)
+        selected = dense_select.select_keys(dots, inverse, sq_items, sq_targets, k, stride)
         keys.append(selected if selected is not None else _select_keys(dots, inverse, sq_items, sq_targets, k, stride))
     scores, picked, _ = sorted_result(torch.cat(keys))
     return scores, picked
