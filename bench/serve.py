@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefetch", action="store_true", help="with --url / --serve: rank users by id, each rank "
                         "preceded by POST /prefetch on the same connection (default: explicit histories in the body)")
     parser.add_argument("--serve", action="store_true", help="start `muse serve` on the package (a free loopback port, "
-                        "--workers workers, --threads threads each), drive it as --url does, stop it")
+                        "--workers workers, --rank-processes processes each), drive it as --url does, stop it")
     parser.add_argument("--workers", type=int, default=1, help="with --serve: worker processes (default 1)")
     parser.add_argument("--items", type=int, default=1_000_000, help="own package: items, the multimodal table has "
                         "ITEMS + 1 rows (default 1,000,000)")
@@ -73,8 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--history", type=int, default=100_000, help="behaviors per request history (default 100,000)")
     parser.add_argument("--requests", type=int, default=MIN_REQUESTS, help=f"timed requests, at least {MIN_REQUESTS} (default {MIN_REQUESTS})")
     parser.add_argument("--warmup", type=int, default=3, help="untimed requests first (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="in process: torch intra-op threads (default: torch's); "
-                        "with --serve: the server's --threads, rank threads per worker (default: cpus / workers)")
+    parser.add_argument("--threads", type=int, default=None, help="in process (no --url / --serve): torch intra-op "
+                        "threads (default: torch's)")
+    parser.add_argument("--rank-processes", type=int, default=None, help="with --serve: the server's --rank-processes, "
+                        "processes a worker scores one rank in (default: cpus / workers)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the candidate draws (default 0)")
     parser.add_argument("--workdir", default=None, help="where an own run is built (default: a temp directory, removed)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
@@ -275,6 +277,7 @@ def _load_url(args: argparse.Namespace, address: str) -> Dict[str, object]:
             "mean_ms": float(np.mean(latencies)), "max_ms": float(max(latencies)),
             "mm_table_rows": health["package"]["mm_table_rows"], "package": health["package"]["path"],
             "legacy_package": health["package"].get("legacy", False), "load_start": load_start,
+            "rank_processes": health.get("rank_processes"),
             "load": os.getloadavg()}
 
 
@@ -284,8 +287,8 @@ def _server(package: str, args: argparse.Namespace) -> Iterator[str]:
     muse = os.path.join(os.path.dirname(sys.executable), "muse")
     cmd = [muse, "serve", "--package", package, "--port", "0", "--workers", str(args.workers),
            "--max-candidates", str(max(10_000, args.candidates)), "--max-history", str(max(200_000, args.history))]
-    if args.threads is not None:
-        cmd += ["--threads", str(args.threads)]
+    if args.rank_processes is not None:
+        cmd += ["--rank-processes", str(args.rank_processes)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -311,8 +314,13 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--requests: at least {MIN_REQUESTS} for a meaningful p99 (got {args.requests})")
     if args.warmup < 0:
         raise UserError(f"--warmup: must be >= 0 (got {args.warmup})")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads: must be >= 1 (got {args.threads})")
+    for flag in ("threads", "rank_processes"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')}: must be >= 1 (got {getattr(args, flag)})")
+    if args.rank_processes is not None and not args.serve:
+        raise UserError("--rank-processes: a setting of the server --serve starts (with --url, start the server with it)")
+    if args.threads is not None and (args.serve or args.url):
+        raise UserError("--threads: torch threads of the in-process run (for --serve, see --rank-processes)")
     if not 1 <= args.clients <= MAX_CLIENTS:
         raise UserError(f"--clients: must lie in [1, {MAX_CLIENTS}] (got {args.clients})")
     if not 0 < args.seconds <= MAX_SECONDS:

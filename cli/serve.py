@@ -17,9 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads per worker: a rank's candidates are scored in up to this many parts at once, "
-                        "torch running one thread in each (default: cpus / workers, at most 256)")
+    parser.add_argument("--rank-processes", type=int, default=None,
+                        help="processes per worker: a rank's candidates are scored in up to this many parts at once, "
+                        "one in the worker and one in each of its helper processes, torch at one thread in each "
+                        "(default: cpus / workers, at most 64)")
     for flag, kind, text in (("max-candidates", int, "candidates per rank request"),
                              ("max-history", int, "behaviors of an explicit history"),
                              ("max-body-bytes", int, "bytes of a request body"),
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from serving.workers import serve
 
     config = ServeConfig(package=args.package, histories=args.histories, host=args.host, port=args.port,
-                         workers=args.workers, threads=args.threads, max_candidates=args.max_candidates,
+                         workers=args.workers, rank_processes=args.rank_processes, max_candidates=args.max_candidates,
                          max_history=args.max_history, max_body_bytes=args.max_body_bytes, cache_mb=args.cache_mb,
                          cache_users=args.cache_users, shutdown_timeout=args.shutdown_timeout)
     return serve(config)

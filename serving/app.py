@@ -113,7 +113,8 @@ def build_app(state: WorkerState) -> Starlette:
         engine = state.engine
         return JSONResponse({"status": "ok", "worker": state.index, "pid": os.getpid(), "generation": engine.generation,
                              "package": asdict(engine.info), "cache_users": len(engine.cache),
-                             "cache_bytes": engine.cache.bytes, "last_reload_error": state.last_error})
+                             "cache_bytes": engine.cache.bytes, "rank_processes": engine.rank_processes(),
+                             "last_reload_error": state.last_error})
 
     async def metrics_text(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)

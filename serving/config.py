@@ -6,7 +6,7 @@ from typing import Optional
 
 from common.errors import UserError
 
-MAX_THREADS = 256  # rank threads per worker
+MAX_RANK_PROCESSES = 64  # processes a worker scores one rank in (itself and its helpers)
 
 
 @dataclass(frozen=True)
@@ -17,9 +17,10 @@ class ServeConfig:
              ``muse export`` writes it).
     histories: history store directory (``DATA/<split>/histories``); None = ``<package>.histories`` when it exists.
     host, port: where the listening socket is bound (port 0: a free port, printed at start).
-    workers: worker processes sharing the socket; threads: threads per worker (None = cpus / workers): a rank's
-             candidates are scored in up to this many parts at once, one thread each, and torch runs one intra-op
-             thread in each (measured faster than torch's own threads on one batch: docs/serving.md).
+    workers: worker processes sharing the socket; rank_processes: processes per worker (None = cpus / workers): a
+             rank's candidates are scored in up to this many parts at once, one in the worker and one in each of its
+             rank_processes - 1 helper processes (``serving.rank_processes``), torch at one intra-op thread in each
+             (measured faster than torch's own threads, or threads over parts: docs/serving.md).
     max_candidates, max_history: longest lists one rank request may carry; max_body_bytes: largest request body.
     cache_mb: bytes of prefetched users each worker keeps (least recently used evicted first); cache_users: and count.
     shutdown_timeout: seconds in-flight requests get to finish after SIGTERM before they are cancelled.
@@ -30,7 +31,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
-    threads: Optional[int] = None
+    rank_processes: Optional[int] = None
     max_candidates: int = 10_000
     max_history: int = 200_000
     max_body_bytes: int = 16 << 20
@@ -44,8 +45,8 @@ class ServeConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"--{flag}: must be >= 1 (got {value})")
-        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
-            raise UserError(f"--threads: must lie in [1, {MAX_THREADS}] (got {self.threads})")
+        if self.rank_processes is not None and not 1 <= self.rank_processes <= MAX_RANK_PROCESSES:
+            raise UserError(f"--rank-processes: must lie in [1, {MAX_RANK_PROCESSES}] (got {self.rank_processes})")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port: must lie in [0, 65535] (got {self.port})")
         if self.cache_mb < 0:
@@ -58,8 +59,9 @@ class ServeConfig:
             raise UserError(f"--histories {self.histories}: not a directory (a history store: DATA/<split>/histories)")
 
     @property
-    def rank_threads(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+    def rank_parts(self) -> int:
+        """Processes a worker scores one rank in: ``rank_processes``, or cpus / workers (at least 1)."""
+        return self.rank_processes or max(1, (os.cpu_count() or 1) // self.workers)
 
     @property
     def cache_bytes(self) -> int:

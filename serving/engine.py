@@ -21,8 +21,8 @@ import hashlib
 import os
 import struct
 import warnings
+import weakref
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,13 +35,14 @@ from datapipes.histories import HistoryStore
 from inference.loader import attach_pq, verify_package
 from inference.manifest import BLOB_PACKAGE, ENTRY_MODULE, MANIFEST_NAME, MANIFEST_PACKAGE
 from serving.cache import PrefetchCache
+from serving.rank_processes import PART_TIMEOUT, RankProcesses, part_message
 from serving.schema import PROFILE_KEYS, BadRequest, RankRequest
 
 MM_BLOB = "mm_table"
 # Request side-feature field -> the id space its raw ids are mapped through.
 SIDE_SPACES = {"candidate_categories": "category", "candidate_cities": "item_city",
                "candidate_provinces": "item_province"}
-# Engine.rank: rank_indices keyword -> request side-feature field; fewest candidates worth a thread of their own.
+# Engine.rank: rank_indices keyword -> request side-feature field; fewest candidates worth a part of their own.
 _SIDE_ARGS = {"candidate_cats": "candidate_categories", "candidate_cities": "candidate_cities",
               "candidate_provinces": "candidate_provinces"}
 MIN_PART = 64
@@ -139,10 +140,31 @@ def kernel_status(importer: PackageImporter) -> Dict[str, str]:
 def load_engine(package: str, histories: Optional[str], config: Any, generation: int,
                 on_cache_change=None) -> "Engine":
     """An ``Engine`` of the package file ``package`` (checked byte for byte first) and the history store
-    ``histories`` (None: ``<package>.histories`` when it exists). ``DataError`` / ``UserError`` name the file."""
+    ``histories`` (None: ``<package>.histories`` when it exists). ``DataError`` / ``UserError`` name the file.
+    ``config.rank_processes`` P > 1: the engine also starts P - 1 helper processes (``serving.rank_processes``),
+    which load the package while this process does."""
     path = os.path.abspath(package)
     if not os.path.isfile(path):
         raise UserError(f"--package {package}: no such file")
+    processes = getattr(config, "rank_parts", None) or getattr(config, "rank_processes", None) or 1
+    helpers = RankProcesses(processes - 1, path) if processes > 1 else None
+    try:
+        engine = _load(path, histories, config, generation, on_cache_change, helpers)
+    except BaseException:
+        if helpers is not None:
+            helpers.close()
+        raise
+    if helpers is not None:
+        if engine.info.legacy:
+            helpers.close()
+            engine.helpers = None
+        else:
+            helpers.await_ready(engine.info.package_id)
+    return engine
+
+
+def _load(path: str, histories: Optional[str], config: Any, generation: int, on_cache_change: Any,
+          helpers: Optional[RankProcesses]) -> "Engine":
     manifest = verify_package(path)
     try:
         importer = PackageImporter(path)
@@ -183,30 +205,40 @@ def load_engine(package: str, histories: Optional[str], config: Any, generation:
                        histories=os.path.abspath(histories) if histories is not None else None,
                        legacy=not callable(getattr(predictor, "rank_indices", None)), kernels=kernel_status(importer))
     cache = PrefetchCache(config.cache_bytes, config.cache_users, on_cache_change)
-    return Engine(predictor, info, cache, generation, threads=getattr(config, "rank_threads", 1))
+    content_type = None if info.legacy else getattr(importer.import_module("inference.predictor"), "HistoryContent", None)
+    return Engine(predictor, info, cache, generation, helpers=helpers, content_type=content_type)
 
 
-def _parts(count: int, threads: int) -> List[slice]:
-    """``count`` candidates in at most ``threads`` contiguous parts of at least ``MIN_PART`` (one part: all)."""
-    n = max(1, min(threads, count // MIN_PART))
+
+
+def _parts(count: int, lanes: int) -> List[slice]:
+    """``count`` candidates in at most ``lanes`` contiguous parts of at least ``MIN_PART`` (one part: all)."""
+    n = max(1, min(lanes, count // MIN_PART))
     bounds = [count * i // n for i in range(n + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(n)]
 
 
 class Engine:
     """Rank and prefetch on one loaded package. predictor: the package's ``Predictor``; cache: this engine's
-    ``PrefetchCache`` (a reload starts an empty one); threads: a rank's candidates are scored in up to this many
-    parts at once (``rank_indices`` of each part in a thread of its own: a candidate's score does not depend on the
-    others, so the scores are those of one call, to float32 rounding; torch ops release the GIL, and the caller
-    keeps torch at one intra-op thread, ``serving.workers``)."""
+    ``PrefetchCache`` (a reload starts an empty one); helpers: its ``RankProcesses`` or None: a rank's candidates
+    are scored in up to 1 + (ready helpers) parts at once, the first in the calling thread and each other in a
+    helper process (a candidate's score does not depend on the others, so the scores are those of one call, to
+    float32 rounding); content_type: the package's ``HistoryContent`` (None for a legacy package). The helpers
+    are closed when the engine is freed."""
 
     def __init__(self, predictor: Any, info: PackageInfo, cache: PrefetchCache, generation: int,
-                 threads: int = 1) -> None:
+                 helpers: Optional[RankProcesses] = None, content_type: Any = None) -> None:
         self.predictor, self.info, self.cache, self.generation = predictor, info, cache, generation
-        self.threads = max(1, threads)
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self.helpers, self.content_type = helpers, content_type
+        if helpers is not None:
+            weakref.finalize(self, helpers.close)
         config = predictor.config
         self.local_gsu = not info.legacy and config.gsu == "multimodal" and not config.uses_history
+
+    def rank_processes(self) -> Dict[str, int]:
+        """{"processes": this one plus its helpers, "ready": this one plus the helpers ready now} (/health)."""
+        described = self.helpers.describe() if self.helpers is not None else {"helpers": 0, "ready": 0}
+        return {"processes": 1 + described["helpers"], "ready": 1 + described["ready"]}
 
     @property
     def has_store(self) -> bool:
@@ -250,27 +282,45 @@ class Engine:
             return torch.zeros(0), facts
         side = {field: p.indices(space, torch.from_numpy(request.side[field]))
                 for field, space in SIDE_SPACES.items() if field in request.side}
-        parts = _parts(cand.shape[0], self.threads)
+        helpers = self.helpers.acquire() if self.helpers is not None else []
+        try:
+            return self._rank_parts(rows, cand, side, helpers), facts
+        finally:
+            if self.helpers is not None:
+                self.helpers.release(helpers)
+
+    def _rank_parts(self, rows: UserRows, cand: torch.Tensor, side: Dict[str, torch.Tensor],
+                    helpers: List[Any]) -> torch.Tensor:
+        """Scores [C]: the first part here, one part per helper in ``helpers`` (sent first, collected after); a
+        part whose helper fails or answers an error is scored here too."""
+        p = self.predictor
+        parts = _parts(cand.shape[0], 1 + len(helpers))
         local = rows.local
         if local is None and self.local_gsu and len(parts) > 1 and rows.items.shape[0]:
             local = p.history_content(rows.items)  # gathered once here, not once per part from the big table
 
+        def given(part: slice) -> Dict[str, Optional[torch.Tensor]]:
+            return {name: side[field][part] if field in side else None for name, field in _SIDE_ARGS.items()}
+
         def score(part: slice) -> torch.Tensor:
-            given = {name: side[field][part] if field in side else None for name, field in _SIDE_ARGS.items()}
             with torch.inference_mode():  # less dispatch work a tensor op than no_grad
                 return p.rank_indices(rows.user, rows.profile, cand[part], rows.items, rows.cats, content=local,
-                                      **given)
+                                      **given(part))
 
-        others = [self._pool().submit(score, part) for part in parts[1:]]  # the first part runs in this thread
-        first = score(parts[0])
-        return torch.cat([first] + [future.result() for future in others]), facts  # a tensor of normal mode
-
-    def _pool(self) -> ThreadPoolExecutor:
-        """This engine's threads - 1 extra rank threads (made on first use; they exit when a reload drops the
-        engine)."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max(1, self.threads - 1), thread_name_prefix="muse-rank")
-        return self._executor
+        sent = {i: helper for i, helper in enumerate(helpers, start=1) if i < len(parts) and helper.send(
+            part_message(rows.user, rows.profile, cand[parts[i]], rows.items, rows.cats, given(parts[i]), local))}
+        results: Dict[int, torch.Tensor] = {}
+        try:
+            results[0] = score(parts[0])
+        finally:  # every answer is read, even when this part raised: the next rank must not find it in the pipe
+            for i, helper in sent.items():
+                answer = helper.receive(parts[i].stop - parts[i].start, PART_TIMEOUT)
+                if answer is not None:
+                    results[i] = answer
+        for i, part in enumerate(parts):  # a part whose helper failed or answered an error: here
+            if i not in results:
+                results[i] = score(part)
+        return torch.cat([results[i] for i in range(len(parts))])
 
     def _rank_legacy(self, request: RankRequest) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """``rank`` on a package older than ``rank_indices``: its public ``rank`` / ``rank_user``."""

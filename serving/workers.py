@@ -71,7 +71,7 @@ def worker_main(config: ServeConfig, index: int, sock: socket.socket, shared_met
     from serving.metrics import Metrics
     from serving.state import WorkerState
 
-    torch.set_num_threads(1)  # a rank runs its own threads over parts of the candidates (ServeConfig.threads)
+    torch.set_num_threads(1)  # a rank's parts run in processes of their own (ServeConfig.rank_processes)
     metrics = Metrics(shared_metrics, config.workers, index)
     try:
         state = WorkerState(config, index, metrics, generation)
@@ -163,7 +163,7 @@ class Supervisor:
             self.procs = [self._start(i) for i in range(self.config.workers)]
             self._await_ready()
             self.announce(f"muse serve: listening on http://{host}:{port} ({self.config.workers} worker(s), "
-                          f"{self.config.rank_threads} rank thread(s) each, pid {os.getpid()})", flush=True)
+                          f"{self.config.rank_parts} rank process(es) each, pid {os.getpid()})", flush=True)
             while not self.stopping:
                 multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=0.5)
                 if not self.stopping:

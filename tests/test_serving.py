@@ -129,29 +129,66 @@ def test_engine_scores_equal_predictor_score_with_and_without_prefetch(packages,
     assert not torch.allclose(got, _reference(predictor, raw_ids, index, raw_user, candidates), atol=1e-6, rtol=0)
 
 
-def test_an_engine_with_threads_ranks_in_parts_and_gives_the_one_call_scores(packages, users):
-    """threads=3: 200 candidates in 3 parts (at least MIN_PART each; 100 candidates in 1), scored in threads; the
-    scores (with side features, after a prefetch) are those of the one-thread engine (to float32 rounding: a
-    product's blocking may differ with the number of rows)."""
+def test_an_engine_with_a_rank_process_ranks_in_parts_gives_the_one_call_scores_and_survives_its_death(packages, users):
+    """rank_processes=2: 200 candidates in 2 parts (at least MIN_PART each; 100 candidates in 1), the second scored in
+    a helper process; the scores (with side features, after a prefetch, and with an explicit history) are those of
+    the one-process engine. A helper killed between ranks: the next rank still answers the same scores (its part
+    scored in the engine's own process) and a new helper replaces it."""
     from serving.engine import MIN_PART, _parts
 
     assert _parts(200, 3) == [slice(0, 66), slice(66, 133), slice(133, 200)]
     assert _parts(100, 3) == [slice(0, 100)] and _parts(MIN_PART * 2, 8) == [slice(0, MIN_PART), slice(MIN_PART, 2 * MIN_PART)]
     package, _ = packages
     one = load_engine(package, None, ENGINE_CONFIG, generation=1)
-    three = load_engine(package, None, SimpleNamespace(**vars(ENGINE_CONFIG), rank_threads=3), generation=1)
-    assert (one.threads, three.threads) == (1, 3)
+    two = load_engine(package, None, SimpleNamespace(**vars(ENGINE_CONFIG), rank_processes=2), generation=1)
+    assert (one.rank_processes(), two.rank_processes()) == ({"processes": 1, "ready": 1}, {"processes": 2, "ready": 2})
     chosen, raw_ids, items = users
     raw_user, _ = chosen[0]
     candidates = _candidates(items, 200, 5)
     side = {"candidate_categories": raw_ids("category", torch.randint(1, 10, (200,), generator=torch.Generator().manual_seed(2))).tolist()}
     limits = Limits(1000, 10_000)
-    for engine in (one, three):
+    for engine in (one, two):
         engine.prefetch(raw_user)
-    request = rank_request({"user_id": raw_user, "candidates": candidates, **side}, limits)
-    split, facts = three.rank(request)
-    assert facts["cache"] == "hit" and three._executor is not None
-    assert torch.allclose(split, one.rank(request)[0], atol=1e-6, rtol=0)
+    sent = []
+    helper = two.helpers.helpers[0]
+    original = helper.send
+    helper.send = lambda message: sent.append(len(message)) or original(message)
+    requests = [rank_request({"user_id": raw_user, "candidates": candidates, **side}, limits),
+                rank_request({**_explicit(one.predictor, raw_ids, raw_user), "candidates": candidates}, limits)]
+    for request in requests:
+        split, facts = two.rank(request)
+        assert torch.allclose(split, one.rank(request)[0], atol=1e-6, rtol=0)
+    assert len(sent) == 2 and facts["cache"] == "none"
+    helper.proc.kill()
+    helper.proc.join(10)
+    split, _ = two.rank(requests[0])  # the dead helper's part: scored here
+    assert torch.allclose(split, one.rank(requests[0])[0], atol=1e-6, rtol=0)
+    assert helper.state == "failed" and helper.reason
+    deadline = time.time() + 120
+    while two.rank_processes()["ready"] < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert two.rank_processes() == {"processes": 2, "ready": 2} and two.helpers.helpers[0] is not helper
+    assert torch.allclose(two.rank(requests[0])[0], one.rank(requests[0])[0], atol=1e-6, rtol=0)
+    replacement = two.helpers.helpers[0].proc
+    del two, engine
+    import gc
+
+    gc.collect()  # the engine freed: its helpers exit
+    replacement.join(10)
+    assert replacement.exitcode is not None
+
+
+def test_rank_process_messages_round_trip_every_dtype_and_shape():
+    from serving.rank_processes import decode, encode
+
+    tensors = {"int8": torch.randint(-128, 127, (5, 3), dtype=torch.int8), "empty": torch.zeros(0, 4),
+               "strided": torch.arange(20, dtype=torch.int64).view(4, 5)[:, ::2], "half": torch.randn(7).half(),
+               "scalar": torch.tensor(3.5), "flags": torch.tensor([True, False, True]), "none": None}
+    out = decode(encode(tensors))
+    assert set(out) == set(tensors) - {"none"}
+    for name, tensor in out.items():
+        assert tensor.dtype == tensors[name].dtype and torch.equal(tensor, tensors[name]), name
+    out["int8"][0, 0] = 1  # writable
 
 
 def test_rank_indices_with_content_and_side_features_equals_score(packages, users):
@@ -278,11 +315,12 @@ def test_bench_serve_starts_a_server_on_its_own_package_and_ranks_after_prefetch
 
     out = tmp_path / "served.json"
     args = _bench_args("--serve", "--prefetch", "--items", 3000, "--users", 2, "--history", 300, "--candidates", 40,
-                       "--seconds", 2, "--threads", 1, "--workdir", tmp_path / "own", "--json", out)
+                       "--seconds", 2, "--rank-processes", 1, "--workdir", tmp_path / "own", "--json", out)
     assert serve.run(args) == 0
     result = json.loads(out.read_text())
     assert result["requests"] > 0 and result["errors"] == 0 and result["prefetch"] is True
     assert result["history_mean"] == 300 and result["mm_table_rows"] == 3001 and not result["legacy_package"]
+    assert result["rank_processes"] == {"processes": 1, "ready": 1}
 
 
 @pytest.mark.parametrize("body, status, field", [
@@ -371,9 +409,9 @@ class Client:
 def server(packages, tmp_path_factory):
     package, _ = packages
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    # 2 rank threads per worker: a rank of at least 128 candidates is scored in two parts
+    # 2 rank processes per worker: a rank of at least 128 candidates is scored in two parts
     cmd = [os.path.join(VENV_BIN, "muse"), "serve", "--package", package, "--port", "0", "--workers", "2",
-           "--threads", "2", "--max-candidates", str(MAX_CANDIDATES), "--max-body-bytes", str(MAX_BODY),
+           "--rank-processes", "2", "--max-candidates", str(MAX_CANDIDATES), "--max-body-bytes", str(MAX_BODY),
            "--shutdown-timeout", "20"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=str(tmp_path_factory.mktemp("cwd")))
@@ -412,6 +450,7 @@ def test_served_scores_equal_predictor_score(server, users):
     client = Client(server.port)
     status, health = client.send("GET", "/health")
     assert status == 200 and health["package"]["histories"] and health["generation"] == 1
+    assert health["rank_processes"] == {"processes": 2, "ready": 2}
     kernels = health["package"]["kernels"]  # each C kernel native or the torch fallback with its reason
     assert set(kernels) == {"gsu_filter", "gsu_dense_select", "pq_scan", "dice"}
     assert all(v == "native" or v.startswith("torch fallback: ") for v in kernels.values())
@@ -592,8 +631,8 @@ def test_an_approximate_gsu_package_ranks_and_serves_as_it_scores(prepared_datas
     assert torch.allclose(served, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("flag, value, message", [("threads", 0, "--threads: must lie in [1, 256]"),
-                                                  ("threads", 100_000, "--threads: must lie in [1, 256]"),
+@pytest.mark.parametrize("flag, value, message", [("rank_processes", 0, "--rank-processes: must lie in [1, 64]"),
+                                                  ("rank_processes", 100_000, "--rank-processes: must lie in [1, 64]"),
                                                   ("workers", 0, "--workers: must be >= 1")])
 def test_serve_flags_out_of_range_are_one_user_error(packages, flag, value, message):
     from common.errors import UserError
@@ -605,25 +644,30 @@ def test_serve_flags_out_of_range_are_one_user_error(packages, flag, value, mess
 
 @pytest.mark.slow
 def test_workers_do_not_outlive_a_killed_supervisor(packages, tmp_path):
-    """SIGKILL to `muse serve` (no chance to stop its workers): the workers get SIGTERM from the kernel and exit.
-    (The second package: the reload tests rewrite the first.)"""
+    """SIGKILL to `muse serve` (no chance to stop its workers): the workers get SIGTERM from the kernel and exit,
+    and their rank processes exit with them. (The second package: the reload tests rewrite the first.)"""
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.Popen([os.path.join(VENV_BIN, "muse"), "serve", "--package", packages[1], "--port", "0",
-                             "--workers", "2", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=str(tmp_path))
+                             "--workers", "2", "--rank-processes", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+
+    def spawned(parent: int) -> list:
+        children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in children
+                if "spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+
     try:
         line = proc.stdout.readline()
         assert "listening on" in line, line + proc.stderr.read()[-2000:]
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        workers = [int(pid) for pid in children
-                   if "spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
-        assert len(workers) == 2
+        workers = spawned(proc.pid)
+        helpers = [pid for worker in workers for pid in spawned(worker)]
+        assert len(workers) == 2 and len(helpers) == 2
         proc.kill()
         proc.wait(30)
         deadline = time.time() + 30
-        while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers):
+        while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers + helpers):
             time.sleep(0.2)
-        assert not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers)
+        assert not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers + helpers)
     finally:
         if proc.poll() is None:
             proc.kill()
