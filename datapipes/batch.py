@@ -124,6 +124,9 @@ class Batch(_Movable):
     gsu_scores:        float32 [B, K] the cosines R of the selected behaviors, aligned with gsu_*; 0 past n_k.
     history_scores:    float32 [B, L] multimodal cosines of every history position (in-model GSU only),
                        aligned with hist_* (left-aligned, 0 past the sample's history length).
+    gsu_index:         int64 [B, K] or None. Set (one user ranked against B candidates, ``Predictor.rank_indices``):
+                       gsu_* hold the U distinct selected behaviors once, all in the first sample, and slot j of
+                       sample b is behavior gsu_index[b, j] of them (-1: no behavior), aligned with gsu_scores.
     """
 
     sparse_features: KeyedJaggedTensor
@@ -132,6 +135,7 @@ class Batch(_Movable):
     recent_scores: torch.Tensor
     gsu_scores: torch.Tensor
     history_scores: Optional[torch.Tensor] = None
+    gsu_index: Optional[torch.Tensor] = None
 
     def __reduce_ex__(self, protocol):
         """Small batches cross from a data worker to the trainer inline, as numpy arrays in the pickle: the

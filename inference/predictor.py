@@ -271,7 +271,7 @@ class Predictor:
                              "(pass history_content of this history)")
         user, prof = user.reshape(1).to(torch.int64), profile.reshape(-1).to(torch.int64)
         given = (candidate_cats, candidate_cities, candidate_provinces)
-        cat, city, prov = (g.reshape(-1).to(torch.int64) if g is not None else d[cand]
+        cat, city, prov = (g.reshape(-1).to(torch.int64) if g is not None else d.index_select(0, cand)
                            for g, d in zip(given, (self.items.category, self.items.city, self.items.province)))
         for name, values in zip(("candidate_cats", "candidate_cities", "candidate_provinces"), (cat, city, prov)):
             if values.shape[0] != c:
@@ -328,21 +328,28 @@ class Predictor:
             else:
                 scores, positions, valid = cosine_topk(table, targets, rows[None, :].expand(c, -1), width,
                                                        norms=norms, chunk_rows=self.stage.chunk_rows)
-            lengths = valid.sum(1)
             gsu_scores = torch.where(valid, scores, torch.zeros((), dtype=torch.float32))
-            picked = positions[valid]  # sample-major, valid slots first: each candidate's top K in order
+            # each selected position once (U of them, ascending), and every slot as an index into them
+            slots = torch.where(valid, positions, torch.full((), length)).reshape(-1)  # invalid: a spare last slot
+            present = torch.zeros(length + 1, dtype=torch.bool).index_fill_(0, slots, True)[:length]
+            distinct = torch.nonzero(present).reshape(-1)
+            compact = torch.cumsum(present, 0) - 1
+            index = torch.where(valid, compact.index_select(0, positions.clamp_min(0).reshape(-1)).view_as(positions), torch.full((), -1))
         else:
-            lengths = torch.zeros(c, dtype=torch.int64)
             gsu_scores = torch.zeros(c, width, dtype=torch.float32)
-            picked = torch.zeros(0, dtype=torch.int64)
+            distinct = torch.zeros(0, dtype=torch.int64)
+            index = torch.full((c, width), -1, dtype=torch.int64)
         if gsu_scores.shape[1] < cfg.k:
             gsu_scores = torch.nn.functional.pad(gsu_scores, (0, cfg.k - gsu_scores.shape[1]))
+            index = torch.nn.functional.pad(index, (0, cfg.k - index.shape[1]), value=-1)
         recent_lengths = torch.zeros(c, dtype=torch.int64)
         recent_lengths[0] = n_recent  # the window once, in the first sample: the model's ``shared_recent``
+        gsu_lengths = torch.zeros(c, dtype=torch.int64)
+        gsu_lengths[0] = distinct.shape[0]  # the U distinct selected behaviors once too: ``Batch.gsu_index``
         return Selected(recent_item=items.index_select(0, recent), recent_cat=cats.index_select(0, recent),
                         recent_lengths=recent_lengths, recent_scores=recent_scores,
-                        gsu_item=items.index_select(0, picked), gsu_cat=cats.index_select(0, picked),
-                        gsu_lengths=lengths, gsu_scores=gsu_scores)
+                        gsu_item=items.index_select(0, distinct), gsu_cat=cats.index_select(0, distinct),
+                        gsu_lengths=gsu_lengths, gsu_scores=gsu_scores, gsu_index=index)
 
     def _compact_positions(self, cand: torch.Tensor, cand_cat: torch.Tensor, items: torch.Tensor,
                            cats: torch.Tensor) -> torch.Tensor:

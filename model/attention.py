@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import din_native
 from model.jagged import length_mask, pad_values
 from model.tower import MLP, Dice
 
@@ -92,12 +93,14 @@ class DinAttention(nn.Module):
         if r == 0 or b == 0:
             return query.new_zeros(b, r)
         distinct, slot = torch.unique(keys, dim=0, return_inverse=True)  # a behavior repeated: scored once
-        u = distinct.shape[0]
-        step = max(1, SHARED_PAIRS // u)
-        block = _SharedBlock(self, distinct, min(b, step))
-        scores = torch.empty(b, u, dtype=query.dtype)
-        for s in range(0, b, step):
-            scores[s:s + step] = block.scores(query[s:s + step])
+        scores = din_native.scores(self, query, distinct) if query.dtype == torch.float32 else None
+        if scores is None:  # the torch blocks
+            u = distinct.shape[0]
+            step = max(1, SHARED_PAIRS // u)
+            block = _SharedBlock(self, distinct, min(b, step))
+            scores = torch.empty(b, u, dtype=query.dtype)
+            for s in range(0, b, step):
+                scores[s:s + step] = block.scores(query[s:s + step])
         return torch.softmax(scores.index_select(1, slot), dim=1)
 
     def forward_shared(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -171,7 +174,10 @@ class TargetAttention(nn.Module):
 
     def scores(self, query: torch.Tensor, keys: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
         """Pre-softmax scores a [B, L]; similarity R [B, L] is used by SA-TA only."""
-        a_id = self.id_scores(query, keys)
+        return self._combine(self.id_scores(query, keys), similarity)
+
+    def _combine(self, a_id: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+        """a [B, L] from a_id [B, L] (and, SA-TA, R [B, L])."""
         if self.gates is None:
             return a_id
         if self.temperature is not None:
@@ -186,6 +192,27 @@ class TargetAttention(nn.Module):
         """Pooled values [B, E]."""
         values = self.value(keys) if self.projections else keys
         return attention_pool(self.weights(query, keys, mask, similarity), values)
+
+    def forward_shared(self, query: torch.Tensor, distinct: torch.Tensor, index: torch.Tensor, mask: torch.Tensor,
+                       similarity: torch.Tensor) -> torch.Tensor:
+        """``forward`` with keys[b, j] = distinct[index[b, j]]: query [B, E], distinct [U, E], index int64 [B, K]
+        (-1 where mask [B, K] is False), similarity [B, K] -> pooled [B, E]. With projections, each distinct
+        behavior's key and value are projected once (not once per slot), then gathered."""
+        if distinct.shape[0] == 0:  # no behavior at all: every slot is masked, the pool is zeros
+            distinct = distinct.new_zeros(1, distinct.shape[1])
+        slots = index.clamp_min(0).reshape(-1)
+        b, k = index.shape
+
+        def gather(rows: torch.Tensor) -> torch.Tensor:  # [U, W] -> [B, K, W]; index_select, ~9x faster than rows[index]
+            return rows.index_select(0, slots).view(b, k, rows.shape[1])
+
+        if self.projections:
+            keys, values, folded = gather(self.key(distinct)), gather(self.value(distinct)), self.query(query)
+        else:
+            keys = values = gather(distinct)
+            folded = (self.query(query) @ self.key.weight) * self.scale
+        a_id = (keys * folded.unsqueeze(1)).sum(-1)  # [B, K]: as a product and a sum, ~3x faster than bmm's [B, K, 1]
+        return attention_pool(masked_softmax(self._combine(a_id, similarity), mask), values)
 
 
 class _SharedBlock:

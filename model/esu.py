@@ -55,3 +55,24 @@ class Esu(nn.Module):
         if self.recent_simtier is not None:
             parts.append(self.recent_simtier(recent_similarity, recent_mask))
         return torch.cat(parts, dim=1)
+
+    def forward_shared(
+        self,
+        query: torch.Tensor,
+        distinct: torch.Tensor,
+        index: torch.Tensor,
+        similarity: torch.Tensor,
+        recent_similarity: torch.Tensor,
+        recent_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """``forward`` with behaviors[b, j] = distinct[index[b, j]] (distinct [U, E], index int64 [B, K], -1: none,
+        the mask): one user's candidates, whose selections share the U behaviors (``Batch.gsu_index``)."""
+        mask = index >= 0
+        parts = []
+        if self.attention is not None:
+            parts.append(self.attention.forward_shared(query, distinct, index, mask, similarity))
+        if self.simtier is not None:
+            parts.append(self.simtier(similarity, mask))
+        if self.recent_simtier is not None:
+            parts.append(self.recent_simtier(recent_similarity, recent_mask))
+        return torch.cat(parts, dim=1)

@@ -54,6 +54,7 @@ class InterestArch(nn.Module):
         gsu_scores: torch.Tensor,
         history_scores: Optional[torch.Tensor],
         shared_recent: bool = False,
+        gsu_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         target = behavior_values(embeddings["target_item"], embeddings["target_cat"])  # [B, E]: one id per sample
@@ -68,13 +69,19 @@ class InterestArch(nn.Module):
             parts = [target, self.din(target, recent_keys, recent_lengths, recent_item.offsets(), cfg.recent_len)]
         if self.esu is None:
             return torch.cat(parts, dim=1)
+        recent_mask = length_mask(recent_lengths, cfg.recent_len)
+        if gsu_index is not None and not cfg.uses_history:  # the distinct selected behaviors given once
+            _check_width("batch.gsu_scores", gsu_scores, cfg.k)
+            _check_width("batch.gsu_index", gsu_index, cfg.k)
+            distinct = behavior_values(embeddings["gsu_item"], embeddings["gsu_cat"])  # [U, E]
+            parts.append(self.esu.forward_shared(target, distinct, gsu_index, gsu_scores, recent_scores, recent_mask))
+            return torch.cat(parts, dim=1)
         if cfg.uses_history:
             behaviors, mask, similarity = self._select_from_history(target, embeddings, history_scores)
         else:
             _check_width("batch.gsu_scores", gsu_scores, cfg.k)
             behaviors, mask = padded_behaviors(embeddings["gsu_item"], embeddings["gsu_cat"], cfg.k)
             similarity = gsu_scores
-        recent_mask = length_mask(recent_lengths, cfg.recent_len)
         parts.append(self.esu(target, behaviors, mask, similarity, recent_scores, recent_mask))
         return torch.cat(parts, dim=1)
 
@@ -132,11 +139,12 @@ class MuseModel(nn.Module):
         window is the same R behaviors, given once in ``batch.sequence_features`` (recent_item / recent_cat: R
         values, all in the first sample; ``recent_scores`` stays [B, S], per candidate); DIN then scores the B x R
         pairs without repeating the keys (``DinAttention.forward_shared``). Equal to the batch with the window
-        repeated in every sample."""
+        repeated in every sample. A batch with ``gsu_index`` (``Batch``) gives the selected behaviors once too, and the
+        ESU attends over them by index (``TargetAttention.forward_shared``)."""
         sequence = self.sequence_ec(batch.sequence_features)
         sparse = self.sparse_ebc(batch.sparse_features)
         interest = self.interest_arch(sequence, batch.recent_scores, batch.gsu_scores, batch.history_scores,
-                                      shared_recent=shared_recent)
+                                      shared_recent=shared_recent, gsu_index=batch.gsu_index)
         return self.over_arch(sparse, interest)
 
 

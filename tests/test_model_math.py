@@ -321,13 +321,23 @@ def test_dice_in_eval_is_the_running_statistics_formula():
     torch.testing.assert_close(dice.train()(x), batch * x + (1 - batch) * dice.alpha * x, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("activation,hidden", [("dice", (8, 6)), ("prelu", (8, 6)), ("dice", ())])
+@pytest.mark.parametrize("activation,hidden", [("dice", (8, 6)), ("prelu", (8, 6)), ("dice", ()), ("dice", (13, 16, 5))])
 @pytest.mark.parametrize("keys_count", [0, 1, 7])
-def test_din_shared_keys_equal_the_jagged_attention_with_the_keys_repeated(activation, hidden, keys_count, monkeypatch):
-    """forward_shared(query [B, E], keys [R, E]) = forward of B samples each holding the same R keys, also when the
-    queries are split into several blocks (SHARED_PAIRS small) and for R = 0 (zeros); training mode is refused."""
+@pytest.mark.parametrize("native", [True, False])
+def test_din_shared_keys_equal_the_jagged_attention_with_the_keys_repeated(activation, hidden, keys_count, native,
+                                                                          monkeypatch):
+    """forward_shared(query [B, E], keys [R, E]) = forward of B samples each holding the same R keys: through the C
+    kernel (model.din_native: Dice MLPs, widths padded to multiples of 8, pairs in tiles that cross queries) and
+    through the torch blocks (also when the queries are split into several blocks, SHARED_PAIRS small); for R = 0
+    zeros; training mode is refused."""
     import model.attention as attention
+    from model import din_native
+    from model.gsu import cbuild
 
+    if native and din_native.LIBRARY.function("muse_din_scores") is None:
+        pytest.skip(f"no native kernel here: {din_native.LIBRARY.reason()}")
+    if not native:
+        monkeypatch.setattr(din_native, "LIBRARY", cbuild.Library.absent("test: no compiler"))
     monkeypatch.setattr(attention, "SHARED_PAIRS", 10)  # blocks of 10 // R queries: several blocks and a short one
     torch.manual_seed(11)
     module = DinAttention(dim=4, hidden=hidden, activation=activation)
@@ -351,6 +361,50 @@ def test_din_shared_keys_equal_the_jagged_attention_with_the_keys_repeated(activ
         torch.testing.assert_close(weights.sum(1), torch.ones(b))
     with pytest.raises(RuntimeError, match="inference only"):
         module.train().shared_weights(query, keys)
+
+
+def test_din_native_kernel_follows_changed_weights_and_statistics():
+    """The kernel's prepared weights are rebuilt when a parameter or running statistic changes in place."""
+    from model import din_native
+
+    if din_native.LIBRARY.function("muse_din_scores") is None:
+        pytest.skip(f"no native kernel here: {din_native.LIBRARY.reason()}")
+    torch.manual_seed(3)
+    module = DinAttention(dim=4, hidden=(8,), activation="dice").eval()
+    query, keys = torch.randn(5, 4), torch.randn(3, 4)
+    before = din_native.scores(module, query, keys)
+    with torch.no_grad():
+        module.mlp[1].norm.running_mean.add_(0.5)
+        module.score.weight.mul_(2)
+    lengths, offsets = torch.full((5,), 3), torch.arange(6) * 3
+    expected = module(query, keys.repeat(5, 1), lengths, offsets, length=3)
+    torch.testing.assert_close(module.forward_shared(query, keys), expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(din_native.scores(module, query, keys), before)
+
+
+@pytest.mark.parametrize("projections", [False, True])
+@pytest.mark.parametrize("similarity_aware", [False, True])
+def test_target_attention_over_shared_behaviors_equals_the_gathered_behaviors(projections, similarity_aware):
+    """forward_shared(query, distinct [U, E], index [B, K]) = forward over behaviors distinct[index] (masked where the
+    index is -1; projections taken once per distinct behavior); no behavior at all pools to zeros."""
+    torch.manual_seed(4)
+    module = TargetAttention(6, 5, similarity_aware, r_temperature=0.3 if similarity_aware else None,
+                             projections=projections).eval()
+    if module.gates is not None:
+        module.gates.data.uniform_(0.5, 1.5)
+    b, k, u = 7, 4, 9
+    query, distinct = torch.randn(b, 6), torch.randn(u, 6)
+    index = torch.randint(0, u, (b, k))
+    index[1, 2:] = -1
+    index[3] = -1
+    mask, similarity = index >= 0, torch.rand(b, k) * (index >= 0)
+    with torch.no_grad():
+        expected = module(query, distinct[index.clamp_min(0)], mask, similarity)
+        got = module.forward_shared(query, distinct, index, mask, similarity)
+        empty = module.forward_shared(query, distinct[:0], torch.full((b, k), -1), torch.zeros(b, k, dtype=torch.bool),
+                                      torch.zeros(b, k))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[3], torch.zeros(6)) and torch.equal(empty, torch.zeros(b, 6))
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -41,6 +41,8 @@ class Selected:
     recent_scores: float32 [B, S] their cosines with the target, 0 past the sample's count.
     gsu_item, gsu_cat: int64 [sum(gsu_lengths)] the GSU's selected behaviors in its order; gsu_lengths [B].
     gsu_scores: float32 [B, K] their cosines R, 0 past the sample's count.
+    gsu_index: None, or (one user's candidates, ``Batch.gsu_index``) int64 [B, K]: gsu_item / gsu_cat then hold the
+               U distinct selected behaviors (gsu_lengths [U, 0, ...]) and slot j of sample b is gsu_index[b, j].
     """
 
     recent_item: torch.Tensor
@@ -51,6 +53,7 @@ class Selected:
     gsu_cat: torch.Tensor
     gsu_lengths: torch.Tensor
     gsu_scores: torch.Tensor
+    gsu_index: Optional[torch.Tensor] = None
 
 
 class GsuStage:
@@ -191,6 +194,7 @@ def assemble_batch(samples: Any, selected: Selected, history: Optional[Tuple[tor
         recent_scores=selected.recent_scores,
         gsu_scores=selected.gsu_scores,
         history_scores=history_scores,
+        gsu_index=selected.gsu_index,
     )
 
 
