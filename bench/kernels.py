@@ -6,8 +6,9 @@
   ``--lengths`` behaviors drawn with Zipf popularity as ``muse bench serve`` draws them. Results must be identical.
 - ``Dice``: eval Dice without autograd over [``--pairs``, 80] activations (the C kernel, ``model.dice_native``, vs
   torch's four passes); largest absolute difference printed.
-- ``DIN``: ``DinAttention`` of ``--candidates`` queries over the same 50 keys: the jagged forward (keys repeated per
-  query) vs ``forward_shared`` (keys once, cache-sized blocks); largest difference printed.
+- ``DIN kernel``: ``DinAttention.forward_shared`` of ``--candidates`` queries over the same 50 keys with the MLP in
+  one C call (``model.din_native``) vs in torch blocks of ~4K pairs (``_SharedBlock``); largest difference printed.
+- ``DIN``: the same against the jagged forward (the keys repeated per query), as serving ran before either.
 
 Each method is timed ``--repeats`` times in turns (so a burst of load slows all alike) and the best kept; the CPU
 capability torch dispatches on, the kernels that loaded and the load average are printed with the ratios.
@@ -26,7 +27,7 @@ from tabulate import tabulate
 from bench.serve_package import OwnPackageConfig, content_table, histories
 from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
-from model import dice_native
+from model import dice_native, din_native
 from model.attention import DinAttention
 from model.gsu import cbuild, dense_select
 from model.gsu.topk import cosine_topk
@@ -110,6 +111,23 @@ def _dice_row(args: argparse.Namespace) -> Dict[str, object]:
             "torch_ms": times["torch"], "check": f"max |diff| {diff:.1e}"}
 
 
+def _din_kernel_row(args: argparse.Namespace) -> Dict[str, object]:
+    torch.manual_seed(args.seed)
+    din = DinAttention(32, (80, 40), "dice").eval()
+    query, keys = torch.randn(args.candidates, 32), torch.randn(50, 32)
+
+    def blocks():
+        with _without(din_native, "din"):
+            return din.forward_shared(query, keys)
+
+    with torch.no_grad():
+        native = lambda: din.forward_shared(query, keys)  # noqa: E731
+        times = _best_in_turns({"native": native, "torch": blocks}, args.repeats)
+        diff = float((native() - blocks()).abs().max())
+    return {"kernel": "DIN MLP (C) vs torch blocks", "case": f"{args.candidates:,} queries x 50 keys",
+            "native_ms": times["native"], "torch_ms": times["torch"], "check": f"max |diff| {diff:.1e}"}
+
+
 def _din_row(args: argparse.Namespace) -> Dict[str, object]:
     torch.manual_seed(args.seed)
     din = DinAttention(32, (80, 40), "dice").eval()
@@ -136,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     loaded = {"dense_select": dense_select.LIBRARY.reason() or "native",
-              "dice": dice_native.LIBRARY.reason() or "native"}
-    rows = _dense_rows(args) + [_dice_row(args), _din_row(args)]
+              "dice": dice_native.LIBRARY.reason() or "native", "din": din_native.LIBRARY.reason() or "native"}
+    rows = _dense_rows(args) + [_dice_row(args), _din_kernel_row(args), _din_row(args)]
     for row in rows:
         row["ratio"] = row["torch_ms"] / row["native_ms"]
     capability = str(torch.backends.cpu.get_cpu_capability())
@@ -146,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     print(tabulate([[r["kernel"], r["case"], f"{r['native_ms']:.2f}", f"{r['torch_ms']:.2f}", f"{r['ratio']:.2f}x",
                      r["check"]] for r in rows],
                    headers=["kernel", "case", "new ms", "torch ms", "torch / new", "check"]))
-    print("(DIN: 'new' is forward_shared, 'torch' the jagged forward over the repeated keys; both run the Dice kernel)")
+    print("(DIN: 'new' is forward_shared (the C MLP), 'torch' the jagged forward over the repeated keys; both run the Dice "
+          "kernel)")
     if args.json:
         payload = {"cpu_capability": capability, "threads": 1, "kernels": loaded, "load_before": load_before,
                    "load_after": os.getloadavg(), "args": vars(args), "rows": rows}

@@ -41,6 +41,7 @@ from inference.export import export_package
 from inference.loader import load_predictor
 from inference.predict import RawIds
 from bench.serve_package import OwnPackageConfig, build_own_package
+from serving.config import MAX_RANK_PROCESSES
 
 MIN_REQUESTS = 50
 POOL_USERS = 32
@@ -317,6 +318,8 @@ def _check(args: argparse.Namespace) -> None:
     for flag in ("threads", "rank_processes"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')}: must be >= 1 (got {getattr(args, flag)})")
+    if args.rank_processes is not None and args.rank_processes > MAX_RANK_PROCESSES:
+        raise UserError(f"--rank-processes: must lie in [1, {MAX_RANK_PROCESSES}] (got {args.rank_processes})")
     if args.rank_processes is not None and not args.serve:
         raise UserError("--rank-processes: a setting of the server --serve starts (with --url, start the server with it)")
     if args.threads is not None and (args.serve or args.url):

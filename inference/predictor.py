@@ -292,7 +292,8 @@ class Predictor:
                           content: Optional[HistoryContent]) -> Selected:
         """What the multimodal GSU stage selects for C candidates sharing one history (``GsuStage.select`` of the
         C rows, without any [C, L] tensor): the recent window (the same for all, given once: in the first sample,
-        for the model's ``shared_recent``; its cosines per candidate) and each candidate's top K.
+        for the model's ``shared_recent``; its cosines per candidate) and each candidate's top K, as ``gsu_index``
+        into the selected positions given once (``Batch.gsu_index``; the model's ESU attends over them by index).
 
         With ``content``, the cosines are taken in a small table: the content rows, then the candidates' rows.
         Cosines of int8 rows are exact integer dot products over the stored norms and the GSU's filter bound

@@ -17,7 +17,8 @@ class ServeConfig:
              ``muse export`` writes it).
     histories: history store directory (``DATA/<split>/histories``); None = ``<package>.histories`` when it exists.
     host, port: where the listening socket is bound (port 0: a free port, printed at start).
-    workers: worker processes sharing the socket; rank_processes: processes per worker (None = cpus / workers): a
+    workers: worker processes sharing the socket; rank_processes: processes per worker (None = cpus / workers, at
+             most ``MAX_RANK_PROCESSES``): a
              rank's candidates are scored in up to this many parts at once, one in the worker and one in each of its
              rank_processes - 1 helper processes (``serving.rank_processes``), torch at one intra-op thread in each
              (measured faster than torch's own threads, or threads over parts: docs/serving.md).
@@ -61,7 +62,7 @@ class ServeConfig:
     @property
     def rank_parts(self) -> int:
         """Processes a worker scores one rank in: ``rank_processes``, or cpus / workers (at least 1)."""
-        return self.rank_processes or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.rank_processes or max(1, min(MAX_RANK_PROCESSES, (os.cpu_count() or 1) // self.workers))
 
     @property
     def cache_bytes(self) -> int:

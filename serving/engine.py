@@ -116,7 +116,8 @@ def _mapped_blob(path: str, records: Dict[str, str], entry: Dict[str, Any]) -> O
 # the engine loads, so a first rank does not wait for a compiler.
 KERNELS = {"gsu_filter": ("model.gsu.native", "muse_gather_dots_i8"),
            "gsu_dense_select": ("model.gsu.dense_select", "muse_dense_select"),
-           "pq_scan": ("model.gsu.pq_native", "muse_pq_scan"), "dice": ("model.dice_native", "muse_dice_")}
+           "pq_scan": ("model.gsu.pq_native", "muse_pq_scan"), "dice": ("model.dice_native", "muse_dice_"),
+           "din": ("model.din_native", "muse_din_scores")}
 
 
 def kernel_status(importer: PackageImporter) -> Dict[str, str]:
@@ -282,11 +283,11 @@ class Engine:
             return torch.zeros(0), facts
         side = {field: p.indices(space, torch.from_numpy(request.side[field]))
                 for field, space in SIDE_SPACES.items() if field in request.side}
-        helpers = self.helpers.acquire() if self.helpers is not None else []
+        helpers = self.helpers.acquire() if self.helpers is not None else None  # None: not ours this rank
         try:
-            return self._rank_parts(rows, cand, side, helpers), facts
+            return self._rank_parts(rows, cand, side, helpers or []), facts
         finally:
-            if self.helpers is not None:
+            if helpers is not None:
                 self.helpers.release(helpers)
 
     def _rank_parts(self, rows: UserRows, cand: torch.Tensor, side: Dict[str, torch.Tensor],
@@ -307,8 +308,15 @@ class Engine:
                 return p.rank_indices(rows.user, rows.profile, cand[part], rows.items, rows.cats, content=local,
                                       **given(part))
 
-        sent = {i: helper for i, helper in enumerate(helpers, start=1) if i < len(parts) and helper.send(
-            part_message(rows.user, rows.profile, cand[parts[i]], rows.items, rows.cats, given(parts[i]), local))}
+        sent = {}
+        for i, helper in enumerate(helpers[:len(parts) - 1], start=1):
+            try:
+                message = part_message(rows.user, rows.profile, cand[parts[i]], rows.items, rows.cats, given(parts[i]),
+                                       local)
+            except Exception:  # noqa: BLE001 - a part that cannot travel is scored here
+                continue
+            helper.send(message)
+            sent[i] = helper
         results: Dict[int, torch.Tensor] = {}
         try:
             results[0] = score(parts[0])

@@ -14,13 +14,16 @@ the part's candidates and side features, the history (vocabulary indices) and, f
 history's content rows (``HistoryContent``: ~70 KB for 1,000 behaviors, ~4 MB for 100,000); the answer is the
 part's float32 scores, or an error text.
 
-A helper that dies, or takes more than ``PART_TIMEOUT`` seconds, is stopped and its part scored by the worker
-(the rank answers, with the same scores); a new helper replaces it in the background, at most ``MAX_RESTARTS``
-times within ``RESTART_WINDOW`` seconds. A part the helper answers with an error is scored by the worker too, so
-a bad input fails as it would without helpers. A helper exits when its pipe closes: when the engine that owns it
+A part is sent from a thread of its own, so a helper that stops reading cannot block the worker. A helper that dies,
+or does not answer within ``PART_TIMEOUT`` seconds, is stopped and its part scored by the worker (the rank answers,
+with the same scores); a new helper replaces it in the background, at most ``MAX_RESTARTS`` times within
+``RESTART_WINDOW`` seconds (later ones wait for the window). A part the helper answers with an error is scored by
+the worker too, so a bad input fails as it would without helpers; a part that cannot be encoded is scored there
+as well. A helper exits when its pipe closes: when the engine that owns it
 is freed (after a reload, once the last request on the old package has ended) or when its worker dies.
 """
 
+import dataclasses
 import multiprocessing
 import os
 import pickle
@@ -38,7 +41,6 @@ PART_TIMEOUT = 60.0
 READY_TIMEOUT = 600.0
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
-CONTENT_FIELDS = ("slots", "rows", "sq_norm", "ids")
 _ALIGN = 64
 _HEAD = struct.Struct("<Q")
 
@@ -93,8 +95,8 @@ def part_message(user: torch.Tensor, profile: torch.Tensor, candidates: torch.Te
     """The message of one part: ``Predictor.rank_indices``' arguments (side: its candidate_* keywords; content: a
     ``HistoryContent`` or None)."""
     tensors = {"user": user, "profile": profile, "candidates": candidates, "items": items, "cats": cats, **side}
-    if content is not None:
-        tensors.update({f"content.{field}": getattr(content, field) for field in CONTENT_FIELDS})
+    if content is not None:  # its own fields: a package's HistoryContent may predate some (``ids``)
+        tensors.update({f"content.{f.name}": getattr(content, f.name) for f in dataclasses.fields(content)})
     return encode(tensors)
 
 
@@ -104,7 +106,8 @@ def score_part(predictor: Any, content_type: Any, tensors: Dict[str, torch.Tenso
     if "content.slots" in tensors:
         if content_type is None:
             raise ValueError("content: this package has no HistoryContent")
-        content = content_type(**{field: tensors[f"content.{field}"] for field in CONTENT_FIELDS})
+        content = content_type(**{name[len("content."):]: value for name, value in tensors.items()
+                                  if name.startswith("content.")})
     side = {name: tensors.get(name) for name in ("candidate_cats", "candidate_cities", "candidate_provinces")}
     with torch.inference_mode():
         return predictor.rank_indices(tensors["user"], tensors["profile"], tensors["candidates"], tensors["items"],
@@ -162,6 +165,8 @@ class Helper:
         self.proc.start()
         child.close()  # the worker keeps only its end: the helper sees EOF when the worker goes
         self.state, self.reason = "loading", None
+        self.errors = 0  # parts it answered with an error
+        self._sender: Optional[threading.Thread] = None
 
     def await_ready(self, package_id: str, timeout: float) -> bool:
         """Wait for the helper's first word; ready only when it loaded ``package_id``."""
@@ -178,12 +183,24 @@ class Helper:
         self.state = "ready"
         return True
 
-    def send(self, message: bytes) -> bool:
-        try:
-            self.conn.send_bytes(message)
-            return True
-        except OSError:
-            return self._fail("its pipe closed")
+    @property
+    def alive(self) -> bool:
+        """Ready and its process running (one killed while idle is found here, before a part is sent to it)."""
+        if self.state == "ready" and self.proc.exitcode is not None:
+            self._fail(f"exited with code {self.proc.exitcode}")
+        return self.state == "ready"
+
+    def send(self, message: bytes) -> None:
+        """Start sending a part, in a thread of its own: a helper that stops reading (stopped, hung) cannot block the
+        worker, whose wait for the answer (``receive``) has a deadline; the worker scores its own part meanwhile."""
+        def write() -> None:
+            try:
+                self.conn.send_bytes(message)
+            except (OSError, ValueError):  # closed meanwhile: ``receive`` sees the end of the pipe
+                pass
+
+        self._sender = threading.Thread(target=write, name="muse-rank-send", daemon=True)
+        self._sender.start()
 
     def receive(self, count: int, timeout: float) -> Optional[torch.Tensor]:
         """The part's float32 [count] scores, or None (the helper answered an error, or failed: see ``state``)."""
@@ -193,31 +210,49 @@ class Helper:
                 return None
             reply = self.conn.recv_bytes()
         except (EOFError, OSError):
-            self._fail(f"exited with code {self.proc.exitcode}")
+            self._fail(f"exited with code {self.proc.exitcode}" if self.proc.exitcode is not None else "its pipe closed")
+            return None
+        if self._sender is not None:  # an answer means the helper read the whole part: the sender is done
+            self._sender.join()
+            self._sender = None
+        if reply[:1] == b"E":
+            self.errors += 1
+            self.reason = reply[1:].decode("utf-8", "replace")
             return None
         if reply[:1] != b"S" or len(reply) != 1 + 4 * count:
+            self._fail(f"answered {len(reply)} bytes for {count} scores")
             return None
         return torch.frombuffer(bytearray(reply[1:]), dtype=torch.float32) if count else torch.zeros(0)
 
     def _fail(self, reason: str) -> bool:
+        """A helper that failed is killed at once (a hung one too; a send blocked on it then ends)."""
         self.state, self.reason = "failed", reason
-        self.close()
+        self.close(kill=True)
         return False
 
-    def close(self) -> None:
-        """Close the pipe (the helper exits on EOF) and reap the process (killed if it does not exit)."""
+    def close(self, kill: bool = False) -> None:
+        """Close the pipe (the helper exits on EOF) and reap the process in the background (killed if it has not
+        exited within 5 s, or at once with ``kill``): closing never waits for the helper."""
         if self.state != "failed":
             self.state = "closed"
-        self.conn.close()
-        self.proc.join(2.0)
-        if self.proc.exitcode is None:
+        if kill and self.proc.exitcode is None:
             self.proc.kill()
-            self.proc.join(5.0)
+        self.conn.close()
+        threading.Thread(target=_reap, args=(self.proc,), name="muse-rank-reap", daemon=True).start()
+
+
+def _reap(proc: Any) -> None:
+    proc.join(5.0)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join(5.0)
 
 
 class RankProcesses:
     """The helpers of one engine: ``count`` spawned at construction (they load the package while the worker does),
-    ``await_ready`` once the worker knows its package id, then ``acquire`` / ``release`` around each rank."""
+    ``await_ready`` once the worker knows its package id, then ``acquire`` / ``release`` around each rank. A failed
+    helper is replaced in the background, at most ``MAX_RESTARTS`` times within ``RESTART_WINDOW`` seconds; beyond
+    that it is retried at a later rank, once the window allows."""
 
     def __init__(self, count: int, package: str, announce=None) -> None:
         self.package = package
@@ -226,8 +261,10 @@ class RankProcesses:
         self.helpers: List[Helper] = [Helper(self.ctx, package) for _ in range(count)]
         self.package_id: Optional[str] = None
         self._lock = threading.Lock()  # one rank at a time uses the helpers
-        self._guard = threading.Lock()  # the list of helpers
+        self._guard = threading.Lock()  # the list of helpers, the replacements
         self._restarts: List[float] = []
+        self._replacing: set = set()  # ids of the failed helpers a replacement is starting for
+        self._said_limit = False
         self._closed = False
 
     def await_ready(self, package_id: str, timeout: float = READY_TIMEOUT) -> None:
@@ -236,34 +273,54 @@ class RankProcesses:
             if not helper.await_ready(package_id, timeout):
                 self.announce(f"muse serve: rank process {i + 1} not used: {helper.reason}")
 
-    def acquire(self) -> List[Helper]:
-        """The ready helpers for one rank ([] while another rank holds them); ``release`` them after."""
+    def acquire(self) -> Optional[List[Helper]]:
+        """The ready helpers for one rank (perhaps none), or None while another rank holds them; after a list (even
+        an empty one), ``release`` it."""
         if not self._lock.acquire(blocking=False):
-            return []
+            return None
         with self._guard:
-            return [h for h in self.helpers if h.state == "ready"]
+            helpers = list(self.helpers)
+        ready = [h for h in helpers if h.alive]  # a helper found dead here fails now
+        for helper in helpers:
+            if helper.state == "failed":  # found dead, or one whose replacement the restart limit held back
+                self._replace(helper)
+        return ready
 
     def release(self, used: List[Helper]) -> None:
-        """End a rank: replace the helpers among ``used`` that failed during it."""
-        failed = [h for h in used if h.state == "failed"]
+        """End a rank (``used``: what ``acquire`` gave): replace the helpers that failed during it, say which answered
+        an error."""
         self._lock.release()
-        for helper in failed:
-            self.announce(f"muse serve: a rank process failed ({helper.reason}); its part was scored in the worker")
-            self._replace(helper)
+        for helper in used:
+            if helper.state == "failed":
+                self.announce(f"muse serve: a rank process failed ({helper.reason}); its part was scored in the worker")
+                self._replace(helper)
+            elif helper.errors == 1:
+                helper.errors += 1  # said once per helper
+                self.announce(f"muse serve: a rank process answered an error, its part was scored in the worker "
+                              f"(said once): {helper.reason}")
 
     def _replace(self, old: Helper) -> None:
         now = time.monotonic()
         with self._guard:
-            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW]
-            if self._closed or len(self._restarts) >= MAX_RESTARTS:
+            if self._closed or id(old) in self._replacing or old not in self.helpers:
                 return
+            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW]
+            if len(self._restarts) >= MAX_RESTARTS:
+                if not self._said_limit:
+                    self._said_limit = True
+                    self.announce(f"muse serve: {MAX_RESTARTS} rank processes replaced within {RESTART_WINDOW:.0f} s; "
+                                  "the next replacement waits for that window (ranks are scored in the worker meanwhile)")
+                return
+            self._said_limit = False
             self._restarts.append(now)
+            self._replacing.add(id(old))
         threading.Thread(target=self._start_in_place, args=(old,), name="muse-rank-restart", daemon=True).start()
 
     def _start_in_place(self, old: Helper) -> None:
         helper = Helper(self.ctx, self.package)
         helper.await_ready(self.package_id or "", READY_TIMEOUT)
         with self._guard:
+            self._replacing.discard(id(old))
             if self._closed or old not in self.helpers:
                 helper.close()
                 return
@@ -274,7 +331,8 @@ class RankProcesses:
     def describe(self) -> Dict[str, int]:
         """{"helpers": configured, "ready": ready now} for /health."""
         with self._guard:
-            return {"helpers": len(self.helpers), "ready": sum(h.state == "ready" for h in self.helpers)}
+            helpers = list(self.helpers)
+        return {"helpers": len(helpers), "ready": sum(h.alive for h in helpers)}
 
     def close(self) -> None:
         with self._guard:

@@ -339,8 +339,8 @@ def test_bench_kernels_reports_each_kernel_against_its_torch_ops(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["cpu_capability"] == str(torch.backends.cpu.get_cpu_capability())
     rows = {row["kernel"]: row for row in payload["rows"]}
-    assert set(rows) == {"dense top-K", "Dice (eval)", "DIN, shared keys"}
+    assert set(rows) == {"dense top-K", "Dice (eval)", "DIN MLP (C) vs torch blocks", "DIN, shared keys"}
     assert rows["dense top-K"]["check"] == "identical: yes"
-    for name in ("Dice (eval)", "DIN, shared keys"):
+    for name in ("Dice (eval)", "DIN MLP (C) vs torch blocks", "DIN, shared keys"):
         assert float(rows[name]["check"].split()[-1]) < 1e-5
         assert rows[name]["native_ms"] > 0 and rows[name]["torch_ms"] > 0

@@ -129,11 +129,14 @@ def test_engine_scores_equal_predictor_score_with_and_without_prefetch(packages,
     assert not torch.allclose(got, _reference(predictor, raw_ids, index, raw_user, candidates), atol=1e-6, rtol=0)
 
 
-def test_an_engine_with_a_rank_process_ranks_in_parts_gives_the_one_call_scores_and_survives_its_death(packages, users):
+def test_an_engine_with_a_rank_process_ranks_in_parts_gives_the_one_call_scores_and_survives_its_death(
+        packages, users, monkeypatch):
     """rank_processes=2: 200 candidates in 2 parts (at least MIN_PART each; 100 candidates in 1), the second scored in
     a helper process; the scores (with side features, after a prefetch, and with an explicit history) are those of
     the one-process engine. A helper killed between ranks: the next rank still answers the same scores (its part
-    scored in the engine's own process) and a new helper replaces it."""
+    scored in the engine's own process) and a new helper replaces it. A helper stopped (SIGSTOP): the rank answers
+    after the part timeout, with the same scores, and the helper is killed."""
+    import serving.engine as serving_engine
     from serving.engine import MIN_PART, _parts
 
     assert _parts(200, 3) == [slice(0, 66), slice(66, 133), slice(133, 200)]
@@ -169,6 +172,17 @@ def test_an_engine_with_a_rank_process_ranks_in_parts_gives_the_one_call_scores_
         time.sleep(0.2)
     assert two.rank_processes() == {"processes": 2, "ready": 2} and two.helpers.helpers[0] is not helper
     assert torch.allclose(two.rank(requests[0])[0], one.rank(requests[0])[0], atol=1e-6, rtol=0)
+    stopped = two.helpers.helpers[0]  # a helper that stops reading: the rank answers after the part timeout
+    os.kill(stopped.proc.pid, signal.SIGSTOP)
+    monkeypatch.setattr(serving_engine, "PART_TIMEOUT", 1.0)
+    start = time.perf_counter()
+    split, _ = two.rank(requests[1])
+    assert time.perf_counter() - start < 10 and stopped.state == "failed" and "no answer" in stopped.reason
+    assert torch.allclose(split, one.rank(requests[1])[0], atol=1e-6, rtol=0)
+    deadline = time.time() + 15
+    while _alive(stopped.proc.pid) and time.time() < deadline:  # killed at once, reaped in the background
+        time.sleep(0.1)
+    assert not _alive(stopped.proc.pid)
     replacement = two.helpers.helpers[0].proc
     del two, engine
     import gc
@@ -176,6 +190,46 @@ def test_an_engine_with_a_rank_process_ranks_in_parts_gives_the_one_call_scores_
     gc.collect()  # the engine freed: its helpers exit
     replacement.join(10)
     assert replacement.exitcode is not None
+
+
+def test_rank_processes_serve_one_rank_at_a_time_and_parts_carry_the_content_fields_a_package_has(tmp_path):
+    """acquire: the helpers for one rank, None to a second rank meanwhile (it scores alone), again after release.
+    A part message carries the content's own dataclass fields (a package's HistoryContent may predate ``ids``) and
+    score_part rebuilds the package's class from them."""
+    from serving.rank_processes import RankProcesses, decode, part_message, score_part
+
+    helpers = RankProcesses(0, str(tmp_path / "unused.pt"))
+    first = helpers.acquire()
+    assert first == [] and helpers.acquire() is None
+    helpers.release(first)
+    again = helpers.acquire()
+    assert again == []
+    helpers.release(again)
+    helpers.close()
+
+    @dataclasses.dataclass(frozen=True)
+    class OldContent:  # before ``ids``
+        slots: torch.Tensor
+        rows: torch.Tensor
+        sq_norm: torch.Tensor
+
+    content = OldContent(torch.tensor([1, 0, 2]), torch.randint(-5, 5, (3, 4), dtype=torch.int8), torch.rand(3))
+    seen = {}
+
+    class Predictor:
+        def rank_indices(self, user, profile, candidates, items, cats, content=None, **side):
+            seen.update(content=content, side=side)
+            return torch.zeros(candidates.shape[0])
+
+    tensors = decode(part_message(torch.tensor([3]), torch.zeros(5, dtype=torch.int64), torch.arange(4),
+                                  torch.arange(3), torch.arange(3), {"candidate_cats": torch.ones(4, dtype=torch.int64),
+                                                                     "candidate_cities": None}, content))
+    assert score_part(Predictor(), OldContent, tensors).shape == (4,)
+    rebuilt = seen["content"]
+    assert isinstance(rebuilt, OldContent) and all(torch.equal(getattr(rebuilt, f), getattr(content, f))
+                                                   for f in ("slots", "rows", "sq_norm"))
+    assert torch.equal(seen["side"]["candidate_cats"], torch.ones(4, dtype=torch.int64))
+    assert seen["side"]["candidate_cities"] is None
 
 
 def test_rank_process_messages_round_trip_every_dtype_and_shape():
@@ -452,7 +506,7 @@ def test_served_scores_equal_predictor_score(server, users):
     assert status == 200 and health["package"]["histories"] and health["generation"] == 1
     assert health["rank_processes"] == {"processes": 2, "ready": 2}
     kernels = health["package"]["kernels"]  # each C kernel native or the torch fallback with its reason
-    assert set(kernels) == {"gsu_filter", "gsu_dense_select", "pq_scan", "dice"}
+    assert set(kernels) == {"gsu_filter", "gsu_dense_select", "pq_scan", "dice", "din"}
     assert all(v == "native" or v.startswith("torch fallback: ") for v in kernels.values())
     for seed, (raw_user, index) in enumerate(chosen[:3]):
         candidates = _candidates(items, 200, seed)
