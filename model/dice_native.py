@@ -20,15 +20,13 @@ import torch
 
 from model.gsu import cbuild
 
-SOURCE = r"""
-#include <stdint.h>
-#include <math.h>
-#if defined(__AVX2__)
-#include <immintrin.h>
-
-/* exp and the Dice rows, written once over MADD(a, b, c) = a * b + c: plain AVX2 (a multiply, then an add) and,
-   where the CPU has it, FMA (one fused operation, compiled for that target only and chosen at run time). */
-#define DICE_AVX2(SUFFIX, ATTR, MADD)                                                                         \
+# Eval Dice of 8 lanes (exp, sigmoid, gate), pasted into this kernel and the DIN kernel (``model.din_native``);
+# needs immintrin.h and __AVX2__. Written once over MADD(a, b, c) = a * b + c: plain AVX2 (a multiply, then an add)
+# and, where the CPU has it, FMA (one fused operation, compiled for that target only and chosen at run time).
+DICE8_C = r"""
+#define MADD_PLAIN(a, b, c) _mm256_add_ps(_mm256_mul_ps((a), (b)), (c))
+#define MADD_FUSED(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define DICE8(SUFFIX, ATTR, MADD)                                                                             \
   ATTR static inline __m256 exp8_##SUFFIX(__m256 y) {                                                         \
     y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));                       \
     __m256 n = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(1.44269504088896341f)),                        \
@@ -45,24 +43,39 @@ SOURCE = r"""
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);       \
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));                                                          \
   }                                                                                                           \
+  /* v (alpha + sigmoid(v inv + shift) (1 - alpha)) */                                                        \
+  ATTR static inline __m256 dice8_##SUFFIX(__m256 v, __m256 inv, __m256 shift, __m256 alpha, __m256 oma) {    \
+    const __m256 one = _mm256_set1_ps(1.0f);                                                                  \
+    __m256 z = MADD(v, inv, shift);                                                                           \
+    __m256 p = _mm256_div_ps(one, _mm256_add_ps(one, exp8_##SUFFIX(_mm256_sub_ps(_mm256_setzero_ps(), z)))); \
+    return _mm256_mul_ps(v, MADD(p, oma, alpha));                                                             \
+  }
+DICE8(plain, , MADD_PLAIN)
+#if defined(__GNUC__)
+DICE8(fused, __attribute__((target("avx2,fma"))), MADD_FUSED)
+#endif
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+""" + DICE8_C + r"""
+/* The Dice rows over ``dice8``, plain AVX2 and FMA. */
+#define DICE_AVX2(SUFFIX, ATTR)                                                                               \
   ATTR static int64_t rows_##SUFFIX(float *row, int64_t width, const float *inv, const float *shift,          \
                                     const float *alpha, const float *one_minus_alpha) {                       \
-    const __m256 one = _mm256_set1_ps(1.0f);                                                                  \
     int64_t j = 0;                                                                                            \
-    for (; j + 8 <= width; j += 8) {                                                                          \
-      __m256 v = _mm256_loadu_ps(row + j);                                                                    \
-      __m256 z = MADD(v, _mm256_loadu_ps(inv + j), _mm256_loadu_ps(shift + j));                               \
-      __m256 p = _mm256_div_ps(one, _mm256_add_ps(one, exp8_##SUFFIX(_mm256_sub_ps(_mm256_setzero_ps(), z)))); \
-      __m256 gate = MADD(p, _mm256_loadu_ps(one_minus_alpha + j), _mm256_loadu_ps(alpha + j));               \
-      _mm256_storeu_ps(row + j, _mm256_mul_ps(v, gate));                                                      \
-    }                                                                                                         \
+    for (; j + 8 <= width; j += 8)                                                                            \
+      _mm256_storeu_ps(row + j, dice8_##SUFFIX(_mm256_loadu_ps(row + j), _mm256_loadu_ps(inv + j),            \
+                                               _mm256_loadu_ps(shift + j), _mm256_loadu_ps(alpha + j),        \
+                                               _mm256_loadu_ps(one_minus_alpha + j)));                        \
     return j;                                                                                                 \
   }
-#define MADD_PLAIN(a, b, c) _mm256_add_ps(_mm256_mul_ps((a), (b)), (c))
-#define MADD_FUSED(a, b, c) _mm256_fmadd_ps((a), (b), (c))
-DICE_AVX2(plain, , MADD_PLAIN)
+DICE_AVX2(plain, )
 #if defined(__GNUC__)
-DICE_AVX2(fused, __attribute__((target("avx2,fma"))), MADD_FUSED)
+DICE_AVX2(fused, __attribute__((target("avx2,fma"))))
 #endif
 #endif
 

@@ -3,12 +3,12 @@
 
 Why: a 1,000-candidate rank scores 50,000 (candidate, recent behavior) pairs; in torch that is a dozen operations
 per block of ~4K pairs (broadcast adds, the pairwise products, two products, two Dice passes, the score layer),
-each writing its [pairs, H] activations out and reading them back. Here the pairs go four keys at a time through
-every layer in registers and a few KB of buffers: the first layer is query term + key term + (q * k) W_p^T
-(``DinAttention._first_layer``'s factorisation), each later layer W h + b, Dice after each (eval arithmetic, as
-``model.dice_native``), then the score layer. The products are 4 x 16 register tiles with fused multiply-adds where
-the CPU has FMA (chosen at run time; plain AVX2 otherwise; plain C without AVX2). ``muse bench kernels`` times it
-against the torch blocks it replaces.
+each writing its [pairs, H] activations out and reading them back. Here the pairs go six at a time (tiles may cross
+queries) through every layer in registers and a few KB of buffers: the first layer is query term + key term +
+(q * k) W_p^T (``DinAttention._first_layer``'s factorisation), each later layer W h + b, Dice after each (eval
+arithmetic, the 8-lane Dice of ``model.dice_native``), then the score layer. The products are 6 x 16 register tiles
+with fused multiply-adds where the CPU has FMA (chosen at run time; plain AVX2 otherwise; plain C without AVX2).
+``muse bench kernels`` times it against the torch blocks it replaces (1.25x on this AVX2 host, docs/serving.md).
 
 Widths that are not multiples of 8 are zero-padded by ``scores`` (a padded unit is 0 before and after Dice and has
 zero weight in the next layer). Equal to the torch path within float32 rounding (tests: 1e-5 on the pre-softmax
@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from model.dice_native import DICE8_C
 from model.gsu import cbuild
 from model.tower import Dice
 
@@ -41,7 +42,7 @@ static inline float dice1(float v, float inv, float shift, float alpha, float om
 
 #if defined(__AVX2__)
 #include <immintrin.h>
-
+""" + DICE8_C + r"""
 /* The tile product and Dice, written once over MADD(a, b, c) = a * b + c: plain AVX2 and, where the CPU has it,
    FMA (compiled for that target only, chosen at run time). tile: C[r, 0:N] += sum_k A[r, k] WT[k, 0:N] for
    ROWS rows (N a multiple of 8); dice: x[r, 0:N] <- Dice(x) with params p = [4, N]. */
@@ -80,37 +81,13 @@ static inline float dice1(float v, float inv, float shift, float alpha, float om
       for (int r = 0; r < ROWS; r++) _mm256_storeu_ps(C + r * ldc + c, a0[r]);                                \
     }                                                                                                         \
   }                                                                                                           \
-  ATTR static inline __m256 exp8_##SUFFIX(__m256 y) {                                                         \
-    y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));                       \
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(1.44269504088896341f)),                        \
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                                \
-    __m256 r = MADD(n, _mm256_set1_ps(-0.693359375f), y);                                                     \
-    r = MADD(n, _mm256_set1_ps(2.12194440e-4f), r);                                                           \
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);                                                              \
-    p = MADD(p, r, _mm256_set1_ps(1.3981999507e-3f));                                                         \
-    p = MADD(p, r, _mm256_set1_ps(8.3334519073e-3f));                                                         \
-    p = MADD(p, r, _mm256_set1_ps(4.1665795894e-2f));                                                         \
-    p = MADD(p, r, _mm256_set1_ps(1.6666665459e-1f));                                                         \
-    p = MADD(p, r, _mm256_set1_ps(5.0000001201e-1f));                                                         \
-    p = _mm256_add_ps(MADD(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));                                 \
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);       \
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));                                                          \
-  }                                                                                                           \
   ATTR static void dice_##SUFFIX(float *x, int64_t ld, int64_t N, const float *p) {                           \
-    const __m256 one = _mm256_set1_ps(1.0f);                                                                  \
-    for (int r = 0; r < ROWS; r++) {                                                                          \
-      float *row = x + r * ld;                                                                                \
-      for (int64_t j = 0; j < N; j += 8) {                                                                    \
-        __m256 v = _mm256_loadu_ps(row + j);                                                                  \
-        __m256 z = MADD(v, _mm256_loadu_ps(p + j), _mm256_loadu_ps(p + N + j));                               \
-        __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp8_##SUFFIX(_mm256_sub_ps(_mm256_setzero_ps(), z)))); \
-        __m256 gate = MADD(s, _mm256_loadu_ps(p + 3 * N + j), _mm256_loadu_ps(p + 2 * N + j));                \
-        _mm256_storeu_ps(row + j, _mm256_mul_ps(v, gate));                                                    \
-      }                                                                                                       \
-    }                                                                                                         \
+    for (int r = 0; r < ROWS; r++)                                                                            \
+      for (int64_t j = 0; j < N; j += 8)                                                                      \
+        _mm256_storeu_ps(x + r * ld + j, dice8_##SUFFIX(_mm256_loadu_ps(x + r * ld + j), _mm256_loadu_ps(p + j), \
+                                                        _mm256_loadu_ps(p + N + j), _mm256_loadu_ps(p + 2 * N + j), \
+                                                        _mm256_loadu_ps(p + 3 * N + j)));                    \
   }
-#define MADD_PLAIN(a, b, c) _mm256_add_ps(_mm256_mul_ps((a), (b)), (c))
-#define MADD_FUSED(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 DIN_AVX2(plain, , MADD_PLAIN)
 #if defined(__GNUC__)
 DIN_AVX2(fused, __attribute__((target("avx2,fma"))), MADD_FUSED)
