@@ -58,7 +58,7 @@ def build_app(state: WorkerState) -> Starlette:
     """The worker's ASGI app over ``state`` (its engine is read once per request)."""
     config, metrics = state.config, state.metrics
     limits = Limits(config.max_candidates, config.max_history)
-    compute = anyio.CapacityLimiter(1)  # one model computation at a time per worker (torch uses the threads)
+    compute = anyio.CapacityLimiter(1)  # one rank at a time per worker (its parts use the rank processes)
     prefetching = anyio.CapacityLimiter(_PREFETCH_THREADS)
 
     def endpoint(name: str, handler: Handler) -> Handler:
