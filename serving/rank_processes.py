@@ -43,6 +43,7 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 _ALIGN = 64
 _HEAD = struct.Struct("<Q")
+_ELAPSED = struct.Struct("<d")  # an answer's seconds in the helper (decode and score), before its scores
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def score_part(predictor: Any, content_type: Any, tensors: Dict[str, torch.Tenso
 
 def helper_main(conn: Any, package: str) -> None:
     """One helper process: load ``package``, say ("ready", package id) or ("failed", why), then answer part
-    messages (b"S" + float32 scores, or b"E" + error text) until the pipe closes."""
+    messages (b"S" + its seconds as a float64 + float32 scores, or b"E" + error text) until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the worker decides
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from common import quiet
@@ -137,9 +138,11 @@ def helper_main(conn: Any, package: str) -> None:
             data = conn.recv_bytes()
         except (EOFError, OSError):
             return
+        start = time.perf_counter()
         try:
             scores = score_part(engine.predictor, engine.content_type, decode(data))
-            reply = b"S" + scores.to(torch.float32).contiguous().numpy().tobytes()
+            reply = (b"S" + _ELAPSED.pack(time.perf_counter() - start)
+                     + scores.to(torch.float32).contiguous().numpy().tobytes())
         except Exception as err:  # noqa: BLE001 - the worker scores this part itself
             reply = b"E" + f"{type(err).__name__}: {err}".encode("utf-8", "replace")
         try:
@@ -166,6 +169,7 @@ class Helper:
         child.close()  # the worker keeps only its end: the helper sees EOF when the worker goes
         self.state, self.reason = "loading", None
         self.errors = 0  # parts it answered with an error
+        self.elapsed = 0.0  # seconds its last answer took in the helper
         self._sender: Optional[threading.Thread] = None
 
     def await_ready(self, package_id: str, timeout: float) -> bool:
@@ -219,10 +223,12 @@ class Helper:
             self.errors += 1
             self.reason = reply[1:].decode("utf-8", "replace")
             return None
-        if reply[:1] != b"S" or len(reply) != 1 + 4 * count:
+        head = 1 + _ELAPSED.size
+        if reply[:1] != b"S" or len(reply) != head + 4 * count:
             self._fail(f"answered {len(reply)} bytes for {count} scores")
             return None
-        return torch.frombuffer(bytearray(reply[1:]), dtype=torch.float32) if count else torch.zeros(0)
+        (self.elapsed,) = _ELAPSED.unpack_from(reply, 1)
+        return torch.frombuffer(bytearray(reply[head:]), dtype=torch.float32) if count else torch.zeros(0)
 
     def _fail(self, reason: str) -> bool:
         """A helper that failed is killed at once (a hung one too; a send blocked on it then ends)."""

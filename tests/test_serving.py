@@ -162,6 +162,12 @@ def test_an_engine_with_a_rank_process_ranks_in_parts_gives_the_one_call_scores_
         split, facts = two.rank(request)
         assert torch.allclose(split, one.rank(request)[0], atol=1e-6, rtol=0)
     assert len(sent) == 2 and facts["cache"] == "none"
+    assert 0.25 <= two.local_share <= 0.75  # learnt from the two ranks' timings
+    two.local_share = 0.7
+    assert two._split(400, 1) == [slice(0, 280), slice(280, 400)] and two._split(100, 1) == [slice(0, 100)]
+    assert two._split(200, 1) == [slice(0, 136), slice(136, 200)]  # never below MIN_PART for a helper
+    split, _ = two.rank(requests[0])  # unequal parts, the same scores
+    assert torch.allclose(split, one.rank(requests[0])[0], atol=1e-6, rtol=0)
     helper.proc.kill()
     helper.proc.join(10)
     split, _ = two.rank(requests[0])  # the dead helper's part: scored here
