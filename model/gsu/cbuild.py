@@ -1,6 +1,6 @@
 """Build and load the project's small C libraries (``model.gsu.native``, ``model.gsu.pq_native``,
-``model.gsu.dense_select``, ``model.dice_native``, each a ``Library``): compiled once per host, lazily, with the
-system C compiler, cached on disk, loaded with ``ctypes``.
+``model.gsu.dense_select``, ``model.dice_native``, ``model.din_native``, each a ``Library``): compiled once per
+host, lazily, with the system C compiler, cached on disk, loaded with ``ctypes``.
 
 The compiler is ``CC`` (split as a shell would, e.g. ``ccache gcc``; else ``cc``/``gcc`` on PATH), run with
 ``-O3 -shared -fPIC -std=c99`` and ``-mavx2`` only when the CPU reports AVX2. The library goes into a cache

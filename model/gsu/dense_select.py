@@ -14,7 +14,7 @@ does it row by row in one pass over the row, with the row in cache:
    score's order-preserving bits high, the item's index low);
 3. the k largest keys, sorted descending.
 
-The keys are kept by the GSU's shared running top-k in C (``model.gsu.ranking.RUNNING_TOPK_C``: a buffer of 2k cut
+The keys are kept by the GSU's shared running top-k in C (``model.gsu.rank_keys_c``: a buffer of 2k cut
 by a branchless quickselect, as the PQ scan keeps its K'); a histogram, not a selection, finds A (a selection over
 every item was most of the kernel's time).
 

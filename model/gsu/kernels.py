@@ -101,6 +101,10 @@ class FilterKernel:
     def supports(self, width: int) -> bool:
         raise NotImplementedError
 
+    def unsupported(self, width: int) -> str:
+        """Why ``supports(width)`` is False (the probe's note for an excluded kernel)."""
+        return f"unsupported for D={width}"
+
     def columns(self, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -142,6 +146,9 @@ class Float32MM(FilterKernel):
     def supports(self, width: int) -> bool:
         return width <= FLOAT32_EXACT_WIDTH
 
+    def unsupported(self, width: int) -> str:
+        return f"not exact for D={width}"
+
     def columns(self, targets: torch.Tensor) -> torch.Tensor:
         return targets.to(torch.float32).contiguous()
 
@@ -167,6 +174,9 @@ class NativeFilter(FilterKernel):
     def supports(self, width: int) -> bool:
         return native.library() is not None
 
+    def unsupported(self, width: int) -> str:
+        return f"unavailable: {native.unavailable_reason()}"
+
     def columns(self, targets: torch.Tensor) -> torch.Tensor:
         columns = targets.t().to(torch.int16)
         count = columns.shape[0]
@@ -188,6 +198,10 @@ class DotsKernel:
 
     def supports(self, width: int) -> bool:
         raise NotImplementedError
+
+    def unsupported(self, width: int) -> str:
+        """Why ``supports(width)`` is False."""
+        return f"unsupported for D={width}"
 
     def dots(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -212,6 +226,9 @@ class Float32Dots(DotsKernel):
 
     def supports(self, width: int) -> bool:
         return width <= FLOAT32_EXACT_WIDTH
+
+    def unsupported(self, width: int) -> str:
+        return f"not exact for D={width}"
 
     def dots(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return (rows.to(torch.float32) * targets.to(torch.float32)).sum(-1).double()
@@ -383,10 +400,7 @@ def _measure(op: str, width: int) -> _Measured:
     states: Dict[str, Tuple[FilterKernel, object]] = {}
     for kernel in KERNELS[op]:
         if not kernel.supports(width):
-            excluded[kernel.name] = (f"unavailable: {kernel.unavailable()}" if isinstance(kernel, PQScan)
-                                     else f"not exact for D={width}" if kernel.name == "float32"
-                                     else f"unavailable: {native.unavailable_reason()}" if kernel.name == "native"
-                                     else f"unsupported for D={width}")
+            excluded[kernel.name] = kernel.unsupported(width)
             continue
         try:
             prepared = run(kernel, *probe, None)

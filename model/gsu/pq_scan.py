@@ -7,8 +7,9 @@ into per-target estimates and each sample's top-K' rank keys kept, then the re-s
   merged by ``topk``. Re-scoring: the candidate rows gathered and dotted with their target in float32 ``bmm``.
   Runs everywhere (the fallback where no C compiler exists).
 - ``native`` (``NativeScan``, ``model.gsu.pq_native``): one C pass per history: codes gathered with prefetching,
-  the M entries summed from L1-resident lookup tables, a min-heap of K' keys per target. Re-scoring: the
-  (candidate, target) pairs' int8 dots gathered and summed in C. Offered only where the library builds.
+  the M entries summed from L1-resident lookup tables, each target's running top-K' kept in C (a buffer of 2 K'
+  cut by quickselect, ``model.gsu.rank_keys_c``). Re-scoring: the (candidate, target) pairs' int8 dots gathered
+  and summed in C. Offered only where the library builds.
 
 Groups: each entry of ``groups`` lists the samples sharing one history row (``history_groups``); a history is
 read once for all of its group's targets in both implementations.
@@ -36,9 +37,9 @@ class PQScan:
     def supports(self, width: int) -> bool:
         raise NotImplementedError
 
-    def unavailable(self) -> str:
-        """Why ``supports`` is False ("" otherwise)."""
-        return ""
+    def unsupported(self, width: int) -> str:
+        """Why ``supports(width)`` is False."""
+        return f"unsupported for M={width}"
 
     def scan(self, codes: torch.Tensor, luts: torch.Tensor, history_ids: torch.Tensor, groups: List[List[int]],
              width: int, chunk_rows: int) -> torch.Tensor:
@@ -98,8 +99,8 @@ class NativeScan(PQScan):
     def supports(self, width: int) -> bool:
         return pq_native.library() is not None
 
-    def unavailable(self) -> str:
-        return pq_native.unavailable_reason()
+    def unsupported(self, width: int) -> str:
+        return f"unavailable: {pq_native.unavailable_reason()}"
 
     def scan(self, codes: torch.Tensor, luts: torch.Tensor, history_ids: torch.Tensor, groups: List[List[int]],
              width: int, chunk_rows: int) -> torch.Tensor:
