@@ -47,14 +47,8 @@ class Esu(nn.Module):
         recent_similarity: torch.Tensor,
         recent_mask: torch.Tensor,
     ) -> torch.Tensor:
-        parts = []
-        if self.attention is not None:
-            parts.append(self.attention(query, behaviors, mask, similarity))
-        if self.simtier is not None:
-            parts.append(self.simtier(similarity, mask))
-        if self.recent_simtier is not None:
-            parts.append(self.recent_simtier(recent_similarity, recent_mask))
-        return torch.cat(parts, dim=1)
+        pooled = self.attention(query, behaviors, mask, similarity) if self.attention is not None else None
+        return self._features(pooled, similarity, mask, recent_similarity, recent_mask)
 
     def forward_shared(
         self,
@@ -68,9 +62,14 @@ class Esu(nn.Module):
         """``forward`` with behaviors[b, j] = distinct[index[b, j]] (distinct [U, E], index int64 [B, K], -1: none,
         the mask): one user's candidates, whose selections share the U behaviors (``Batch.gsu_index``)."""
         mask = index >= 0
-        parts = []
-        if self.attention is not None:
-            parts.append(self.attention.forward_shared(query, distinct, index, mask, similarity))
+        pooled = (self.attention.forward_shared(query, distinct, index, mask, similarity)
+                  if self.attention is not None else None)
+        return self._features(pooled, similarity, mask, recent_similarity, recent_mask)
+
+    def _features(self, pooled: torch.Tensor | None, similarity: torch.Tensor, mask: torch.Tensor,
+                  recent_similarity: torch.Tensor, recent_mask: torch.Tensor) -> torch.Tensor:
+        """[B, out_dim]: the attention's pooled behaviors (if any) ++ the SimTiers."""
+        parts = [] if pooled is None else [pooled]
         if self.simtier is not None:
             parts.append(self.simtier(similarity, mask))
         if self.recent_simtier is not None:

@@ -70,19 +70,18 @@ class InterestArch(nn.Module):
         if self.esu is None:
             return torch.cat(parts, dim=1)
         recent_mask = length_mask(recent_lengths, cfg.recent_len)
-        if gsu_index is not None and not cfg.uses_history:  # the distinct selected behaviors given once
-            _check_width("batch.gsu_scores", gsu_scores, cfg.k)
+        if cfg.uses_history:
+            behaviors, mask, similarity = self._select_from_history(target, embeddings, history_scores)
+            parts.append(self.esu(target, behaviors, mask, similarity, recent_scores, recent_mask))
+            return torch.cat(parts, dim=1)
+        _check_width("batch.gsu_scores", gsu_scores, cfg.k)
+        if gsu_index is not None:  # the distinct selected behaviors given once (``Batch.gsu_index``)
             _check_width("batch.gsu_index", gsu_index, cfg.k)
             distinct = behavior_values(embeddings["gsu_item"], embeddings["gsu_cat"])  # [U, E]
             parts.append(self.esu.forward_shared(target, distinct, gsu_index, gsu_scores, recent_scores, recent_mask))
-            return torch.cat(parts, dim=1)
-        if cfg.uses_history:
-            behaviors, mask, similarity = self._select_from_history(target, embeddings, history_scores)
         else:
-            _check_width("batch.gsu_scores", gsu_scores, cfg.k)
             behaviors, mask = padded_behaviors(embeddings["gsu_item"], embeddings["gsu_cat"], cfg.k)
-            similarity = gsu_scores
-        parts.append(self.esu(target, behaviors, mask, similarity, recent_scores, recent_mask))
+            parts.append(self.esu(target, behaviors, mask, gsu_scores, recent_scores, recent_mask))
         return torch.cat(parts, dim=1)
 
     def _select_from_history(
