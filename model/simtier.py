@@ -32,7 +32,7 @@ def tiers_of(scores: torch.Tensor, num_tiers: int, width: float) -> torch.Tensor
 
 
 def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table[index] for a 1-D table, through index_select (~3x faster than advanced indexing on [B, N])."""
+    """table[index] for a 1-D table, through index_select (no generic advanced-indexing kernel)."""
     return table.index_select(0, index.reshape(-1)).view(index.shape)
 
 

@@ -18,10 +18,10 @@ class ServeConfig:
     histories: history store directory (``DATA/<split>/histories``); None = ``<package>.histories`` when it exists.
     host, port: where the listening socket is bound (port 0: a free port, printed at start).
     workers: worker processes sharing the socket; rank_processes: processes per worker (None = cpus / workers, at
-             most ``MAX_RANK_PROCESSES``): a
-             rank's candidates are scored in up to this many parts at once, one in the worker and one in each of its
-             rank_processes - 1 helper processes (``serving.rank_processes``), torch at one intra-op thread in each
-             (measured faster than torch's own threads, or threads over parts: docs/serving.md).
+             most ``MAX_RANK_PROCESSES``; ``rank_parts`` resolves it): a rank's candidates are scored in up to this
+             many parts at once, one in the worker and one in each of its rank_processes - 1 helper processes
+             (``serving.rank_processes``), torch at one intra-op thread in each (docs/serving.md: faster than
+             torch's own threads, or threads over parts, on the 2-core AVX2 host measured).
     max_candidates, max_history: longest lists one rank request may carry; max_body_bytes: largest request body.
     cache_mb: bytes of prefetched users each worker keeps (least recently used evicted first); cache_users: and count.
     shutdown_timeout: seconds in-flight requests get to finish after SIGTERM before they are cancelled.

@@ -144,12 +144,12 @@ def load_engine(package: str, histories: Optional[str], config: Any, generation:
                 on_cache_change=None) -> "Engine":
     """An ``Engine`` of the package file ``package`` (checked byte for byte first) and the history store
     ``histories`` (None: ``<package>.histories`` when it exists). ``DataError`` / ``UserError`` name the file.
-    ``config.rank_processes`` P > 1: the engine also starts P - 1 helper processes (``serving.rank_processes``),
-    which load the package while this process does."""
+    ``config.rank_parts`` P > 1 (``ServeConfig.rank_parts``; absent: 1): the engine also starts P - 1 helper
+    processes (``serving.rank_processes``), which load the package while this process does."""
     path = os.path.abspath(package)
     if not os.path.isfile(path):
         raise UserError(f"--package {package}: no such file")
-    processes = getattr(config, "rank_parts", None) or getattr(config, "rank_processes", None) or 1
+    processes = getattr(config, "rank_parts", 1)
     helpers = RankProcesses(processes - 1, path) if processes > 1 else None
     try:
         engine = _load(path, histories, config, generation, on_cache_change, helpers)

@@ -143,7 +143,7 @@ def test_an_engine_with_a_rank_process_ranks_in_parts_gives_the_one_call_scores_
     assert _parts(100, 3) == [slice(0, 100)] and _parts(MIN_PART * 2, 8) == [slice(0, MIN_PART), slice(MIN_PART, 2 * MIN_PART)]
     package, _ = packages
     one = load_engine(package, None, ENGINE_CONFIG, generation=1)
-    two = load_engine(package, None, SimpleNamespace(**vars(ENGINE_CONFIG), rank_processes=2), generation=1)
+    two = load_engine(package, None, SimpleNamespace(**vars(ENGINE_CONFIG), rank_parts=2), generation=1)
     assert (one.rank_processes(), two.rank_processes()) == ({"processes": 1, "ready": 1}, {"processes": 2, "ready": 2})
     chosen, raw_ids, items = users
     raw_user, _ = chosen[0]
@@ -162,7 +162,7 @@ def test_an_engine_with_a_rank_process_ranks_in_parts_gives_the_one_call_scores_
         split, facts = two.rank(request)
         assert torch.allclose(split, one.rank(request)[0], atol=1e-6, rtol=0)
     assert len(sent) == 2 and facts["cache"] == "none"
-    assert 0.25 <= two.local_share <= 0.75  # learnt from the two ranks' timings
+    assert two.local_share is not None and 0.25 <= two.local_share <= 0.75  # learnt from the two ranks' timings
     two.local_share = 0.7
     assert two._split(400, 1) == [slice(0, 280), slice(280, 400)] and two._split(100, 1) == [slice(0, 100)]
     assert two._split(200, 1) == [slice(0, 136), slice(136, 200)]  # never below MIN_PART for a helper
