@@ -36,6 +36,7 @@ Linux), ratios vs the reference and vs the bare gather, whether both GSUs select
 """
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -226,9 +227,7 @@ def _pq_method(index: PQIndex, table: torch.Tensor, norms: RowNorms, targets: to
     """A call of ``pq_topk`` with ``candidates`` re-scored (0: none), under the MUSE_GSU_KERNEL ``setting`` ("" =
     the measured choice)."""
     def call() -> object:
-        if not setting:
-            return pq_topk(index, table, targets, history, k, candidates, norms=norms, chunk_rows=chunk)
-        with _Forced(setting):
+        with _Forced(setting) if setting else contextlib.nullcontext():
             return pq_topk(index, table, targets, history, k, candidates, norms=norms, chunk_rows=chunk)
     return call
 

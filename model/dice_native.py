@@ -115,6 +115,11 @@ def parameters(inv: torch.Tensor, shift: torch.Tensor, alpha: torch.Tensor) -> t
     return torch.stack([inv, shift, alpha, 1 - alpha]).detach().to(torch.float32).contiguous()
 
 
+def available() -> bool:
+    """Whether the kernel is built here (``LIBRARY.reason()`` says why not)."""
+    return LIBRARY.function("muse_dice_") is not None
+
+
 def dice_(x: torch.Tensor, params: torch.Tensor) -> bool:
     """Eval Dice of x float32 [n, H] (rows may be strided, columns contiguous) in place, with ``params`` [4, H] from
     ``parameters`` (inv = 1 / sqrt(running_var + eps), shift = -running_mean inv, alpha, 1 - alpha). False (x

@@ -32,7 +32,7 @@ class Dice(nn.Module):
             # Eval: the same function in three fused passes instead of six: batchnorm(x) = x * inv + shift, and
             # p x + (1 - p) alpha x = x (alpha + p (1 - alpha)); equal up to float32 rounding. Without autograd,
             # a contiguous copy of x through the one-pass kernel of ``apply_`` (x itself is never written).
-            if not torch.is_grad_enabled() and x.dim() == 2:
+            if not torch.is_grad_enabled() and x.dim() == 2 and x.dtype == torch.float32 and dice_native.available():
                 out = x.clone(memory_format=torch.contiguous_format)
                 if dice_native.dice_(out, self.eval_parameters()):
                     return out
