@@ -2,8 +2,10 @@
 
 - ``dense top-K``: ``cosine_topk`` of ``--candidates`` targets against one history broadcast to all of them (what
   ``muse serve`` runs) on an int8 table of ``--items`` + 1 rows (default 1,000,001: the rows are read from memory,
-  not cache), with the per-target selection in C (``model.gsu.dense_select``) and in torch ops; histories of each
-  ``--lengths`` behaviors drawn with Zipf popularity as ``muse bench serve`` draws them. Results must be identical.
+  not cache), three ways (``MUSE_GSU_KERNEL=dense=...``): the dots as int32 sums and each target's selection in one
+  C call (``native``), float32 ``torch.mm`` with the selection in C (``float32``, ``model.gsu.dense_select``), and
+  ``torch.mm`` with the selection in torch ops; histories of each ``--lengths`` behaviors drawn with Zipf popularity
+  as ``muse bench serve`` draws them. Results must be identical.
 - ``Dice``: eval Dice without autograd over [``--pairs``, 80] activations (the C kernel, ``model.dice_native``, vs
   torch's four passes); largest absolute difference printed.
 - ``DIN kernel``: ``DinAttention.forward_shared`` of ``--candidates`` queries over the same 50 keys with the MLP in
@@ -29,7 +31,7 @@ from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
 from model import dice_native, din_native
 from model.attention import DinAttention
-from model.gsu import cbuild, dense_select
+from model.gsu import cbuild, dense_select, kernels
 from model.gsu.topk import cosine_topk
 from model.tower import Dice
 
@@ -68,6 +70,21 @@ def _without(module, prefix: str):
     return _Swap()
 
 
+def _forced(setting: str):
+    """A context that sets MUSE_GSU_KERNEL to ``setting`` (the kernel choice follows it at once)."""
+    class _Env:
+        def __enter__(self):
+            self.saved = os.environ.get(kernels.ENV_VAR)
+            os.environ[kernels.ENV_VAR] = setting
+
+        def __exit__(self, *exc):
+            if self.saved is None:
+                os.environ.pop(kernels.ENV_VAR, None)
+            else:
+                os.environ[kernels.ENV_VAR] = self.saved
+    return _Env()
+
+
 def _dense_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
     rng = np.random.default_rng(args.seed)
     cfg = OwnPackageConfig(items=args.items, users=1, history=max(args.lengths), seed=args.seed)
@@ -78,18 +95,24 @@ def _dense_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
         history = torch.from_numpy(histories(rng, OwnPackageConfig(items=args.items, users=1, history=length))[0])
         shared = history[None, :].expand(args.candidates, -1)
 
-        def native(shared=shared):
-            return cosine_topk(table, targets, shared, 50)
+        def run_with(setting: str, native_select: bool = True, shared=shared):
+            with _forced(setting):
+                if native_select:
+                    return cosine_topk(table, targets, shared, 50)
+                with _without(dense_select, "dense_select"):
+                    return cosine_topk(table, targets, shared, 50)
 
-        def fallback(shared=shared):
-            with _without(dense_select, "dense_select"):
-                return cosine_topk(table, targets, shared, 50)
-
-        identical = all(torch.equal(a, b) for a, b in zip(native(), fallback()))
-        times = _best_in_turns({"native": native, "torch": fallback}, args.repeats)
-        rows.append({"kernel": "dense top-K", "case": f"{args.candidates} x L={length:,} "
-                     f"({int(torch.unique(history).numel()):,} distinct items)", "native_ms": times["native"],
-                     "torch_ms": times["torch"], "check": f"identical: {'yes' if identical else 'NO'}"})
+        methods = {"dots in C": lambda: run_with("dense=native"), "float32 mm": lambda: run_with("dense=float32"),
+                   "torch": lambda: run_with("dense=float32", native_select=False)}
+        results = [fn() for fn in methods.values()]
+        identical = all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+        times = _best_in_turns(methods, args.repeats)
+        case = f"{args.candidates} x L={length:,} ({int(torch.unique(history).numel()):,} distinct items)"
+        check = f"identical: {'yes' if identical else 'NO'}"
+        rows.append({"kernel": "dense top-K: int32 dots + selection in C vs float32 mm + C selection", "case": case,
+                     "native_ms": times["dots in C"], "torch_ms": times["float32 mm"], "check": check})
+        rows.append({"kernel": "dense top-K: float32 mm + C selection vs torch ops", "case": case,
+                     "native_ms": times["float32 mm"], "torch_ms": times["torch"], "check": check})
     return rows
 
 

@@ -4,7 +4,7 @@ chunk boundaries, shared histories, bad arguments."""
 import pytest
 import torch
 
-from model.gsu import cosine_topk, pair_cosine, topk
+from model.gsu import cosine_topk, kernels, pair_cosine, topk
 from model.gsu.topk import BLOCK_DOTS, MAX_PACKED, MAX_SHARED, blocks, history_groups
 from model.gsu.table import row_norms
 
@@ -296,7 +296,7 @@ def _without_native_select(monkeypatch) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 7, 40])
-@pytest.mark.parametrize("dense", ["native", "torch", False])
+@pytest.mark.parametrize("dense", ["native", "float32", "torch", False])
 def test_a_broadcast_history_scores_each_distinct_item_once_with_the_same_result(dtype, k, dense, monkeypatch):
     """One history shared by every target (serving's rank()), full of repeats, padding and holes, with distinct
     items of identical content (exact ties across items): the distinct-item path equals scoring each sample
@@ -304,6 +304,8 @@ def test_a_broadcast_history_scores_each_distinct_item_once_with_the_same_result
     int8 tables score few distinct items densely (``_dense_topk``) or, past DENSE_ITEMS, by the streaming filter."""
     if not dense:
         monkeypatch.setattr(topk, "DENSE_ITEMS", 0)
+    if dense in ("native", "float32"):  # either dense kernel (C int32 sums, or torch.mm and the C selection)
+        monkeypatch.setenv(kernels.ENV_VAR, f"dense={dense}")
     if dense == "torch":
         _without_native_select(monkeypatch)
     table = random_table(60, 16, dtype, 12)
@@ -327,11 +329,12 @@ def test_a_broadcast_history_scores_each_distinct_item_once_with_the_same_result
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_dense_broadcast_scoring_keeps_near_ties_and_zero_rows_exact(native, monkeypatch):
+@pytest.mark.parametrize("kernel", ["native", "float32", "torch"])
+def test_dense_broadcast_scoring_keeps_near_ties_and_zero_rows_exact(kernel, monkeypatch):
     """Items whose rows are multiples of one another (equal cosines up to rounding: the dense prefilter's bound
     must keep every one that can tie), zero rows and negative scores: the dense path equals the streaming one,
-    with the selection in C (``model.gsu.dense_select``) and in torch ops."""
+    with the dots and selection in one C call, with torch.mm and the selection in C (``model.gsu.dense_select``),
+    and all in torch ops."""
     g = torch.Generator().manual_seed(3)
     base = torch.randint(-40, 41, (40, 32), generator=g, dtype=torch.int8)
     table = torch.cat([torch.zeros(1, 32, dtype=torch.int8), base, base * 2, base * 3,
@@ -339,8 +342,10 @@ def test_dense_broadcast_scoring_keeps_near_ties_and_zero_rows_exact(native, mon
     history = torch.randint(1, table.shape[0], (2000,), generator=g)
     targets = torch.randint(1, table.shape[0], (70,), generator=g)
     for k, sample in ((1, 4096), (5, 4096), (50, 4096), (1, 8), (5, 16), (50, 50)):
-        if not native:
+        if kernel == "torch":
             _without_native_select(monkeypatch)
+        else:
+            monkeypatch.setenv(kernels.ENV_VAR, f"dense={kernel}")
         monkeypatch.setattr(topk, "DENSE_SAMPLE", sample)  # small samples: the bound from every stride-th item
         dense = cosine_topk(table, targets, history[None, :].expand(70, -1), k)
         monkeypatch.setattr(topk, "DENSE_ITEMS", 0)
@@ -401,6 +406,51 @@ def test_native_dense_selection_gives_the_torch_selection_keys_bit_for_bit():
         dense_select.select_keys(dots, inverse, sq_items, sq_targets, 50, 10)  # 31 sampled items < k
     with pytest.raises(ValueError, match="not a valid selection"):
         dense_select.select_keys(dots.t(), inverse, sq_items, sq_targets, 5, 1)
+
+
+def test_native_dense_topk_takes_the_dots_itself_with_the_same_keys():
+    """dense_select.topk_i8 (int32 dots of a few targets at a time, selected in the same call) against
+    select_keys of the float32 product, bit for bit: items with -128 and 127, targets within [-127, 127] (the
+    maddubs loop) and with -128 (the madd loop), repeated and zero rows, a last partial group of targets and an odd
+    item count (the vector loops' tails), D = 48 (madd only) and D = 40 (plain C); and its argument checks."""
+    from model.gsu import dense_select
+
+    if dense_select.LIBRARY.function("muse_dense_topk_i8") is None:
+        pytest.skip(f"no native kernel here: {dense_select.LIBRARY.reason()}")
+    g = torch.Generator().manual_seed(21)
+    for c, u, d, low in ((1, 1, 16, -128), (6, 301, 128, -127), (6, 301, 128, -128), (9, 1000, 40, -128),
+                         (4, 2, 32, -127), (5, 77, 48, -127)):
+        targets = torch.randint(low, 128, (c, d), generator=g, dtype=torch.int8)
+        if low == -128:
+            targets[-1, 3] = -128
+        items = torch.randint(-128, 128, (u, d), generator=g, dtype=torch.int8)
+        items[::5] = items[u // 2].clone()
+        items[-1], targets[0] = -128, 127
+        if u > 3:
+            items[1:3] = 0
+        sq_items, sq_targets = (items.double() ** 2).sum(1), (targets.double() ** 2).sum(1)
+        inverse = torch.where(sq_items > 0, 1.0 / sq_items.clamp_min(1.0).sqrt(), torch.zeros((), dtype=torch.float64))
+        inverse = inverse.to(torch.float32)
+        for k, stride in ((1, 1), (min(u, 10), 1), (min(u, 10), max(1, u // 10)), (u, 1)):
+            want = dense_select.select_keys(targets.float() @ items.float().t(), inverse, sq_items, sq_targets, k, stride)
+            got = dense_select.topk_i8(targets, items, inverse, sq_items, sq_targets, k, stride)
+            assert torch.equal(got, want), (c, u, d, k, stride)
+    with pytest.raises(ValueError, match="not a valid selection"):
+        dense_select.topk_i8(targets.float(), items, inverse, sq_items, sq_targets, 1, 1)
+    with pytest.raises(ValueError, match="not a valid selection"):
+        dense_select.topk_i8(targets, items[:, :8], inverse, sq_items, sq_targets, 1, 1)
+
+
+def test_the_dense_kernel_is_measured_and_can_be_forced(monkeypatch):
+    """The dense op's choice: every candidate exact at D = 128 is timed on the probe (agreeing with the float64
+    reference), the fastest runs; MUSE_GSU_KERNEL=dense=float32 forces the other."""
+    choice = kernels.choose(kernels.DENSE, 128)
+    assert set(choice.times_ms) | set(choice.excluded) == {"float32", "native"}
+    assert choice.name == min(choice.times_ms, key=choice.times_ms.get) and "float32" in choice.times_ms
+    monkeypatch.setenv(kernels.ENV_VAR, "dense=float32")
+    forced = kernels.choose(kernels.DENSE, 128)
+    assert forced.name == "float32" and forced.forced
+    assert kernels.parse_override("dense=native") == {kernels.DENSE: "native"}
 
 
 def test_native_dense_selection_on_degenerate_rows_equal_to_torch():

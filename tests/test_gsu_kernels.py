@@ -326,7 +326,7 @@ def _refusing_directory(*args, **kwargs):
 
 
 def test_bench_kernels_reports_each_kernel_against_its_torch_ops(tmp_path):
-    """`muse bench kernels` on a small table: a row per case, the dense top-K identical with either selection, the
+    """`muse bench kernels` on a small table: a row per case, the dense top-K identical all three ways, the
     Dice and DIN differences within float32 rounding, the CPU capability recorded (no timing is asserted)."""
     import argparse
     import json
@@ -339,8 +339,10 @@ def test_bench_kernels_reports_each_kernel_against_its_torch_ops(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["cpu_capability"] == str(torch.backends.cpu.get_cpu_capability())
     rows = {row["kernel"]: row for row in payload["rows"]}
-    assert set(rows) == {"dense top-K", "Dice (eval)", "DIN MLP (C) vs torch blocks", "DIN, shared keys"}
-    assert rows["dense top-K"]["check"] == "identical: yes"
+    dense = ("dense top-K: int32 dots + selection in C vs float32 mm + C selection",
+             "dense top-K: float32 mm + C selection vs torch ops")
+    assert set(rows) == {*dense, "Dice (eval)", "DIN MLP (C) vs torch blocks", "DIN, shared keys"}
+    assert all(rows[name]["check"] == "identical: yes" for name in dense)
     for name in ("Dice (eval)", "DIN MLP (C) vs torch blocks", "DIN, shared keys"):
         assert float(rows[name]["check"].split()[-1]) < 1e-5
         assert rows[name]["native_ms"] > 0 and rows[name]["torch_ms"] > 0

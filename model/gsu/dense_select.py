@@ -85,6 +85,37 @@ static inline float exact_score(float dot, double sq_item, double sq_target) {
 }
 
 
+/* One target's k best rank keys, descending, into o [k] (INT64_MIN past the m found): row [u] its exact integer
+   dots with the u items; keys [2k] scratch. The three steps of the module docstring. */
+static void select_row(const float *row, int64_t u, const float *inverse, const double *sq_items, double sq_t,
+                       int64_t k, int64_t stride, int64_t *keys, int64_t *o) {
+  float bound = sample_bound(row, inverse, u, stride, k);
+  int64_t m = 0, threshold = INT64_MIN;
+  int64_t j = 0;
+#if defined(__AVX2__)
+  const __m256 wall = _mm256_set1_ps(bound);  /* 8 estimates a compare; the few at or above it are scored */
+  for (; j + 8 <= u; j += 8) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(inverse + j));
+    int hits = _mm256_movemask_ps(_mm256_cmp_ps(a, wall, _CMP_GE_OQ));
+    while (hits) {
+      int64_t at = j + __builtin_ctz((unsigned)hits);
+      hits &= hits - 1;
+      offer(keys, &m, &threshold, k, rank_key(exact_score(row[at], sq_items[at], sq_t), at), 1);
+    }
+  }
+#endif
+  for (; j < u; j++)
+    if (row[j] * inverse[j] >= bound)
+      offer(keys, &m, &threshold, k, rank_key(exact_score(row[j], sq_items[j], sq_t), j), 1);
+  if (m > k) select_top(keys, m, k), m = k;
+  for (int64_t s = 1; s < m; s++) {  /* insertion sort, descending: k is small, and it has few mispredictions */
+    int64_t key = keys[s], at = s;
+    while (at > 0 && keys[at - 1] < key) { keys[at] = keys[at - 1]; at--; }
+    keys[at] = key;
+  }
+  for (int64_t s = 0; s < k; s++) o[s] = s < m ? keys[s] : INT64_MIN;
+}
+
 /* dots [c, u] (row stride ld) exact integer dots of c targets with u items; inverse [u] fl32(1 / |r|) (0 for zero
    rows); sq_items [u], sq_targets [c] squared norms; k <= u; the bound's sample is every stride-th item (at least
    k of them). out [c, k]: each target's k best rank keys, descending. Returns 0, or -1 when out of memory. */
@@ -92,44 +123,124 @@ int64_t muse_dense_select(const float *dots, int64_t c, int64_t u, int64_t ld, c
                           const double *sq_items, const double *sq_targets, int64_t k, int64_t stride, int64_t *out) {
   int64_t *keys = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * k));
   if (!keys) return -1;
-  for (int64_t i = 0; i < c; i++) {
-    const float *row = dots + i * ld;
-    float bound = sample_bound(row, inverse, u, stride, k);
-    double sq_t = sq_targets[i];
-    int64_t m = 0, threshold = INT64_MIN;
-    int64_t j = 0;
-#if defined(__AVX2__)
-    const __m256 wall = _mm256_set1_ps(bound);  /* 8 estimates a compare; the few at or above it are scored */
-    for (; j + 8 <= u; j += 8) {
-      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(inverse + j));
-      int hits = _mm256_movemask_ps(_mm256_cmp_ps(a, wall, _CMP_GE_OQ));
-      while (hits) {
-        int64_t at = j + __builtin_ctz((unsigned)hits);
-        hits &= hits - 1;
-        offer(keys, &m, &threshold, k, rank_key(exact_score(row[at], sq_items[at], sq_t), at), 1);
-      }
-    }
-#endif
-    for (; j < u; j++)
-      if (row[j] * inverse[j] >= bound)
-        offer(keys, &m, &threshold, k, rank_key(exact_score(row[j], sq_items[j], sq_t), j), 1);
-    if (m > k) select_top(keys, m, k), m = k;
-    for (int64_t s = 1; s < m; s++) {  /* insertion sort, descending: k is small, and it has few mispredictions */
-      int64_t key = keys[s], at = s;
-      while (at > 0 && keys[at - 1] < key) { keys[at] = keys[at - 1]; at--; }
-      keys[at] = key;
-    }
-    int64_t *o = out + i * k;
-    for (int64_t s = 0; s < k; s++) o[s] = s < m ? keys[s] : INT64_MIN;
-  }
+  for (int64_t i = 0; i < c; i++)
+    select_row(dots + i * ld, u, inverse, sq_items, sq_targets[i], k, stride, keys, out + i * k);
   free(keys);
+  return 0;
+}
+
+/* The 8 accumulators' sums as float32 (exact: |dot| <= 2**24, which _dense_topk's callers guarantee), stored as
+   dots of GROUP = 4 targets with items j and j + 1 into out [GROUP, u]: a[2x + y] is target x with item j + y. The
+   sums: hadd pairs within each 128-bit lane, then add the lanes, giving (t0.r0, t0.r1, t1.r0, t1.r1, t2.r0, ...). */
+#if defined(__AVX2__)
+static inline void store_pairs(const __m256i *a, float *out, int64_t u, int64_t j) {
+  __m256i q0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+  __m256i q1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+  __m256 s = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
+                                                 _mm256_permute2x128_si256(q0, q1, 0x31)));
+  __m128 lo = _mm256_castps256_ps128(s), hi = _mm256_extractf128_ps(s, 1);
+  _mm_storel_pi((__m64 *)(out + j), lo);
+  _mm_storeh_pi((__m64 *)(out + u + j), lo);
+  _mm_storel_pi((__m64 *)(out + 2 * u + j), hi);
+  _mm_storeh_pi((__m64 *)(out + 3 * u + j), hi);
+}
+#endif
+
+/* The exact dots of GROUP targets (t8 int8 [GROUP, d], and widened, t16 int16 [GROUP, d]) with u int8 items
+   [u, d], as float32 into out [GROUP, u] (row stride u); every product and partial sum an integer in int32
+   (|dot| <= d * 2**14). AVX2, two items at a time against the GROUP targets:
+   - d % 32 == 0 and no target entry is -128: _mm256_maddubs_epi16 of |item| (unsigned, <= 128) with the target
+     negated where the item is negative (|.| <= 127), so each product is item * target, and each sum of two
+     products is at most 2 * 128 * 127 = 32512 in magnitude: no int16 saturation; _mm256_madd_epi16 with ones
+     widens the pairs to int32. 32 products for two multiplies.
+   - else d % 16 == 0: _mm256_madd_epi16 of the widened values (16 products a call, summed pairwise in int32).
+   - else plain int32 C. */
+enum { GROUP = 4 };
+static void group_dots(const int8_t *t8, const int16_t *t16, int has_min, const int8_t *items, int64_t u,
+                       int64_t d, float *out) {
+  int64_t j = 0;
+#if defined(__AVX2__)
+  if (d % 32 == 0 && !has_min) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (; j + 2 <= u; j += 2) {
+      const int8_t *r0 = items + j * d, *r1 = r0 + d;
+      __m256i a[2 * GROUP];
+      for (int x = 0; x < 2 * GROUP; x++) a[x] = _mm256_setzero_si256();
+      for (int64_t e = 0; e < d; e += 32) {
+        __m256i h0 = _mm256_loadu_si256((const __m256i *)(r0 + e)), h1 = _mm256_loadu_si256((const __m256i *)(r1 + e));
+        __m256i m0 = _mm256_abs_epi8(h0), m1 = _mm256_abs_epi8(h1);
+        for (int x = 0; x < GROUP; x++) {
+          __m256i tt = _mm256_loadu_si256((const __m256i *)(t8 + x * d + e));
+          a[2 * x] = _mm256_add_epi32(a[2 * x], _mm256_madd_epi16(_mm256_maddubs_epi16(m0, _mm256_sign_epi8(tt, h0)), ones));
+          a[2 * x + 1] = _mm256_add_epi32(a[2 * x + 1],
+                                          _mm256_madd_epi16(_mm256_maddubs_epi16(m1, _mm256_sign_epi8(tt, h1)), ones));
+        }
+      }
+      store_pairs(a, out, u, j);
+    }
+  } else if (d % 16 == 0) {
+    for (; j + 2 <= u; j += 2) {
+      const int8_t *r0 = items + j * d, *r1 = r0 + d;
+      __m256i a[2 * GROUP];
+      for (int x = 0; x < 2 * GROUP; x++) a[x] = _mm256_setzero_si256();
+      for (int64_t e = 0; e < d; e += 16) {
+        __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(r0 + e)));
+        __m256i x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(r1 + e)));
+        for (int x = 0; x < GROUP; x++) {
+          __m256i tt = _mm256_loadu_si256((const __m256i *)(t16 + x * d + e));
+          a[2 * x] = _mm256_add_epi32(a[2 * x], _mm256_madd_epi16(x0, tt));
+          a[2 * x + 1] = _mm256_add_epi32(a[2 * x + 1], _mm256_madd_epi16(x1, tt));
+        }
+      }
+      store_pairs(a, out, u, j);
+    }
+  }
+#endif
+  for (; j < u; j++)
+    for (int x = 0; x < GROUP; x++) {
+      int32_t acc = 0;
+      for (int64_t e = 0; e < d; e++) acc += (int32_t)t16[x * d + e] * (int32_t)items[j * d + e];
+      out[x * u + j] = (float)acc;
+    }
+}
+
+/* muse_dense_select of the dots of c int8 targets [c, d] with u int8 items [u, d], taken here GROUP targets at
+   a time into a [GROUP, u] buffer that stays in cache while its rows are selected (no [c, u] product in memory).
+   Returns 0, or -1 when out of memory. */
+int64_t muse_dense_topk_i8(const int8_t *targets, int64_t c, const int8_t *items, int64_t u, int64_t d,
+                           const float *inverse, const double *sq_items, const double *sq_targets, int64_t k,
+                           int64_t stride, int64_t *out) {
+  int64_t *keys = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * k));
+  float *dots = (float *)malloc(sizeof(float) * (size_t)(GROUP * u));
+  int16_t *wide = (int16_t *)malloc(sizeof(int16_t) * (size_t)(GROUP * d));
+  int8_t *narrow = (int8_t *)malloc((size_t)(GROUP * d));
+  if (!keys || !dots || !wide || !narrow) {
+    free(keys), free(dots), free(wide), free(narrow);
+    return -1;
+  }
+  for (int64_t i = 0; i < c; i += GROUP) {
+    int64_t g = c - i < GROUP ? c - i : GROUP;
+    int has_min = 0;
+    for (int64_t e = 0; e < GROUP * d; e++) {  /* the group's targets, zero targets past c */
+      narrow[e] = e < g * d ? targets[i * d + e] : 0;
+      wide[e] = narrow[e];
+      has_min |= narrow[e] == -128;
+    }
+    group_dots(narrow, wide, has_min, items, u, d, dots);
+    for (int64_t x = 0; x < g; x++)
+      select_row(dots + x * u, u, inverse, sq_items, sq_targets[i + x], k, stride, keys, out + (i + x) * k);
+  }
+  free(keys), free(dots), free(wide), free(narrow);
   return 0;
 }
 """
 
 _SIGNATURES = {"muse_dense_select": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                    ctypes.c_int64, ctypes.c_void_p])}
+                                                    ctypes.c_int64, ctypes.c_void_p]),
+               "muse_dense_topk_i8": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p])}
 # LIBRARY.reason(): why it is not built here.
 LIBRARY = cbuild.Library("muse_dense", SOURCE.replace("@RUNNING_TOPK@", RUNNING_TOPK_C), _SIGNATURES)
 
@@ -154,4 +265,28 @@ def select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tenso
     if function(dots.data_ptr(), c, u, dots.stride(0), inverse.data_ptr(), sq_items.data_ptr(), sq_targets.data_ptr(),
                 k, stride, out.data_ptr()) != 0:
         raise MemoryError(f"muse_dense_select: no memory for {u} keys")
+    return out
+
+
+def topk_i8(targets: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor,
+            sq_targets: torch.Tensor, k: int, stride: int) -> Optional[torch.Tensor]:
+    """``select_keys`` of the dots of int8 targets [C, D] with int8 items [U, D], the dots taken in the same C call
+    (int32 products, ``GROUP`` targets at a time, never a [C, U] float32 product): int64 [C, k] rank keys,
+    descending, bit-identical to ``select_keys(targets.float() @ items.float().T, ...)``; None when the kernel is
+    not available. The dots must be exact in float32 (``model.gsu.kernels.float32_exact``)."""
+    function = LIBRARY.function("muse_dense_topk_i8")
+    if function is None:
+        return None
+    (c, d), u = targets.shape, items.shape[0]
+    if targets.dtype != torch.int8 or items.dtype != torch.int8 or items.shape[1] != d or not 1 <= k <= u \
+            or (u + stride - 1) // stride < k:
+        raise ValueError(f"targets {tuple(targets.shape)} {targets.dtype}, items {tuple(items.shape)} {items.dtype}, "
+                         f"k {k}, stride {stride}: not a valid selection")
+    targets, items = targets.contiguous(), items.contiguous()
+    inverse = inverse.to(torch.float32).contiguous()
+    sq_items, sq_targets = sq_items.double().contiguous(), sq_targets.double().contiguous()
+    out = torch.empty(c, k, dtype=torch.int64)
+    if function(targets.data_ptr(), c, items.data_ptr(), u, d, inverse.data_ptr(), sq_items.data_ptr(),
+                sq_targets.data_ptr(), k, stride, out.data_ptr()) != 0:
+        raise MemoryError(f"muse_dense_topk_i8: no memory for {u} dots")
     return out

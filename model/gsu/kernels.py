@@ -19,7 +19,14 @@ Two products, both exact integer dot products of int8 rows of width D:
   same stage, so it uses the same kernels). Candidates: ``int16`` (products in int16, sum in int32) and
   ``float32`` (products and sum in float32).
 
-A third op, ``pq_scan`` (``model.gsu.pq_scan``), picks the approximate GSU's scan for codes of M subspaces (the
+- ``dense`` (``model.gsu.topk._dense_topk``): serving's candidates int8 [C, D] against the U distinct items int8
+  [U, D] of one history, every dot, then each target's top-k rank keys. Candidates: ``float32`` (``torch.mm`` of
+  the converted rows, a bounded [c, U] block at a time, the selection by ``model.gsu.dense_select``'s C loop or
+  torch ops) and ``native`` (``dense_select.topk_i8``: int32 sums of int8 products, ``_mm256_maddubs_epi16`` /
+  ``_mm256_madd_epi16``, four targets at a time, each target's selection while its dots are in cache; offered
+  where it builds). The probe: 64 targets against 4,096 items, k = 50, keys checked against float64.
+
+A further op, ``pq_scan`` (``model.gsu.pq_scan``), picks the approximate GSU's scan for codes of M subspaces (the
 width key is M): ``torch`` (the ``embedding_bag`` scan, everywhere) or ``native`` (``model.gsu.pq_native``'s C scan,
 where a C compiler builds it). Both sum each estimate in subspace order in float32 and keep the same rank keys, so
 they select identically; the probe (a 65,536-item code table, a 4,096-position history alone and shared by 4
@@ -58,7 +65,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from common.errors import UserError
-from model.gsu import native
+from model.gsu import dense_select, native
 from model.gsu.pq_scan import NativeScan, PQScan, TorchScan
 
 ENV_VAR = "MUSE_GSU_KERNEL"
@@ -66,6 +73,7 @@ FILTER = "filter"
 FILTER_WIDE = "filter_wide"
 DOTS = "dots"
 PQ_SCAN = "pq_scan"
+DENSE = "dense"
 # Widest D whose int8 dots are exact in float32: every partial sum <= D * 128**2 <= 2**24 (module docstring).
 FLOAT32_EXACT_WIDTH = 2 ** 24 // 128 ** 2
 
@@ -234,9 +242,66 @@ class Float32Dots(DotsKernel):
         return (rows.to(torch.float32) * targets.to(torch.float32)).sum(-1).double()
 
 
+class DenseKernel:
+    """The dense broadcast top-k's products and selection (``model.gsu.topk._dense_topk``): ``keys(targets int8
+    [C, D], items int8 [U, D], inverse float32 [U], sq_items [U], sq_targets [C], k, stride)`` -> int64 [C, k]
+    each target's k best rank keys over the items, descending (``model.gsu.dense_select``'s steps)."""
+
+    name = ""
+
+    def supports(self, width: int) -> bool:
+        raise NotImplementedError
+
+    def unsupported(self, width: int) -> str:
+        """Why ``supports(width)`` is False."""
+        return f"unsupported for D={width}"
+
+    def keys(self, targets: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor,
+             sq_targets: torch.Tensor, k: int, stride: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Float32Dense(DenseKernel):
+    """float32 ``torch.mm`` of the targets with the items (both converted; the exact integers), a bounded number
+    of (target, item) dots at a time, each block's keys by ``dense_select.select_keys`` (torch ops without it)."""
+
+    name = "float32"
+
+    def supports(self, width: int) -> bool:
+        return width <= FLOAT32_EXACT_WIDTH
+
+    def unsupported(self, width: int) -> str:
+        return f"not exact for D={width}"
+
+    def keys(self, targets: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor,
+             sq_targets: torch.Tensor, k: int, stride: int) -> torch.Tensor:
+        from model.gsu.topk import float32_dense_keys  # not at module level: topk imports this module
+
+        return float32_dense_keys(targets, items, inverse, sq_items, sq_targets, k, stride)
+
+
+class NativeDense(DenseKernel):
+    """``dense_select.topk_i8``: int16 products and int32 sums of a few targets at a time against every item,
+    each target's selection while its dots are in cache (no float32 [C, U] product); offered where it builds (the
+    ``float32`` kernel's work where the library is gone after the choice)."""
+
+    name = "native"
+
+    def supports(self, width: int) -> bool:
+        return dense_select.LIBRARY.function("muse_dense_topk_i8") is not None
+
+    def unsupported(self, width: int) -> str:
+        return f"unavailable: {dense_select.LIBRARY.reason()}"
+
+    def keys(self, targets: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor,
+             sq_targets: torch.Tensor, k: int, stride: int) -> torch.Tensor:
+        keys = dense_select.topk_i8(targets, items, inverse, sq_items, sq_targets, k, stride)
+        return keys if keys is not None else Float32Dense().keys(targets, items, inverse, sq_items, sq_targets, k, stride)
+
+
 _FILTERS = (Float32MM(), IntMM(), NativeFilter())
 KERNELS: Dict[str, Tuple] = {FILTER: _FILTERS, FILTER_WIDE: _FILTERS, DOTS: (Int16Dots(), Float32Dots()),
-                              PQ_SCAN: (TorchScan(), NativeScan())}
+                              PQ_SCAN: (TorchScan(), NativeScan()), DENSE: (Float32Dense(), NativeDense())}
 
 
 @dataclass(frozen=True)
@@ -308,13 +373,19 @@ def dots_kernel(width: int) -> DotsKernel:
     return choose(DOTS, width).kernel
 
 
+def dense_kernel(width: int) -> DenseKernel:
+    """The ``DenseKernel`` the dense broadcast top-k (serving's candidates against one history) runs for int8 rows
+    of ``width`` values."""
+    return choose(DENSE, width).kernel
+
+
 def pq_scan_kernel(m: int) -> PQScan:
     """The ``PQScan`` the approximate GSU runs for codes of ``m`` subspaces (scan and re-scoring dots)."""
     return choose(PQ_SCAN, m).kernel
 
 
 def choose(op: str, width: int) -> Choice:
-    """The ``Choice`` for product ``op`` (FILTER | FILTER_WIDE | DOTS | PQ_SCAN) at row width ``width`` (PQ_SCAN: M
+    """The ``Choice`` for product ``op`` (FILTER | FILTER_WIDE | DOTS | PQ_SCAN | DENSE) at row width ``width`` (PQ_SCAN: M
     subspaces): the override if set and exact at this width, else the fastest measured candidate (measured once
     per process, width and thread count)."""
     if op not in KERNELS:
@@ -524,8 +595,42 @@ def _pq_reference(codes: torch.Tensor, luts: torch.Tensor, history: torch.Tensor
     return [top, (rows * table.index_select(0, targets).double()[:, None, :]).sum(-1)]
 
 
+# The dense probe: 64 targets against 4,096 distinct items (512 KB of int8 rows, out of L2 as float32), k = 50.
+_DENSE_TARGETS, _DENSE_ITEMS, _DENSE_K = 64, 4096, 50
+
+
+def _dense_probe_data(op: str, width: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
+    """(targets int8 [_DENSE_TARGETS, D], items int8 [_DENSE_ITEMS, D] with repeated rows (equal scores: the
+    position order is checked too) and the extremes -128 / 127, inverse [U], sq_items [U], sq_targets [C])."""
+    targets = torch.randint(-128, 128, (_DENSE_TARGETS, width), dtype=torch.int8, generator=generator)
+    items = torch.randint(-128, 128, (_DENSE_ITEMS, width), dtype=torch.int8, generator=generator)
+    items[::9] = items[1].clone()
+    items[0], targets[0] = -128, 127
+    sq_items, sq_targets = (items.double() ** 2).sum(1), (targets.double() ** 2).sum(1)
+    inverse = (1.0 / sq_items.sqrt()).to(torch.float32)
+    return targets, items, inverse, sq_items, sq_targets
+
+
+def _dense_run(kernel: DenseKernel, targets: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor,
+               sq_items: torch.Tensor, sq_targets: torch.Tensor, state) -> Tuple[List[torch.Tensor], object]:
+    return [kernel.keys(targets, items, inverse, sq_items, sq_targets, _DENSE_K, 1)], True
+
+
+def _dense_reference(targets: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor,
+                     sq_targets: torch.Tensor) -> List[torch.Tensor]:
+    """Every item's exact cosine and rank key (float64 dots), a full top-k."""
+    from model.gsu.cosine import cosines  # not at module level: cosine imports this module
+    from model.gsu.ranking import rank_keys
+
+    dots = torch.mm(targets.double(), items.double().t())
+    scores = cosines(dots, sq_items[None, :], sq_targets[:, None])
+    keys = rank_keys(scores, torch.arange(items.shape[0]).expand_as(scores))
+    return [torch.topk(keys, _DENSE_K, dim=1).values]
+
+
 _PROBES = {FILTER: (_filter_run, _filter_reference, _probe_data), FILTER_WIDE: (_filter_run, _filter_reference, _probe_data),
-           DOTS: (_dots_run, _dots_reference, _probe_data), PQ_SCAN: (_pq_run, _pq_reference, _pq_probe_data)}
+           DOTS: (_dots_run, _dots_reference, _probe_data), PQ_SCAN: (_pq_run, _pq_reference, _pq_probe_data),
+           DENSE: (_dense_run, _dense_reference, _dense_probe_data)}
 
 
 def _cpu_capability() -> str:

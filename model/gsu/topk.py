@@ -225,34 +225,43 @@ def _dense_topk(table: torch.Tensor, target_ids: torch.Tensor, items: torch.Tens
     """Top-``k`` (k <= U) of the distinct items [U] (non-padding) of one history for each of C targets, from dense
     products: bit-identical to ``_streaming_topk`` on an int8 table, without its per-block filtering.
 
-    Per DENSE_ENTRIES // U targets: the dots [c, U] by one float32 product (an int8 table's dots are exact integers
-    in float32, |dot| <= 2**24 for D <= FLOAT32_EXACT_WIDTH, ``model.gsu.kernels``), so they are the filter's.
-    A prefilter ranks by a = fl32(dot * fl32(1 / |r|)), within a relative 2**-23 of dot / |r|, to which the exact
-    score is monotone for a given target. With A the k-th largest a of a target (or any lower value: the k-th
-    largest over every stride-th item, at least DENSE_SAMPLE of them, is one), any item with
-    a < A - |A| 2**-19 has dot / |r| below that of each of the k items at or above A by a relative 2**-21, more
-    than float32 rounding can close, so its exact score is strictly lower than theirs and it is not in the top k.
-    The items at or above that bound (at least k, usually a few more) get their exact ``cosines`` and
-    ``rank_keys`` (position = index into ``items``), and the k best keys win, as in ``_streaming_topk``.
-    Zero rows have a = 0 and score 0.
+    The dots of every (target, item) are exact integers (an int8 table's, |dot| <= 2**24 for D <=
+    FLOAT32_EXACT_WIDTH, ``model.gsu.kernels``), so they are the filter's, whichever kernel takes them
+    (``kernels.dense_kernel``: float32 ``torch.mm``, or int32 sums in C). A prefilter ranks by
+    a = fl32(dot * fl32(1 / |r|)), within a relative 2**-23 of dot / |r|, to which the exact score is monotone for
+    a given target. With A the k-th largest a of a target (or any lower value: the k-th largest over every
+    stride-th item, at least DENSE_SAMPLE of them, is one), any item with a < A - |A| 2**-19 has dot / |r| below
+    that of each of the k items at or above A by a relative 2**-21, more than float32 rounding can close, so its
+    exact score is strictly lower than theirs and it is not in the top k. The items at or above that bound (at
+    least k, usually a few more) get their exact ``cosines`` and ``rank_keys`` (position = index into ``items``),
+    and the k best keys win, as in ``_streaming_topk``. Zero rows have a = 0 and score 0.
     Returns (scores float32 [C, k], indices into items int64 [C, k]), best first."""
-    rows = gather(table, items).to(torch.float32)  # [U, D]; bad ids: ValueError (history_ids)
+    rows = gather(table, items)  # [U, D] int8; bad ids: ValueError (history_ids)
     sq_items = norms.sq_norm.index_select(0, items)
     inverse = torch.where(sq_items > 0, 1.0 / sq_items.clamp_min(1.0).sqrt(), torch.zeros((), dtype=torch.float64))
-    inverse = inverse.to(torch.float32)  # [U]
+    # The k-th largest a among every stride-th item is at most the k-th of all: a bound as safe, found in a
+    # fraction of the time (it keeps a few hundred items instead of a few dozen).
+    stride = max(1, min(items.shape[0] // DENSE_SAMPLE, items.shape[0] // k))
+    keys = kernels.dense_kernel(table.shape[1]).keys(table.index_select(0, target_ids), rows, inverse.to(torch.float32),
+                                                     sq_items, norms.sq_norm.index_select(0, target_ids), k, stride)
+    scores, picked, _ = sorted_result(keys)
+    return scores, picked
+
+
+def float32_dense_keys(targets: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor,
+                       sq_targets: torch.Tensor, k: int, stride: int) -> torch.Tensor:
+    """The ``float32`` dense kernel (``kernels.Float32Dense``): int8 targets [C, D] and items [U, D] converted, their
+    dots by ``torch.mm`` DENSE_ENTRIES // U targets at a time, each block's keys by ``dense_select.select_keys``
+    (``_select_keys`` where the C kernel is not available). int64 [C, k], descending."""
+    rows = items.to(torch.float32)
     step = max(1, DENSE_ENTRIES // items.shape[0])
     keys = []
-    for start in range(0, target_ids.shape[0], step):
-        targets = target_ids[start:start + step]
-        dots = torch.mm(table.index_select(0, targets).to(torch.float32), rows.t())  # [c, U], exact integers
-        sq_targets = norms.sq_norm.index_select(0, targets)
-        # The k-th largest a among every stride-th item is at most the k-th of all: a bound as safe, found in a
-        # fraction of the time (it keeps a few hundred items instead of a few dozen).
-        stride = max(1, min(dots.shape[1] // DENSE_SAMPLE, dots.shape[1] // k))
-        selected = dense_select.select_keys(dots, inverse, sq_items, sq_targets, k, stride)
-        keys.append(selected if selected is not None else _select_keys(dots, inverse, sq_items, sq_targets, k, stride))
-    scores, picked, _ = sorted_result(torch.cat(keys))
-    return scores, picked
+    for start in range(0, targets.shape[0], step):
+        dots = torch.mm(targets[start:start + step].to(torch.float32), rows.t())  # [c, U], exact integers
+        block = sq_targets[start:start + step]
+        selected = dense_select.select_keys(dots, inverse, sq_items, block, k, stride)
+        keys.append(selected if selected is not None else _select_keys(dots, inverse, sq_items, block, k, stride))
+    return torch.cat(keys)
 
 
 def _select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor, sq_targets: torch.Tensor, k: int,
