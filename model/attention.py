@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import din_native
+from model import din_native, esu_native
 from model.jagged import length_mask, pad_values
 from model.tower import MLP, Dice
 
@@ -181,11 +181,17 @@ class TargetAttention(nn.Module):
 
     def _combine(self, a_id: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
         """a [B, L] from a_id [B, L] (and, SA-TA, R [B, L])."""
+        return self._mix(a_id, self._similarity(similarity)) if self.gates is not None else a_id
+
+    def _mix(self, a_id: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+        """SA-TA's g1 a_id + g2 R' + g3 a_id R' for R' = ``_similarity(R)``; a_id itself for TA."""
         if self.gates is None:
             return a_id
-        if self.temperature is not None:
-            similarity = similarity / self.temperature
         return self.gates[0] * a_id + self.gates[1] * similarity + self.gates[2] * a_id * similarity
+
+    def _similarity(self, similarity: torch.Tensor) -> torch.Tensor:
+        """R' [B, L]: R over the learned temperature, or R itself without one."""
+        return similarity / self.temperature if self.temperature is not None else similarity
 
     def weights(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
         """Attention weights [B, L], zero at invalid positions (mask [B, L] False)."""
@@ -203,16 +209,23 @@ class TargetAttention(nn.Module):
         behavior's key and value are projected once (not once per slot), then gathered."""
         if distinct.shape[0] == 0:  # no behavior at all: every slot is masked, the pool is zeros
             distinct = distinct.new_zeros(1, distinct.shape[1])
-        slots = index.clamp_min(0).reshape(-1)
-        b, k = index.shape
+        key_rows = self.key(distinct) if self.projections else distinct
+        value_rows = self.value(distinct) if self.projections else key_rows
+        query_vector = self._query_vector(query)
+        similarity = self._similarity(similarity) if self.gates is not None else similarity
+        pooled = esu_native.attend(query_vector, key_rows, value_rows, torch.where(mask, index, -1),
+                                   similarity if self.gates is not None else None, self.gates, self.scale)
+        if pooled is not None:  # one C pass over each candidate's slots (inference: no gradient needed)
+            return pooled
+        slots, (b, k) = index.clamp_min(0).reshape(-1), index.shape
 
         def gather(rows: torch.Tensor) -> torch.Tensor:  # [U, W] -> [B, K, W] (index_select: no generic indexing)
             return rows.index_select(0, slots).view(b, k, rows.shape[1])
 
-        keys = gather(self.key(distinct) if self.projections else distinct)
-        values = gather(self.value(distinct)) if self.projections else keys
-        a_id = (keys * self._query_vector(query).unsqueeze(1)).sum(-1) * self.scale  # [B, K], no [B, K, 1] bmm
-        return attention_pool(masked_softmax(self._combine(a_id, similarity), mask), values)
+        keys = gather(key_rows)
+        values = gather(value_rows) if self.projections else keys
+        a_id = (keys * query_vector.unsqueeze(1)).sum(-1) * self.scale  # [B, K], no [B, K, 1] bmm
+        return attention_pool(masked_softmax(self._mix(a_id, similarity), mask), values)
 
 
 class _SharedBlock:

@@ -8,6 +8,8 @@ Features: log1p(count_t) * v_t for a learned vector v_t per tier, flattened to [
 import torch
 from torch import nn
 
+from model import esu_native
+
 
 def tier_edges(num_tiers: int, width: float, device: torch.device | None = None) -> torch.Tensor:
     """The T - 1 inner tier edges, float32 [T - 1]: -1 + t * width for t = 1..T-1, computed in float64."""
@@ -21,14 +23,18 @@ def tiers_of(scores: torch.Tensor, num_tiers: int, width: float) -> torch.Tensor
     (float32 rounding can put it one tier off, never more): a few elementwise passes instead of a binary search
     per element, the same tiers (NaN and +inf in the last, as
     bucketize puts them)."""
-    edges = tier_edges(num_tiers, width, scores.device)
-    inf = torch.full((1,), torch.inf, device=scores.device)
-    bounds = torch.cat([-inf, edges, inf])  # tier t covers [bounds[t], bounds[t + 1])
+    bounds = tier_bounds(num_tiers, width, scores.device)
     s = torch.nan_to_num(scores.float(), nan=torch.inf)  # bucketize puts NaN, like +inf, in the last tier
     guess = torch.floor((s + 1.0) * (1.0 / width)).clamp_(0, num_tiers - 1).to(torch.int64)
     guess -= (s < _lookup(bounds, guess)).to(torch.int64)
     guess += (s >= _lookup(bounds, guess + 1)).to(torch.int64)
     return guess.clamp_(max=num_tiers - 1)  # +inf >= bounds[T] = inf
+
+
+def tier_bounds(num_tiers: int, width: float, device: torch.device | None = None) -> torch.Tensor:
+    """float32 [T + 1]: -inf, the inner edges, +inf; tier t covers [bounds[t], bounds[t + 1])."""
+    inf = torch.full((1,), torch.inf, device=device)
+    return torch.cat([-inf, tier_edges(num_tiers, width, device), inf])
 
 
 def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -37,7 +43,11 @@ def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def tier_counts(scores: torch.Tensor, mask: torch.Tensor, num_tiers: int, width: float) -> torch.Tensor:
-    """Number of valid scores per tier: scores float [B, N], mask bool [B, N] -> float32 [B, T]."""
+    """Number of valid scores per tier: scores float [B, N], mask bool [B, N] -> float32 [B, T] (one C loop where
+    ``esu_native`` builds, the same counts)."""
+    counts = esu_native.tier_counts(scores, mask, tier_bounds(num_tiers, width, scores.device), width)
+    if counts is not None:
+        return counts
     tiers = tiers_of(scores, num_tiers, width)
     counts = torch.zeros(scores.shape[0], num_tiers, dtype=torch.float32, device=scores.device)
     return counts.scatter_add_(1, tiers, mask.to(torch.float32))

@@ -233,11 +233,47 @@ int64_t muse_dense_topk_i8(const int8_t *targets, int64_t c, const int8_t *items
   free(keys), free(dots), free(wide), free(narrow);
   return 0;
 }
+
+/* Each target's k best (score, position) rank keys among the occurrences of its w selected items (topk.py's
+   _occurrence_keys): scores [c, w] float32 and item [c, w] (indices into the distinct items) best first; an item's
+   positions are real[order[ends[i] - occurrences[i] .. ends[i] - 1]], ascending. Items are taken in order, each
+   with its newest min(k, count) occurrences, until k keys are in hand and the next item scores strictly lower
+   (so tied items all enter), then the keys are sorted descending (already so unless items tie) and cut at k;
+   out [c, k], INT64_MIN past the last. buf: scratch of k + k * w keys. */
+void muse_occurrence_keys(const float *scores, const int64_t *item, int64_t c, int64_t w, const int64_t *occurrences,
+                          const int64_t *ends, const int64_t *order, const int64_t *real, int64_t k, int64_t *buf,
+                          int64_t *out) {
+  for (int64_t i = 0; i < c; i++) {
+    const float *s = scores + i * w;
+    const int64_t *it = item + i * w;
+    int64_t m = 0, sorted = 1;
+    for (int64_t j = 0; j < w; j++) {
+      if (j && s[j] != s[j - 1]) {
+        if (m >= k) break;
+      } else if (j) {
+        sorted = 0;  /* a tie with the previous item: their positions interleave */
+      }
+      int64_t count = occurrences[it[j]] < k ? occurrences[it[j]] : k, end = ends[it[j]];
+      for (int64_t n = 0; n < count; n++) buf[m++] = rank_key(s[j], real[order[end - 1 - n]]);
+    }
+    if (!sorted)
+      for (int64_t x = 1; x < m; x++) {  /* insertion sort, descending: only tied runs are out of order */
+        int64_t key = buf[x], at = x;
+        while (at > 0 && buf[at - 1] < key) { buf[at] = buf[at - 1]; at--; }
+        buf[at] = key;
+      }
+    int64_t *o = out + i * k;
+    for (int64_t x = 0; x < k; x++) o[x] = x < m ? buf[x] : INT64_MIN;
+  }
+}
 """
 
 _SIGNATURES = {"muse_dense_select": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                                     ctypes.c_int64, ctypes.c_void_p]),
+               "muse_occurrence_keys": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]),
                "muse_dense_topk_i8": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p])}
@@ -289,4 +325,21 @@ def topk_i8(targets: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor, s
     if function(targets.data_ptr(), c, items.data_ptr(), u, d, inverse.data_ptr(), sq_items.data_ptr(),
                 sq_targets.data_ptr(), k, stride, out.data_ptr()) != 0:
         raise MemoryError(f"muse_dense_topk_i8: no memory for {u} dots")
+    return out
+
+
+def occurrence_keys(scores: torch.Tensor, item: torch.Tensor, occurrences: torch.Tensor, ends: torch.Tensor,
+                    order: torch.Tensor, real: torch.Tensor, k: int) -> Optional[torch.Tensor]:
+    """``model.gsu.topk._occurrence_keys`` in one C loop (the same int64 [C, k] keys), or None where the library is
+    not built. scores float32 [C, w], item int64 [C, w]; occurrences, ends int64 [items]; order, real int64 [n]."""
+    function = LIBRARY.function("muse_occurrence_keys")
+    if function is None:
+        return None
+    c, w = item.shape
+    scores = scores.to(torch.float32).contiguous()
+    item, occurrences, ends, order, real = (t.to(torch.int64).contiguous() for t in (item, occurrences, ends, order, real))
+    buf = torch.empty(k + k * w, dtype=torch.int64)
+    out = torch.empty(c, k, dtype=torch.int64)
+    function(scores.data_ptr(), item.data_ptr(), c, w, occurrences.data_ptr(), ends.data_ptr(), order.data_ptr(),
+             real.data_ptr(), k, buf.data_ptr(), out.data_ptr())
     return out

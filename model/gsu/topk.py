@@ -183,6 +183,9 @@ def _occurrence_keys(scores: torch.Tensor, item: torch.Tensor, occurrences: torc
     with such a tie (equal content rows) take every item's newest min(k, count) occurrences ([c, w, m]) and a
     top-k, which interleaves the tied items' positions.
     """
+    keys = dense_select.occurrence_keys(scores, item, occurrences, ends, order, real, k)
+    if keys is not None:  # the same keys in one C loop
+        return keys
     count, width = item.shape
     counts = occurrences.index_select(0, item.reshape(-1)).view(count, width).clamp(max=k)
     upto = torch.cumsum(counts, 1)  # occurrences of the first j + 1 items
