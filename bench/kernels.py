@@ -6,6 +6,9 @@
   C call (``native``), float32 ``torch.mm`` with the selection in C (``float32``, ``model.gsu.dense_select``), and
   ``torch.mm`` with the selection in torch ops; histories of each ``--lengths`` behaviors drawn with Zipf popularity
   as ``muse bench serve`` draws them. Results must be identical.
+- ``ESU by index``: ``Esu.forward_shared`` (serving's ESU: ``--candidates`` candidates, K = 50 slots into ~900 distinct
+  behaviors, the recent SimTier too) with the attention pass and SimTier's counts in C (``model.esu_native``) vs in
+  torch ops, for the default ``muse`` preset and ``paper_muse`` (SA-TA with projections); largest difference printed.
 - ``Dice``: eval Dice without autograd over [``--pairs``, 80] activations (the C kernel, ``model.dice_native``, vs
   torch's four passes); largest absolute difference printed.
 - ``DIN kernel``: ``DinAttention.forward_shared`` of ``--candidates`` queries over the same 50 keys with the MLP in
@@ -29,8 +32,10 @@ from tabulate import tabulate
 from bench.serve_package import OwnPackageConfig, content_table, histories
 from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
-from model import dice_native, din_native
+from model import dice_native, din_native, esu_native
 from model.attention import DinAttention
+from model.config import ModelConfig
+from model.esu import Esu
 from model.gsu import cbuild, dense_select, kernels
 from model.gsu.topk import cosine_topk
 from model.tower import Dice
@@ -134,6 +139,38 @@ def _dice_row(args: argparse.Namespace) -> Dict[str, object]:
             "torch_ms": times["torch"], "check": f"max |diff| {diff:.1e}"}
 
 
+def _esu_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
+    """``Esu.forward_shared`` of ``--candidates`` candidates over K = 50 slots into U distinct selected behaviors
+    (serving's ESU), with the attention pass and SimTier's counts in C (``model.esu_native``) and in torch ops,
+    for the default MUSE (TA without projections) and the paper preset (SA-TA with projections)."""
+    rows = []
+    for preset in ("muse", "paper_muse"):
+        torch.manual_seed(args.seed)
+        cfg = ModelConfig.preset(preset)
+        esu = Esu(cfg).eval()
+        c, k, u, e = args.candidates, cfg.k, min(900, 18 * cfg.k), 2 * cfg.id_dim
+        query, distinct = torch.randn(c, e), torch.randn(u, e)
+        index = torch.randint(0, u, (c, k))
+        index[:, -3:] = -1
+        similarity, recent = torch.rand(c, k) * 2 - 1, torch.rand(c, cfg.recent_len) * 2 - 1
+        recent_mask = torch.ones(c, cfg.recent_len, dtype=torch.bool)
+
+        def native():
+            return esu.forward_shared(query, distinct, index, similarity, recent, recent_mask)
+
+        def fallback():
+            with _without(esu_native, "esu"):
+                return native()
+
+        with torch.no_grad():
+            diff = float((native() - fallback()).abs().max())
+            times = _best_in_turns({"native": native, "torch": fallback}, args.repeats)
+        rows.append({"kernel": f"ESU by index ({preset}: {cfg.esu}{', projections' if cfg.attention_projections else ''})",
+                     "case": f"{c:,} candidates x K={k} over {u} behaviors", "native_ms": times["native"],
+                     "torch_ms": times["torch"], "check": f"max |diff| {diff:.1e}"})
+    return rows
+
+
 def _din_kernel_row(args: argparse.Namespace) -> Dict[str, object]:
     torch.manual_seed(args.seed)
     din = DinAttention(32, (80, 40), "dice").eval()
@@ -176,9 +213,9 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(args.json, "--json")
     torch.set_num_threads(1)
     load_before = os.getloadavg()
-    loaded = {"dense_select": dense_select.LIBRARY.reason() or "native",
+    loaded = {"dense_select": dense_select.LIBRARY.reason() or "native", "esu": esu_native.LIBRARY.reason() or "native",
               "dice": dice_native.LIBRARY.reason() or "native", "din": din_native.LIBRARY.reason() or "native"}
-    rows = _dense_rows(args) + [_dice_row(args), _din_kernel_row(args), _din_row(args)]
+    rows = _dense_rows(args) + _esu_rows(args) + [_dice_row(args), _din_kernel_row(args), _din_row(args)]
     for row in rows:
         row["ratio"] = row["torch_ms"] / row["native_ms"]
     capability = str(torch.backends.cpu.get_cpu_capability())

@@ -110,7 +110,7 @@ def _user_history(data_dir: str):
     return user, raw_ids("item", items), raw_ids("category", cats), raw_ids
 
 
-@pytest.mark.parametrize("preset", ["muse", "sim_hard", "din", "twin"])
+@pytest.mark.parametrize("preset", ["muse", "paper_muse", "sim_hard", "din", "twin"])
 def test_rank_equals_score_of_each_candidate(preset, prepared_dataset, tmp_path):
     run = make_run(tmp_path, prepared_dataset, preset, seed=1)
     out = str(tmp_path / "model.pt")
