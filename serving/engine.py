@@ -119,7 +119,7 @@ def _mapped_blob(path: str, records: Dict[str, str], entry: Dict[str, Any]) -> O
 KERNELS = {"gsu_filter": ("model.gsu.native", "muse_gather_dots_i8"),
            "gsu_dense_select": ("model.gsu.dense_select", "muse_dense_select"),
            "pq_scan": ("model.gsu.pq_native", "muse_pq_scan"), "dice": ("model.dice_native", "muse_dice_"),
-           "din": ("model.din_native", "muse_din_scores")}
+           "din": ("model.din_native", "muse_din_scores"), "esu": ("model.esu_native", "muse_esu_attend")}
 
 
 def kernel_status(importer: PackageImporter) -> Dict[str, str]:

@@ -514,7 +514,7 @@ def test_served_scores_equal_predictor_score(server, users):
     assert status == 200 and health["package"]["histories"] and health["generation"] == 1
     assert health["rank_processes"] == {"processes": 2, "ready": 2}
     kernels = health["package"]["kernels"]  # each C kernel native or the torch fallback with its reason
-    assert set(kernels) == {"gsu_filter", "gsu_dense_select", "pq_scan", "dice", "din"}
+    assert set(kernels) == {"gsu_filter", "gsu_dense_select", "pq_scan", "dice", "din", "esu"}
     assert all(v == "native" or v.startswith("torch fallback: ") for v in kernels.values())
     for seed, (raw_user, index) in enumerate(chosen[:3]):
         candidates = _candidates(items, 200, seed)
