@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from model.dice_native import DICE8_C
+from model.simd_c import DOT8_C
 from model.gsu import cbuild
 from model.tower import Dice
 
@@ -34,6 +35,7 @@ SOURCE = r"""
 #include <math.h>
 
 #define ROWS 6 /* (query, key) pairs a tile: 12 accumulators of 8 lanes */
+""" + DOT8_C + r"""
 
 static inline float dice1(float v, float inv, float shift, float alpha, float oma) {
   float p = 1.0f / (1.0f + expf(-(v * inv + shift)));
@@ -109,24 +111,6 @@ static void dice_c(float *x, int64_t ld, int64_t N, const float *p) {
     for (int64_t j = 0; j < N; j++) x[r * ld + j] = dice1(x[r * ld + j], p[j], p[N + j], p[2 * N + j], p[3 * N + j]);
 }
 
-/* h . w over n floats (n a multiple of 8, as every padded width is): 8 lanes at a time where AVX2 is, so the sum is
-   a short dependency chain instead of one add after another. */
-static inline float score_dot(const float *h, const float *w, int64_t n) {
-  int64_t j = 0;
-  float s = 0.0f;
-#if defined(__AVX2__)
-  if (n >= 8) {
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(h), _mm256_loadu_ps(w));
-    for (j = 8; j + 8 <= n; j += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(h + j), _mm256_loadu_ps(w + j)));
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    s = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
-  }
-#endif
-  for (; j < n; j++) s += h[j] * w[j];
-  return s;
-}
-
 typedef void (*tile_fn)(const float *, int64_t, int64_t, const float *, int64_t, float *, int64_t);
 typedef void (*dice_fn)(float *, int64_t, int64_t, const float *);
 
@@ -174,7 +158,7 @@ int muse_din_scores(const float *query_term, const float *key_term, const float 
       float *swap = h; h = g; g = swap;
     }
     int64_t last = widths[layers - 1];
-    for (int r = 0; r < ROWS && n0 + r < pairs; r++) out[n0 + r] = score_b + score_dot(h + r * width, score_w, last);
+    for (int r = 0; r < ROWS && n0 + r < pairs; r++) out[n0 + r] = score_b + dot8(h + r * width, score_w, last);
   }
   free(buf);
   return 0;

@@ -20,33 +20,13 @@ from typing import Optional
 import torch
 
 from model.gsu import cbuild
+from model.simd_c import DOT8_C
 
 SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-/* x . y over n floats: 8 lanes at a time where AVX2 is (a short dependency chain), the rest in order. */
-static inline float dot(const float *x, const float *y, int64_t n) {
-  int64_t d = 0;
-  float sum = 0.0f;
-#if defined(__AVX2__)
-  if (n >= 8) {
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(y));
-    for (d = 8; d + 8 <= n; d += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    sum = _mm_cvtss_f32(s);
-  }
-#endif
-  for (; d < n; d++) sum += x[d] * y[d];
-  return sum;
-}
-
+""" + DOT8_C + r"""
 /* out [b, e]: for each row i, a_j = scale * (q_i . keys[index[i, j]]) over its valid slots j (index >= 0), with
    SA-TA (aware) a_j = g0 a_j + g1 r_j + g2 a_j r_j (r = sim [b, k]), then softmax over the valid slots and the
    weighted sum of values[index[i, j]]; zeros for a row without a valid slot. q [b, a_dim], keys [u, a_dim],
@@ -65,7 +45,7 @@ int64_t muse_esu_attend(const float *q, int64_t b, int64_t a_dim, const float *k
     int64_t valid = 0;
     for (int64_t j = 0; j < k; j++) {
       if (slot[j] < 0) continue;
-      float a = dot(qi, keys + slot[j] * a_dim, a_dim) * scale;
+      float a = dot8(qi, keys + slot[j] * a_dim, a_dim) * scale;
       if (aware) a = g0 * a + g1 * r[j] + g2 * a * r[j];
       weights[j] = a;
       top = a > top ? a : top;
