@@ -25,6 +25,7 @@ from model.simd_c import DOT8_C
 SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
+#include <float.h>
 
 """ + DOT8_C + r"""
 /* out [b, e]: for each row i, a_j = scale * (q_i . keys[index[i, j]]) over its valid slots j (index >= 0), with
@@ -41,19 +42,21 @@ int64_t muse_esu_attend(const float *q, int64_t b, int64_t a_dim, const float *k
     const int64_t *slot = index + i * k;
     const float *r = sim + i * k;
     float *o = out + i * e;
-    float top = -INFINITY;
     int64_t valid = 0;
+    for (int64_t j = 0; j < k; j++) valid += slot[j] >= 0;
+    /* as masked_softmax: a masked slot holds float32's lowest value, in the max and (as exp(lowest - max), 0 unless
+       every valid logit is -inf) in the sum, and gets no weight */
+    float top = valid < k ? -FLT_MAX : -INFINITY;
     for (int64_t j = 0; j < k; j++) {
       if (slot[j] < 0) continue;
       float a = dot8(qi, keys + slot[j] * a_dim, a_dim) * scale;
       if (aware) a = g0 * a + g1 * r[j] + g2 * a * r[j];
       weights[j] = a;
       top = a > top ? a : top;
-      valid++;
     }
     for (int64_t d = 0; d < e; d++) o[d] = 0.0f;
     if (!valid) continue;
-    float total = 0.0f;
+    float total = (float)(k - valid) * expf(-FLT_MAX - top);
     for (int64_t j = 0; j < k; j++) {
       if (slot[j] < 0) continue;
       weights[j] = expf(weights[j] - top);

@@ -41,6 +41,22 @@ def test_attention_by_index_in_c_equals_the_torch_path(projections, kind, monkey
     assert torch.equal(native[5], torch.zeros(32))
 
 
+def test_attention_where_every_valid_logit_is_minus_infinity_pools_as_torch_does(monkeypatch):
+    """SA-TA logits of -inf on every valid slot (huge gates, a tiny temperature): a row with a masked slot pools to
+    zeros, as masked_softmax's lowest-value fill makes it; a row without one is NaN in both."""
+    attention = TargetAttention(8, 8, True, r_temperature=1e-30).eval()
+    with torch.no_grad():
+        attention.gates.copy_(torch.tensor([1.0, 1e10, 0.0]))
+    index = torch.tensor([[0, 1, -1], [0, 1, 2]])
+    args = (torch.randn(2, 8), torch.randn(3, 8), index, index >= 0, -torch.ones(2, 3))
+    with torch.no_grad():
+        native = attention.forward_shared(*args)
+        _torch_only(monkeypatch)
+        reference = attention.forward_shared(*args)
+    assert torch.equal(native[0], torch.zeros(8)) and torch.equal(reference[0], torch.zeros(8))
+    assert bool(native[1].isnan().all()) and bool(reference[1].isnan().all())
+
+
 def test_attention_keeps_the_torch_path_where_a_gradient_is_needed():
     """In training (gradients on) the C pass is not taken: the result carries a gradient."""
     attention = TargetAttention(8, 8, True, r_temperature=0.1)

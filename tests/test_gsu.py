@@ -441,6 +441,43 @@ def test_native_dense_topk_takes_the_dots_itself_with_the_same_keys():
         dense_select.topk_i8(targets, items[:, :8], inverse, sq_items, sq_targets, 1, 1)
 
 
+def test_native_occurrence_keys_with_every_item_tied_equal_the_torch_keys(monkeypatch):
+    """Candidates without content (zero rows: cosine 0 with every item, so all of a history's items tie) and k far
+    above an item's occurrences: the C occurrence expansion (running top-k, then a sort) equals the torch one."""
+    from model.gsu import cbuild, dense_select
+
+    if dense_select.LIBRARY.function("muse_occurrence_keys") is None:
+        pytest.skip(f"no native kernel here: {dense_select.LIBRARY.reason()}")
+    g = torch.Generator().manual_seed(5)
+    table = torch.randint(-127, 128, (400, 32), generator=g, dtype=torch.int8)
+    table[300:] = 0  # items 300..399 without content
+    history = torch.randint(1, 120, (3000,), generator=g)
+    targets = torch.cat([torch.arange(300, 306), torch.arange(1, 4)])  # six without content, three with
+    for k in (1, 50, 119, 600):
+        native = cosine_topk(table, targets, history[None, :].expand(9, -1), k)
+        with monkeypatch.context() as patch:
+            patch.setattr(dense_select, "LIBRARY", cbuild.Library.absent("test: torch ops"))
+            reference = cosine_topk(table, targets, history[None, :].expand(9, -1), k)
+        for a, b in zip(native, reference):
+            assert torch.equal(a, b), k
+
+
+def test_dense_kernels_refuse_a_bad_stride_or_short_norms():
+    from model.gsu import dense_select
+
+    if dense_select.LIBRARY.function("muse_dense_topk_i8") is None:
+        pytest.skip(f"no native kernel here: {dense_select.LIBRARY.reason()}")
+    targets, items = torch.ones(2, 16, dtype=torch.int8), torch.ones(5, 16, dtype=torch.int8)
+    inverse, sq_items, sq_targets = torch.ones(5), torch.ones(5, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    for bad in ({"stride": 0}, {"stride": -1}, {"inverse": inverse[:3]}, {"sq_items": sq_items[:4]},
+                {"sq_targets": sq_targets[:1]}):
+        args = {"inverse": inverse, "sq_items": sq_items, "sq_targets": sq_targets, "k": 1, "stride": 1, **bad}
+        with pytest.raises(ValueError, match="not a valid selection"):
+            dense_select.topk_i8(targets, items, **args)
+        with pytest.raises(ValueError, match="not a valid selection"):
+            dense_select.select_keys(torch.ones(2, 5), **args)
+
+
 def test_the_dense_kernel_is_measured_and_can_be_forced(monkeypatch):
     """The dense op's choice: every candidate exact at D = 128 is timed on the probe (agreeing with the float64
     reference), the fastest runs; MUSE_GSU_KERNEL=dense=float32 forces the other."""

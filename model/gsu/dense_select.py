@@ -238,15 +238,21 @@ int64_t muse_dense_topk_i8(const int8_t *targets, int64_t c, const int8_t *items
    _occurrence_keys): scores [c, w] float32 and item [c, w] (indices into the distinct items) best first; an item's
    positions are real[order[ends[i] - occurrences[i] .. ends[i] - 1]], ascending. Items are taken in order, each
    with its newest min(k, count) occurrences, until k keys are in hand and the next item scores strictly lower
-   (so tied items all enter), then the keys are sorted descending (already so unless items tie) and cut at k;
-   out [c, k], INT64_MIN past the last. buf: scratch of k + k * w keys. */
+   (so tied items all enter). Without a tie the keys come out descending and are cut at k; where items tie
+   (their positions interleave) they go through the running top-k (a buffer of 2k) and the k best are sorted.
+   out [c, k], INT64_MIN past the last. buf: scratch of 2k keys. */
+static int descending(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return (x < y) - (x > y);
+}
+
 void muse_occurrence_keys(const float *scores, const int64_t *item, int64_t c, int64_t w, const int64_t *occurrences,
                           const int64_t *ends, const int64_t *order, const int64_t *real, int64_t k, int64_t *buf,
                           int64_t *out) {
   for (int64_t i = 0; i < c; i++) {
     const float *s = scores + i * w;
     const int64_t *it = item + i * w;
-    int64_t m = 0, sorted = 1;
+    int64_t m = 0, threshold = INT64_MIN, sorted = 1;
     for (int64_t j = 0; j < w; j++) {
       if (j && s[j] != s[j - 1]) {
         if (m >= k) break;
@@ -254,14 +260,13 @@ void muse_occurrence_keys(const float *scores, const int64_t *item, int64_t c, i
         sorted = 0;  /* a tie with the previous item: their positions interleave */
       }
       int64_t count = occurrences[it[j]] < k ? occurrences[it[j]] : k, end = ends[it[j]];
-      for (int64_t n = 0; n < count; n++) buf[m++] = rank_key(s[j], real[order[end - 1 - n]]);
+      /* without a tie m stays below 2k (under k before an item of at most k keys): the buffer is never cut */
+      for (int64_t n = 0; n < count; n++) offer(buf, &m, &threshold, k, rank_key(s[j], real[order[end - 1 - n]]), 1);
     }
-    if (!sorted)
-      for (int64_t x = 1; x < m; x++) {  /* insertion sort, descending: only tied runs are out of order */
-        int64_t key = buf[x], at = x;
-        while (at > 0 && buf[at - 1] < key) { buf[at] = buf[at - 1]; at--; }
-        buf[at] = key;
-      }
+    if (!sorted) {
+      if (m > k) select_top(buf, m, k), m = k;
+      qsort(buf, (size_t)m, sizeof(int64_t), descending);
+    }
     int64_t *o = out + i * k;
     for (int64_t x = 0; x < k; x++) o[x] = x < m ? buf[x] : INT64_MIN;
   }
@@ -292,7 +297,8 @@ def select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tenso
     if function is None:
         return None
     c, u = dots.shape
-    if dots.stride(1) != 1 or not 1 <= k <= u or (u + stride - 1) // stride < k:
+    if dots.stride(1) != 1 or not 1 <= k <= u or stride < 1 or (u + stride - 1) // stride < k \
+            or inverse.numel() != u or sq_items.numel() != u or sq_targets.numel() != c:
         raise ValueError(f"dots {tuple(dots.shape)} (stride {dots.stride()}), k {k}, stride {stride}: "
                          "not a valid selection")
     inverse = inverse.to(torch.float32).contiguous()
@@ -315,7 +321,8 @@ def topk_i8(targets: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor, s
         return None
     (c, d), u = targets.shape, items.shape[0]
     if targets.dtype != torch.int8 or items.dtype != torch.int8 or items.shape[1] != d or not 1 <= k <= u \
-            or (u + stride - 1) // stride < k:
+            or stride < 1 or (u + stride - 1) // stride < k or tuple(inverse.shape) != (u,) \
+            or tuple(sq_items.shape) != (u,) or tuple(sq_targets.shape) != (c,):
         raise ValueError(f"targets {tuple(targets.shape)} {targets.dtype}, items {tuple(items.shape)} {items.dtype}, "
                          f"k {k}, stride {stride}: not a valid selection")
     targets, items = targets.contiguous(), items.contiguous()
@@ -338,7 +345,7 @@ def occurrence_keys(scores: torch.Tensor, item: torch.Tensor, occurrences: torch
     c, w = item.shape
     scores = scores.to(torch.float32).contiguous()
     item, occurrences, ends, order, real = (t.to(torch.int64).contiguous() for t in (item, occurrences, ends, order, real))
-    buf = torch.empty(k + k * w, dtype=torch.int64)
+    buf = torch.empty(2 * k, dtype=torch.int64)
     out = torch.empty(c, k, dtype=torch.int64)
     function(scores.data_ptr(), item.data_ptr(), c, w, occurrences.data_ptr(), ends.data_ptr(), order.data_ptr(),
              real.data_ptr(), k, buf.data_ptr(), out.data_ptr())
