@@ -11,6 +11,7 @@ with the same shape, and the worker keeps serving. Bodies larger than ``--max-bo
 from their Content-Length, or as soon as the streamed bytes pass the limit.
 """
 
+import json
 import os
 import time
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from typing import Any, Awaitable, Callable, Dict
 
 import anyio
 import anyio.to_thread
+import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,6 +33,18 @@ from serving.state import WorkerState
 Handler = Callable[[Request], Awaitable[Response]]
 # Prefetches read the store and gather rows in threads of their own, beside the one model computation.
 _PREFETCH_THREADS = 4
+
+
+def scores_response(scores: torch.Tensor, fields: Dict[str, Any]) -> Response:
+    """``{"scores": [...], **fields}`` as JSON, each float32 score written with 9 significant digits (what a float32
+    needs to read back as itself): about twice as fast as ``json`` writing each as a double's 17 digits, for the
+    1,000 scores of a rank. A NaN or infinite score goes through ``JSONResponse``, which refuses it, as before."""
+    values = scores.to(torch.float32)
+    if not bool(torch.isfinite(values).all()):
+        return JSONResponse({"scores": values.tolist(), **fields})
+    rest = json.dumps(fields, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    body = '{"scores":[' + ",".join(map("{:.9g}".format, values.tolist())) + "]" + ("," + rest[1:] if fields else "}")
+    return Response(body.encode("utf-8"), media_type="application/json")
 
 
 def _error(status: int, message: str, close: bool = False) -> JSONResponse:
@@ -93,8 +107,7 @@ def build_app(state: WorkerState) -> Starlette:
             metrics.count("cache_hits")
         elif facts["cache"] == "miss":
             metrics.count("cache_misses")
-        return JSONResponse({"scores": scores.tolist(), **facts, "generation": engine.generation,
-                             "package_id": engine.info.package_id})
+        return scores_response(scores, {**facts, "generation": engine.generation, "package_id": engine.info.package_id})
 
     async def prefetch(request: Request) -> Response:
         body = await read_body(request, config.max_body_bytes)

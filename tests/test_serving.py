@@ -734,3 +734,18 @@ def test_workers_do_not_outlive_a_killed_supervisor(packages, tmp_path):
         if proc.poll() is None:
             proc.kill()
 
+
+
+def test_rank_response_writes_each_float32_score_so_it_reads_back_as_itself():
+    """scores_response: 9 significant digits a score (float32 reads back exactly), the other fields as json writes
+    them, no scores at all; a NaN score is refused as JSONResponse refuses it (the route's 500)."""
+    from serving.app import scores_response
+
+    scores = torch.cat([torch.rand(500, generator=torch.Generator().manual_seed(4)),
+                        torch.tensor([0.0, 1e-30, 1.0 - 2 ** -24, 1.0])])
+    body = json.loads(scores_response(scores, {"cache": "hit", "package_id": "é", "generation": 3}).body)
+    assert torch.equal(torch.tensor(body["scores"], dtype=torch.float32), scores)
+    assert {k: v for k, v in body.items() if k != "scores"} == {"cache": "hit", "package_id": "é", "generation": 3}
+    assert json.loads(scores_response(torch.zeros(0), {}).body) == {"scores": []}
+    with pytest.raises(ValueError):
+        scores_response(torch.tensor([float("nan")]), {})
