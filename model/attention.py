@@ -183,8 +183,8 @@ class TargetAttention(nn.Module):
         """a [B, L] from a_id [B, L] (and, SA-TA, R [B, L])."""
         return self._mix(a_id, self._similarity(similarity)) if self.gates is not None else a_id
 
-    def _mix(self, a_id: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
-        """SA-TA's g1 a_id + g2 R' + g3 a_id R' for R' = ``_similarity(R)``; a_id itself for TA."""
+    def _mix(self, a_id: torch.Tensor, similarity: torch.Tensor | None) -> torch.Tensor:
+        """SA-TA's g1 a_id + g2 R' + g3 a_id R' for R' = ``_similarity(R)``; a_id itself for TA (R' unused)."""
         if self.gates is None:
             return a_id
         return self.gates[0] * a_id + self.gates[1] * similarity + self.gates[2] * a_id * similarity
@@ -212,9 +212,9 @@ class TargetAttention(nn.Module):
         key_rows = self.key(distinct) if self.projections else distinct
         value_rows = self.value(distinct) if self.projections else key_rows
         query_vector = self._query_vector(query)
-        similarity = self._similarity(similarity) if self.gates is not None else similarity
-        pooled = esu_native.attend(query_vector, key_rows, value_rows, torch.where(mask, index, -1),
-                                   similarity if self.gates is not None else None, self.gates, self.scale)
+        r = self._similarity(similarity) if self.gates is not None else None  # SA-TA's R' (TA: none)
+        pooled = esu_native.attend(query_vector, key_rows, value_rows, torch.where(mask, index, -1), r, self.gates,
+                                   self.scale)
         if pooled is not None:  # one C pass over each candidate's slots (inference: no gradient needed)
             return pooled
         slots, (b, k) = index.clamp_min(0).reshape(-1), index.shape
@@ -225,7 +225,7 @@ class TargetAttention(nn.Module):
         keys = gather(key_rows)
         values = gather(value_rows) if self.projections else keys
         a_id = (keys * query_vector.unsqueeze(1)).sum(-1) * self.scale  # [B, K], no [B, K, 1] bmm
-        return attention_pool(masked_softmax(self._mix(a_id, similarity), mask), values)
+        return attention_pool(masked_softmax(self._mix(a_id, r), mask), values)
 
 
 class _SharedBlock:

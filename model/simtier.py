@@ -5,6 +5,8 @@ values below -1 or above 1 fall in the first/last tier). Padding is not counted.
 Features: log1p(count_t) * v_t for a learned vector v_t per tier, flattened to [B, T * tier_dim].
 """
 
+import functools
+
 import torch
 from torch import nn
 
@@ -31,10 +33,13 @@ def tiers_of(scores: torch.Tensor, num_tiers: int, width: float) -> torch.Tensor
     return guess.clamp_(max=num_tiers - 1)  # +inf >= bounds[T] = inf
 
 
+@functools.lru_cache(maxsize=16)
 def tier_bounds(num_tiers: int, width: float, device: torch.device | None = None) -> torch.Tensor:
-    """float32 [T + 1]: -inf, the inner edges, +inf; tier t covers [bounds[t], bounds[t + 1])."""
-    inf = torch.full((1,), torch.inf, device=device)
-    return torch.cat([-inf, tier_edges(num_tiers, width, device), inf])
+    """float32 [T + 1]: -inf, the inner edges, +inf; tier t covers [bounds[t], bounds[t + 1]). Built once per
+    (T, width, device) and shared (every SimTier call of a rank or a train step reads it; never written)."""
+    with torch.inference_mode(False):  # a normal tensor even when first built under inference mode (serving)
+        inf = torch.full((1,), torch.inf, device=device)
+        return torch.cat([-inf, tier_edges(num_tiers, width, device), inf])
 
 
 def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
