@@ -20,10 +20,11 @@ capability torch dispatches on, the kernels that loaded and the load average are
 """
 
 import argparse
+import contextlib
 import json
 import os
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 import torch
@@ -64,30 +65,28 @@ def _best_in_turns(methods: Dict[str, Callable[[], object]], repeats: int) -> Di
     return best
 
 
-def _without(module, prefix: str):
-    """A context that swaps ``module.LIBRARY`` for one that never loads (the torch fallback runs)."""
-    class _Swap:
-        def __enter__(self):
-            self.saved, module.LIBRARY = module.LIBRARY, cbuild.Library.absent(f"{prefix}: torch ops forced")
+@contextlib.contextmanager
+def _without(module, prefix: str) -> Iterator[None]:
+    """``module.LIBRARY`` swapped for one that never loads (the torch fallback runs) for the duration."""
+    saved, module.LIBRARY = module.LIBRARY, cbuild.Library.absent(f"{prefix}: torch ops forced")
+    try:
+        yield
+    finally:
+        module.LIBRARY = saved
 
-        def __exit__(self, *exc):
-            module.LIBRARY = self.saved
-    return _Swap()
 
-
-def _forced(setting: str):
-    """A context that sets MUSE_GSU_KERNEL to ``setting`` (the kernel choice follows it at once)."""
-    class _Env:
-        def __enter__(self):
-            self.saved = os.environ.get(kernels.ENV_VAR)
-            os.environ[kernels.ENV_VAR] = setting
-
-        def __exit__(self, *exc):
-            if self.saved is None:
-                os.environ.pop(kernels.ENV_VAR, None)
-            else:
-                os.environ[kernels.ENV_VAR] = self.saved
-    return _Env()
+@contextlib.contextmanager
+def _forced(setting: str) -> Iterator[None]:
+    """MUSE_GSU_KERNEL set to ``setting`` for the duration (the kernel choice follows it at once)."""
+    saved = os.environ.get(kernels.ENV_VAR)
+    os.environ[kernels.ENV_VAR] = setting
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[kernels.ENV_VAR]
+        else:
+            os.environ[kernels.ENV_VAR] = saved
 
 
 def _dense_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
@@ -142,7 +141,8 @@ def _dice_row(args: argparse.Namespace) -> Dict[str, object]:
 def _esu_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
     """``Esu.forward_shared`` of ``--candidates`` candidates over K = 50 slots into U distinct selected behaviors
     (serving's ESU), with the attention pass and SimTier's counts in C (``model.esu_native``) and in torch ops,
-    for the default MUSE (TA without projections) and the paper preset (SA-TA with projections)."""
+    for the default MUSE (SA-TA without projections) and the paper preset (SA-TA with projections). U is the size
+    serving meets (a 1,000-behavior history's selection), not a table: the rows are the user's, in cache by design."""
     rows = []
     for preset in ("muse", "paper_muse"):
         torch.manual_seed(args.seed)
