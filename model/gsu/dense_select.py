@@ -85,6 +85,25 @@ static inline float exact_score(float dot, double sq_item, double sq_target) {
 }
 
 
+static int descending(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return (x < y) - (x > y);
+}
+
+/* a[0..m) sorted descending: an insertion sort for the usual few dozen keys (few mispredictions), qsort beyond
+   (a large k would make the insertion sort quadratic). */
+static void sort_descending(int64_t *a, int64_t m) {
+  if (m > 64) {
+    qsort(a, (size_t)m, sizeof(int64_t), descending);
+    return;
+  }
+  for (int64_t s = 1; s < m; s++) {
+    int64_t key = a[s], at = s;
+    while (at > 0 && a[at - 1] < key) { a[at] = a[at - 1]; at--; }
+    a[at] = key;
+  }
+}
+
 /* One target's k best rank keys, descending, into o [k] (INT64_MIN past the m found): row [u] its exact integer
    dots with the u items; keys [2k] scratch. The three steps of the module docstring. */
 static void select_row(const float *row, int64_t u, const float *inverse, const double *sq_items, double sq_t,
@@ -108,11 +127,7 @@ static void select_row(const float *row, int64_t u, const float *inverse, const 
     if (row[j] * inverse[j] >= bound)
       offer(keys, &m, &threshold, k, rank_key(exact_score(row[j], sq_items[j], sq_t), j), 1);
   if (m > k) select_top(keys, m, k), m = k;
-  for (int64_t s = 1; s < m; s++) {  /* insertion sort, descending: k is small, and it has few mispredictions */
-    int64_t key = keys[s], at = s;
-    while (at > 0 && keys[at - 1] < key) { keys[at] = keys[at - 1]; at--; }
-    keys[at] = key;
-  }
+  sort_descending(keys, m);
   for (int64_t s = 0; s < k; s++) o[s] = s < m ? keys[s] : INT64_MIN;
 }
 
@@ -241,11 +256,6 @@ int64_t muse_dense_topk_i8(const int8_t *targets, int64_t c, const int8_t *items
    (so tied items all enter). Without a tie the keys come out descending and are cut at k; where items tie
    (their positions interleave) they go through the running top-k (a buffer of 2k) and the k best are sorted.
    out [c, k], INT64_MIN past the last. buf: scratch of 2k keys. */
-static int descending(const void *a, const void *b) {
-  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-  return (x < y) - (x > y);
-}
-
 void muse_occurrence_keys(const float *scores, const int64_t *item, int64_t c, int64_t w, const int64_t *occurrences,
                           const int64_t *ends, const int64_t *order, const int64_t *real, int64_t k, int64_t *buf,
                           int64_t *out) {
@@ -265,7 +275,7 @@ void muse_occurrence_keys(const float *scores, const int64_t *item, int64_t c, i
     }
     if (!sorted) {
       if (m > k) select_top(buf, m, k), m = k;
-      qsort(buf, (size_t)m, sizeof(int64_t), descending);
+      sort_descending(buf, m);
     }
     int64_t *o = out + i * k;
     for (int64_t x = 0; x < k; x++) o[x] = x < m ? buf[x] : INT64_MIN;
@@ -286,6 +296,14 @@ _SIGNATURES = {"muse_dense_select": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_
 LIBRARY = cbuild.Library("muse_dense", SOURCE.replace("@RUNNING_TOPK@", RUNNING_TOPK_C), _SIGNATURES)
 
 
+def _valid(c: int, u: int, inverse: torch.Tensor, sq_items: torch.Tensor, sq_targets: torch.Tensor, k: int,
+           stride: int) -> bool:
+    """Whether a selection of the k best of u items for c targets can run: 1 <= k <= u, a stride >= 1 that samples
+    at least k items, and norms of the right lengths (the C loops read that many values)."""
+    return (1 <= k <= u and stride >= 1 and (u + stride - 1) // stride >= k and inverse.numel() == u
+            and sq_items.numel() == u and sq_targets.numel() == c)
+
+
 def select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tensor, sq_targets: torch.Tensor, k: int,
                 stride: int) -> Optional[torch.Tensor]:
     """int64 [C, k] rank keys, descending (module docstring), or None when the kernel is not available.
@@ -297,8 +315,7 @@ def select_keys(dots: torch.Tensor, inverse: torch.Tensor, sq_items: torch.Tenso
     if function is None:
         return None
     c, u = dots.shape
-    if dots.stride(1) != 1 or not 1 <= k <= u or stride < 1 or (u + stride - 1) // stride < k \
-            or inverse.numel() != u or sq_items.numel() != u or sq_targets.numel() != c:
+    if dots.stride(1) != 1 or not _valid(c, u, inverse, sq_items, sq_targets, k, stride):
         raise ValueError(f"dots {tuple(dots.shape)} (stride {dots.stride()}), k {k}, stride {stride}: "
                          "not a valid selection")
     inverse = inverse.to(torch.float32).contiguous()
@@ -320,9 +337,8 @@ def topk_i8(targets: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor, s
     if function is None:
         return None
     (c, d), u = targets.shape, items.shape[0]
-    if targets.dtype != torch.int8 or items.dtype != torch.int8 or items.shape[1] != d or not 1 <= k <= u \
-            or stride < 1 or (u + stride - 1) // stride < k or tuple(inverse.shape) != (u,) \
-            or tuple(sq_items.shape) != (u,) or tuple(sq_targets.shape) != (c,):
+    if targets.dtype != torch.int8 or items.dtype != torch.int8 or items.shape[1] != d \
+            or not _valid(c, u, inverse, sq_items, sq_targets, k, stride):
         raise ValueError(f"targets {tuple(targets.shape)} {targets.dtype}, items {tuple(items.shape)} {items.dtype}, "
                          f"k {k}, stride {stride}: not a valid selection")
     targets, items = targets.contiguous(), items.contiguous()
