@@ -5,6 +5,7 @@ All softmaxes run over valid positions only: invalid positions get exactly zero 
 any valid position pools to a zero vector.
 """
 
+import functools
 import math
 
 import torch
@@ -28,6 +29,33 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def attention_pool(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Weighted sum: weights [B, L], values [B, L, E] -> [B, E]."""
     return torch.bmm(weights.unsqueeze(1), values).squeeze(1)
+
+
+def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct [U, E], slot int64 [R]) with rows[i] == distinct[slot[i]] for rows [R, E] (float32: bit patterns).
+
+    The rows are told apart by a 64-bit hash of their bits (a 1-D unique, a few elementwise passes), and the result
+    is checked to give every row back exactly; a collision (never seen; it would fail the check) falls back to
+    ``torch.unique(rows, dim=0)``, whose row sort costs a few hundred microseconds for a 50-row window."""
+    if rows.dtype != torch.float32 or rows.dim() != 2 or rows.shape[0] < 2:
+        return torch.unique(rows, dim=0, return_inverse=True)
+    bits = rows.contiguous().view(torch.int32).to(torch.int64)
+    hashed = (bits * _row_multipliers(rows.shape[1])).sum(1)  # wraps modulo 2**64: still a function of the bits
+    keys, slot = torch.unique(hashed, return_inverse=True)
+    first = torch.full((keys.shape[0],), rows.shape[0], dtype=torch.int64).scatter_reduce_(
+        0, slot, torch.arange(rows.shape[0]), "amin")
+    distinct = rows.index_select(0, first)
+    if torch.equal(distinct.index_select(0, slot).view(torch.int32), rows.contiguous().view(torch.int32)):
+        return distinct, slot
+    return torch.unique(rows, dim=0, return_inverse=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _row_multipliers(width: int) -> torch.Tensor:
+    """int64 [width] fixed odd multipliers (a seeded draw) for ``distinct_rows``' hash."""
+    with torch.inference_mode(False):
+        generator = torch.Generator().manual_seed(0x5EED)
+        return torch.randint(1, 2 ** 62, (width,), generator=generator, dtype=torch.int64) * 2 + 1
 
 
 class DinAttention(nn.Module):
@@ -92,7 +120,7 @@ class DinAttention(nn.Module):
         b, r = query.shape[0], keys.shape[0]
         if r == 0 or b == 0:
             return query.new_zeros(b, r)
-        distinct, slot = torch.unique(keys, dim=0, return_inverse=True)  # a behavior repeated: scored once
+        distinct, slot = distinct_rows(keys)  # a behavior repeated: scored once
         scores = din_native.scores(self, query, distinct) if query.dtype == torch.float32 else None
         if scores is None:  # the torch blocks
             u = distinct.shape[0]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from model.dice_native import DICE8_C
 from model.simd_c import DOT8_C
 from model.gsu import cbuild
-from model.tower import Dice
+from model.tower import Dice, state_key
 
 SOURCE = r"""
 #include <stdint.h>
@@ -196,10 +196,6 @@ class Prepared:
     score_b: float
 
 
-def _state_key(din) -> tuple:
-    return tuple((id(t), t._version) for t in list(din.parameters()) + list(din.buffers()))
-
-
 def _pairs(din) -> Optional[list]:
     layers = list(din.mlp)
     pairs = [layers[i:i + 2] for i in range(0, len(layers), 2)]
@@ -212,7 +208,7 @@ def _pairs(din) -> Optional[list]:
 def prepare(din) -> Optional[Prepared]:
     """``din``'s ``Prepared`` (built again only when a parameter or statistic changed), or None when its MLP is not
     Linear + Dice (eval statistics) throughout."""
-    key = _state_key(din)
+    key = state_key(din)
     cached = getattr(din, "_din_native", None)
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from model.attention import TargetAttention
+from model.columns import Block, Dense, concatenated
 from model.config import ModelConfig
 from model.simtier import SimTier
 
@@ -61,17 +62,36 @@ class Esu(nn.Module):
     ) -> torch.Tensor:
         """``forward`` with behaviors[b, j] = distinct[index[b, j]] (distinct [U, E], index int64 [B, K], -1: none,
         the mask): one user's candidates, whose selections share the U behaviors (``Batch.gsu_index``)."""
+        blocks = self.blocks_shared(query, distinct, index, similarity, recent_similarity, recent_mask)
+        return concatenated(blocks, query.shape[0])
+
+    def blocks_shared(
+        self,
+        query: torch.Tensor,
+        distinct: torch.Tensor,
+        index: torch.Tensor,
+        similarity: torch.Tensor,
+        recent_similarity: torch.Tensor,
+        recent_mask: torch.Tensor,
+    ) -> list[Block]:
+        """``forward_shared``'s features as column blocks in the same column order (``model.columns``: the pool
+        ``Dense``, each SimTier ``Tiers``), for an over arch that folds them into its first layer."""
         mask = index >= 0
         pooled = (self.attention.forward_shared(query, distinct, index, mask, similarity)
                   if self.attention is not None else None)
-        return self._features(pooled, similarity, mask, recent_similarity, recent_mask)
+        return self._blocks(pooled, similarity, mask, recent_similarity, recent_mask)
 
     def _features(self, pooled: torch.Tensor | None, similarity: torch.Tensor, mask: torch.Tensor,
                   recent_similarity: torch.Tensor, recent_mask: torch.Tensor) -> torch.Tensor:
         """[B, out_dim]: the attention's pooled behaviors (if any) ++ the SimTiers."""
-        parts = [] if pooled is None else [pooled]
+        return concatenated(self._blocks(pooled, similarity, mask, recent_similarity, recent_mask),
+                            similarity.shape[0])
+
+    def _blocks(self, pooled: torch.Tensor | None, similarity: torch.Tensor, mask: torch.Tensor,
+                recent_similarity: torch.Tensor, recent_mask: torch.Tensor) -> list[Block]:
+        blocks: list[Block] = [] if pooled is None else [Dense(pooled)]
         if self.simtier is not None:
-            parts.append(self.simtier(similarity, mask))
+            blocks.append(self.simtier.columns(similarity, mask))
         if self.recent_simtier is not None:
-            parts.append(self.recent_simtier(recent_similarity, recent_mask))
-        return torch.cat(parts, dim=1)
+            blocks.append(self.recent_simtier.columns(recent_similarity, recent_mask))
+        return blocks

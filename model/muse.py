@@ -13,15 +13,17 @@ Layout (in the style of torchrec's DLRM, one job per arch):
 ``batch.sparse_features`` and treats the two dense archs as leaves.
 """
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
-from datapipes.batch import SPARSE_FEATURES, Batch
+from datapipes.batch import SEQUENCE_FEATURES, SPARSE_FEATURES, Batch
 from model.attention import DinAttention
+from model.columns import Block, Dense, Shared, concatenated, folded_linear, shared_or_dense
 from model.config import ModelConfig
 from model.esu import Esu
 from model.in_model_gsu import gather_positions, id_relevance, topk_positions
@@ -56,33 +58,45 @@ class InterestArch(nn.Module):
         shared_recent: bool = False,
         gsu_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        blocks = self.blocks(embeddings, recent_scores, gsu_scores, history_scores, shared_recent, gsu_index)
+        return concatenated(blocks, recent_scores.shape[0])
+
+    def blocks(
+        self,
+        embeddings: Mapping[str, JaggedTensor],
+        recent_scores: torch.Tensor,
+        gsu_scores: torch.Tensor,
+        history_scores: Optional[torch.Tensor],
+        shared_recent: bool = False,
+        gsu_index: Optional[torch.Tensor] = None,
+    ) -> list[Block]:
+        """``forward``'s output as column blocks in the same column order (``model.columns``), [B, out_dim] in all."""
         cfg = self.cfg
         target = behavior_values(embeddings["target_item"], embeddings["target_cat"])  # [B, E]: one id per sample
         recent_item = embeddings["recent_item"]
         _check_width("batch.recent_scores", recent_scores, cfg.recent_len)
         recent_keys = behavior_values(recent_item, embeddings["recent_cat"])
         if shared_recent:  # every sample's recent window is the R behaviors given once (``MuseModel.forward``)
-            recent_lengths = torch.full_like(recent_item.lengths(), recent_keys.shape[0])
-            parts = [target, self.din.forward_shared(target, recent_keys)]
+            recent_lengths = torch.full((target.shape[0],), recent_keys.shape[0], dtype=torch.int64,
+                                        device=target.device)
+            blocks: list[Block] = [Dense(target), Dense(self.din.forward_shared(target, recent_keys))]
         else:
             recent_lengths = recent_item.lengths()
-            parts = [target, self.din(target, recent_keys, recent_lengths, recent_item.offsets(), cfg.recent_len)]
+            blocks = [Dense(target),
+                      Dense(self.din(target, recent_keys, recent_lengths, recent_item.offsets(), cfg.recent_len))]
         if self.esu is None:
-            return torch.cat(parts, dim=1)
+            return blocks
         recent_mask = length_mask(recent_lengths, cfg.recent_len)
         if cfg.uses_history:
             behaviors, mask, similarity = self._select_from_history(target, embeddings, history_scores)
-            parts.append(self.esu(target, behaviors, mask, similarity, recent_scores, recent_mask))
-            return torch.cat(parts, dim=1)
+            return blocks + [Dense(self.esu(target, behaviors, mask, similarity, recent_scores, recent_mask))]
         _check_width("batch.gsu_scores", gsu_scores, cfg.k)
         if gsu_index is not None:  # the distinct selected behaviors given once (``Batch.gsu_index``)
             _check_width("batch.gsu_index", gsu_index, cfg.k)
             distinct = behavior_values(embeddings["gsu_item"], embeddings["gsu_cat"])  # [U, E]
-            parts.append(self.esu.forward_shared(target, distinct, gsu_index, gsu_scores, recent_scores, recent_mask))
-        else:
-            behaviors, mask = padded_behaviors(embeddings["gsu_item"], embeddings["gsu_cat"], cfg.k)
-            parts.append(self.esu(target, behaviors, mask, gsu_scores, recent_scores, recent_mask))
-        return torch.cat(parts, dim=1)
+            return blocks + self.esu.blocks_shared(target, distinct, gsu_index, gsu_scores, recent_scores, recent_mask)
+        behaviors, mask = padded_behaviors(embeddings["gsu_item"], embeddings["gsu_cat"], cfg.k)
+        return blocks + [Dense(self.esu(target, behaviors, mask, gsu_scores, recent_scores, recent_mask))]
 
     def _select_from_history(
         self, target: torch.Tensor, embeddings: Mapping[str, JaggedTensor], history_scores: Optional[torch.Tensor]
@@ -115,6 +129,18 @@ class OverArch(nn.Module):
         features = [pooled[name] for name in SPARSE_FEATURES] + [interest]
         return self.logit(self.mlp(torch.cat(features, dim=1))).squeeze(-1)
 
+    def forward_blocks(self, sparse: Mapping[str, Block], interest: Sequence[Block], rows: int) -> torch.Tensor:
+        """``forward`` of ``rows`` samples with the pooled sparse features (by name) and the interest as column
+        blocks (``InterestArch.blocks``): the first Linear folded over them (``model.columns.folded_linear``), so
+        a ``Shared`` feature (one user's id and profile against its candidates) is taken once. Equal to
+        ``forward`` to float32 rounding."""
+        blocks = [sparse[name] for name in SPARSE_FEATURES] + list(interest)
+        layers = list(self.mlp) + [self.logit]
+        hidden = folded_linear(layers[0], blocks, rows)
+        for layer in layers[1:]:
+            hidden = layer(hidden)
+        return hidden.squeeze(-1)
+
 
 class MuseModel(nn.Module):
     """One model of the family chosen by ``cfg`` (see ``ModelConfig``). forward(batch) -> logits float32 [B].
@@ -142,9 +168,60 @@ class MuseModel(nn.Module):
         ESU attends over them by index (``TargetAttention.forward_shared``)."""
         sequence = self.sequence_ec(batch.sequence_features)
         sparse = self.sparse_ebc(batch.sparse_features)
+        if shared_recent:  # one user's candidates: the over arch folds the interest's columns into its first layer
+            blocks = self.interest_arch.blocks(sequence, batch.recent_scores, batch.gsu_scores, batch.history_scores,
+                                               shared_recent=True, gsu_index=batch.gsu_index)
+            pooled = {name: shared_or_dense(values) for name, values in sparse.to_dict().items()}
+            return self.over_arch.forward_blocks(pooled, blocks, batch.recent_scores.shape[0])
         interest = self.interest_arch(sequence, batch.recent_scores, batch.gsu_scores, batch.history_scores,
-                                      shared_recent=shared_recent, gsu_index=batch.gsu_index)
+                                      gsu_index=batch.gsu_index)
         return self.over_arch(sparse, interest)
+
+
+    @torch.no_grad()
+    def rank_user(self, sparse: Mapping[str, torch.Tensor], sequence: Mapping[str, torch.Tensor],
+                  recent_scores: torch.Tensor, gsu_scores: torch.Tensor, gsu_index: torch.Tensor) -> torch.Tensor:
+        """Logits [B] of one user's B candidates, ``forward(batch, shared_recent=True)`` of the ``Batch`` these ids
+        make, without building it: each feature's rows are read from its table directly (``F.embedding``; a pooled
+        feature of one id per sample is that id's row), not through KeyedJaggedTensors and the collections'
+        forward, about a millisecond of Python a rank on this host. Unsharded models only (serving's).
+
+        sparse: {SPARSE_FEATURES name: int64 [B], or [1] for an id every candidate shares (the user's id and
+        profile)}; sequence: {SEQUENCE_FEATURES name: int64 ids}: target_item / target_cat [B], recent_item /
+        recent_cat [R] (the window, oldest first), gsu_item / gsu_cat [U] (the distinct selected behaviors);
+        recent_scores [B, S], gsu_scores [B, K], gsu_index int64 [B, K] as in ``Batch``."""
+        rows = recent_scores.shape[0]
+        tables = self._feature_tables()
+        pooled: dict[str, Block] = {}
+        for name in SPARSE_FEATURES:
+            ids = sparse[name].reshape(-1)
+            values = F.embedding(ids, tables[name])
+            pooled[name] = Shared(values[0]) if ids.shape[0] == 1 and rows != 1 else Dense(values)
+        embeddings = {}
+        for name in SEQUENCE_FEATURES:
+            ids = sequence[name].reshape(-1)
+            if name.startswith("target_"):  # one id per sample
+                lengths = torch.ones(rows, dtype=torch.int64)
+            else:  # given once, all in the first sample (as ``Batch.gsu_index`` and ``shared_recent`` have them)
+                lengths = torch.zeros(rows, dtype=torch.int64).index_fill_(0, torch.zeros(1, dtype=torch.int64),
+                                                                            ids.shape[0])
+            embeddings[name] = JaggedTensor(values=F.embedding(ids, tables[name]), lengths=lengths)
+        blocks = self.interest_arch.blocks(embeddings, recent_scores, gsu_scores, None, shared_recent=True,
+                                           gsu_index=gsu_index)
+        return self.over_arch.forward_blocks(pooled, blocks, rows)
+
+    def _feature_tables(self) -> dict[str, torch.Tensor]:
+        """{feature: its table's weight} for every sparse and sequence feature (unsharded collections); the
+        (feature, table module) pairs are found once, the weights read on each call."""
+        modules = self.__dict__.get("_feature_modules")
+        if modules is None:
+            ebc, ec = self.sparse_ebc, self.sequence_ec
+            modules = {feature: ebc.embedding_bags[config.name]
+                       for config in ebc.embedding_bag_configs() for feature in config.feature_names}
+            modules.update({feature: ec.embeddings[config.name]
+                            for config in ec.embedding_configs() for feature in config.feature_names})
+            self.__dict__["_feature_modules"] = modules
+        return {feature: module.weight for feature, module in modules.items()}
 
 
 def build_model(cfg: ModelConfig, vocab_sizes: Mapping[str, int], device: torch.device | str = "cpu") -> MuseModel:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from model import esu_native
+from model.columns import Tiers
 
 
 def tier_edges(num_tiers: int, width: float, device: torch.device | None = None) -> torch.Tensor:
@@ -76,5 +77,9 @@ class SimTier(nn.Module):
         nn.init.normal_(self.tier_vectors, std=0.1)
 
     def forward(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        counts = tier_counts(scores, mask, self.num_tiers, self.width)
-        return (torch.log1p(counts).unsqueeze(-1) * self.tier_vectors).flatten(1)
+        return self.columns(scores, mask).expanded(scores.shape[0])
+
+    def columns(self, scores: torch.Tensor, mask: torch.Tensor) -> Tiers:
+        """The features as ``Tiers`` (log1p of the counts [B, T] and the tier vectors), for a caller that folds them
+        into the next layer (``model.columns``)."""
+        return Tiers(torch.log1p(tier_counts(scores, mask, self.num_tiers, self.width)), self.tier_vectors)

@@ -13,6 +13,7 @@ from model.jagged import behavior_values, length_mask, padded_behaviors
 from model.muse import build_model
 from model.tables import embedding_configs
 from model.simtier import SimTier, tier_counts
+from model.tower import Dice
 from tests.model_inputs import SMALL_VOCAB, random_batch
 
 
@@ -534,3 +535,65 @@ def _dice_with_statistics(dim: int, seed: int):
     dice.norm.running_var.uniform_(0.5, 2.0)
     dice.alpha.data.uniform_(-0.5, 0.5)
     return dice
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_linear_equals_the_linear_of_the_concatenated_columns(bias):
+    """folded_linear over Dense / Shared / Tiers blocks = Linear(concatenated blocks) to float32 rounding, whatever
+    the order of the blocks; a block list of the wrong width is refused."""
+    from model.columns import Dense, Shared, Tiers, concatenated, folded_linear
+
+    torch.manual_seed(11)
+    rows = 9
+    blocks = [Shared(torch.randn(5)), Dense(torch.randn(rows, 3)), Tiers(torch.rand(rows, 4), torch.randn(4, 2)),
+              Shared(torch.randn(2)), Tiers(torch.rand(rows, 3), torch.randn(3, 1)), Dense(torch.randn(rows, 6))]
+    width = sum(b.width for b in blocks)
+    linear = torch.nn.Linear(width, 7, bias=bias)
+    expected = linear(concatenated(blocks, rows))
+    torch.testing.assert_close(folded_linear(linear, blocks, rows), expected, rtol=1e-5, atol=1e-5)
+    only_shared = [Shared(torch.randn(width))]
+    torch.testing.assert_close(folded_linear(linear, only_shared, rows), linear(concatenated(only_shared, rows)),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="columns"):
+        folded_linear(linear, blocks[1:], rows)
+
+
+def test_shared_or_dense_takes_a_column_block_once_only_when_every_row_is_equal():
+    from model.columns import Dense, Shared, shared_or_dense
+
+    row = torch.randn(1, 4)
+    assert isinstance(shared_or_dense(row.expand(5, -1)), Shared)
+    assert isinstance(shared_or_dense(row), Dense)  # one row: nothing to share
+    varied = row.repeat(5, 1)
+    varied[3, 2] += 1e-6
+    assert isinstance(shared_or_dense(varied), Dense)
+
+
+def test_distinct_rows_gives_each_row_back_and_survives_a_hash_collision(monkeypatch):
+    """Every row is distinct[slot] bit for bit, one distinct row per distinct bit pattern; when every row hashes the
+    same (multipliers forced to 0), the check fails and torch.unique's answer comes back."""
+    from model import attention
+
+    torch.manual_seed(12)
+    base = torch.randn(6, 5)
+    rows = base[torch.tensor([0, 3, 3, 1, 0, 5, 2, 3])]
+    distinct, slot = attention.distinct_rows(rows)
+    assert torch.equal(distinct.index_select(0, slot), rows) and distinct.shape[0] == 5
+    monkeypatch.setattr(attention, "_row_multipliers", lambda width: torch.zeros(width, dtype=torch.int64))
+    distinct, slot = attention.distinct_rows(rows)
+    assert torch.equal(distinct.index_select(0, slot), rows) and distinct.shape[0] == 5
+
+
+def test_dice_eval_parameters_follow_changed_statistics_and_alpha():
+    """The cached eval parameters are rebuilt when a running statistic or alpha changes in place or is replaced."""
+    dice = Dice(3).eval()
+    first = dice.eval_parameters()
+    assert dice.eval_parameters() is first  # cached while nothing changed
+    with torch.no_grad():
+        dice.norm.running_var.mul_(4)
+        dice.alpha.fill_(0.25)
+    changed = dice.eval_parameters()
+    torch.testing.assert_close(changed[0], torch.full((3,), 0.5), rtol=1e-3, atol=1e-3)  # 1 / sqrt(4 + eps)
+    torch.testing.assert_close(changed[2], torch.full((3,), 0.25))
+    dice.alpha = torch.nn.Parameter(torch.full((3,), 0.5))
+    torch.testing.assert_close(dice.eval_parameters()[3], torch.full((3,), 0.5))

@@ -283,6 +283,8 @@ def test_rank_indices_with_content_and_side_features_equals_score(packages, user
         predictor.rank_indices(user, profile, cand, hist_items[1:], hist_cats[1:], content=content)
     with pytest.raises(ValueError, match="candidate_cats"):
         predictor.rank_indices(user, profile, cand, hist_items, hist_cats, candidate_cats=given["candidate_cats"][:3])
+    with pytest.raises(ValueError, match="profile: 4 ids"):
+        predictor.rank_indices(user, profile[:4], cand, hist_items, hist_cats)
 
 
 class _OlderPredictor:
