@@ -152,9 +152,8 @@ def _broadcast_topk(table: torch.Tensor, target_ids: torch.Tensor, history: torc
     """
     count = target_ids.shape[0]
     real = (history != 0).nonzero().squeeze(1)
-    state = RunningTopK(count, k)
     if real.numel() == 0:
-        return state.result()
+        return RunningTopK(count, k).result()
     ids = history.index_select(0, real)
     order = torch.argsort(ids, stable=True)  # grouped by item, ascending positions within an item
     item_ids, occurrences = torch.unique_consecutive(ids.index_select(0, order), return_counts=True)
@@ -168,8 +167,7 @@ def _broadcast_topk(table: torch.Tensor, target_ids: torch.Tensor, history: torc
         scores, picked, _ = _streaming_topk(table, target_ids, distinct[None, :].expand(count, -1), width, norms,
                                             chunk_rows, True, shadow)  # [C, width], all valid
     item = by_recency.index_select(0, picked.reshape(-1)).view(count, width)  # index into item_ids, best first
-    state.keys = _occurrence_keys(scores, item, occurrences, ends, order, real, k)
-    return state.result()
+    return sorted_result(_occurrence_keys(scores, item, occurrences, ends, order, real, k))  # already descending
 
 
 def _occurrence_keys(scores: torch.Tensor, item: torch.Tensor, occurrences: torch.Tensor, ends: torch.Tensor,
@@ -181,7 +179,8 @@ def _occurrence_keys(scores: torch.Tensor, item: torch.Tensor, occurrences: torc
     ``real`` as in ``_broadcast_topk``), best first. Where no two selected items a target needs tie in score,
     its answer is the items' occurrences newest first, item after item, cut at k: one [C, k] gather. Targets
     with such a tie (equal content rows) take every item's newest min(k, count) occurrences ([c, w, m]) and a
-    top-k, which interleaves the tied items' positions.
+    top-k, which interleaves the tied items' positions. Either way each row comes out sorted descending (empty
+    slots, NO_KEY, last), as ``sorted_result`` takes it.
     """
     keys = dense_select.occurrence_keys(scores, item, occurrences, ends, order, real, k)
     if keys is not None:  # the same keys in one C loop
