@@ -40,14 +40,55 @@ _IN_MODEL_CHUNK = 1 << 21
 
 
 class VocabTable:
-    """Raw hashed id -> vocabulary index. keys: int64 [V] sorted raw ids; index: int64 [V] their indices."""
+    """Raw hashed id -> vocabulary index. keys: int64 [V] sorted raw ids; index: int64 [V] their indices.
+
+    A lookup runs in numpy on views of the same memory (a few calls of ~1 us each rather than torch ops of ~5 us,
+    most of the time of the one-id lookups a rank makes: its user and profile). Large vocabularies also get a
+    bucket index: the keys' range cut into 2**16 equal buckets (offsets from the smallest key, in uint64), each
+    bucket's first key position, and each id searched within its bucket only (``_BUCKET_STEPS`` halvings at most,
+    vectorised) instead of across all V keys, whose lower levels miss the CPU caches once a rank has run between
+    two lookups: 0.39 against 0.79 ms per 1,000 ids of a 1M-key vocabulary after the caches were flushed (this
+    host). Hashed ids spread evenly over the buckets (~15 keys each at 1M); when the keys are too uneven for the
+    step budget the table keeps the plain binary search. Both give the same indices."""
+
+    _BUCKET_BITS = 16
+    _BUCKET_STEPS = 8  # halvings within a bucket: buckets of up to 255 keys
 
     def __init__(self, keys: torch.Tensor, index: torch.Tensor) -> None:
         self.keys, self.index = keys, index
-        # numpy views of the same memory: a lookup is a few numpy calls (~1 us each) rather than torch ops (~5 us
-        # each), which is most of the time of the one-id lookups a rank makes (its user and profile).
         self._keys = keys.detach().cpu().contiguous().numpy()
         self._index = index.detach().cpu().contiguous().numpy()
+        self._buckets = self._bucket_index() if self._keys.shape[0] >= (8 << self._BUCKET_BITS) else None
+
+    def _bucket_index(self) -> Optional[tuple]:
+        """(smallest key as uint64, shift, starts uint64 [2**BITS + 1], steps) or None (keys too uneven)."""
+        keys = self._keys.view(np.uint64)
+        low = keys[0] if self._keys[0] >= 0 else None
+        if low is None or self._keys[-1] < 0:  # signed order differs from unsigned: keep the binary search
+            return None
+        span = int(keys[-1] - low)
+        shift = max(0, span.bit_length() - self._BUCKET_BITS)
+        edges = low + (np.arange(1 << self._BUCKET_BITS, dtype=np.uint64) << np.uint64(shift))
+        starts = np.append(np.searchsorted(keys, edges), keys.shape[0]).astype(np.int64)
+        widest = int(np.diff(starts).max())
+        if widest >= 1 << self._BUCKET_STEPS:
+            return None
+        return low, np.uint64(shift), starts, max(1, widest.bit_length())
+
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        """For ids int64 [n]: the position of each id in the keys when present (any position otherwise)."""
+        if self._buckets is None:
+            return np.searchsorted(self._keys, ids)
+        low, shift, starts, steps = self._buckets
+        bucket = np.minimum((ids.view(np.uint64) - low) >> shift, np.uint64(starts.shape[0] - 2)).astype(np.int64)
+        pos, end = starts[bucket], starts[bucket + 1]
+        last = self._keys.shape[0] - 1
+        step = 1 << (steps - 1)
+        while step:  # pos: the first key >= id within [start, end), found by halving
+            ahead = pos + step
+            pos = np.where((ahead <= end) & (self._keys[np.minimum(ahead - 1, last)] < ids), ahead, pos)
+            step >>= 1
+        return pos
 
     def lookup(self, raw: torch.Tensor) -> torch.Tensor:
         """int64 indices, same shape as ``raw``; 0 for unknown ids and for 0."""
@@ -55,7 +96,7 @@ class VocabTable:
         if self._keys.shape[0] == 0:
             return torch.zeros_like(raw)
         ids = raw.numpy().reshape(-1)
-        pos = np.searchsorted(self._keys, ids)
+        pos = self._positions(ids)
         np.minimum(pos, self._keys.shape[0] - 1, out=pos)
         hit = (self._keys[pos] == ids) & (ids != 0)
         return torch.from_numpy(np.where(hit, self._index[pos], 0)).view(raw.shape)

@@ -301,3 +301,34 @@ def test_a_store_of_another_vocabulary_is_refused_by_the_predictor(muse_package,
         load_predictor(path, histories=str(store))
     with pytest.raises(ValueError, match="no history store attached"):
         load_predictor(path).rank_user(1, [1, 2])
+
+
+def test_vocabulary_bucket_index_finds_what_the_binary_search_finds():
+    """A 600K-key vocabulary takes the bucket index; its lookups equal a plain searchsorted on the same keys for
+    known ids (first, last, bucket edges), unknown ones, 0, negatives and the int64 extremes. Keys too uneven for
+    the step budget, or negative keys, keep the plain binary search (same answers)."""
+    from inference.predictor import VocabTable
+
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.unique(torch.randint(1, 2 ** 62, (600_000,), generator=gen))
+    index = torch.randperm(keys.numel(), generator=gen) + 1
+    table = VocabTable(keys, index)
+    assert table._buckets is not None
+    probes = torch.cat([keys[:5], keys[-5:], keys[torch.randint(0, keys.numel(), (5000,), generator=gen)],
+                        torch.randint(-2 ** 62, 2 ** 62, (5000,), generator=gen), keys[:100] + 1, keys[-100:] - 1,
+                        torch.tensor([0, -1, 2 ** 63 - 1, -2 ** 63])])
+
+    def reference(ids):
+        pos = torch.searchsorted(keys, ids).clamp_max(keys.numel() - 1)
+        return torch.where((keys[pos] == ids) & (ids != 0), index[pos], torch.zeros((), dtype=torch.int64))
+
+    assert torch.equal(table.lookup(probes), reference(probes))
+    assert table.lookup(probes.view(2, -1)).shape == (2, probes.numel() // 2)
+    crowded = torch.cat([torch.arange(1, 600_001), torch.tensor([2 ** 62])])  # one bucket holds nearly all keys
+    negative = torch.cat([-keys[:300_000].flip(0), keys[:300_000]])
+    for keys in (crowded, negative):
+        index = torch.arange(1, keys.numel() + 1)
+        table = VocabTable(keys, index)
+        assert table._buckets is None
+        probes = torch.cat([keys[::997], keys[::991] + 1, torch.tensor([0, -5])])
+        assert torch.equal(table.lookup(probes), reference(probes))

@@ -595,6 +595,23 @@ def _hammer(port: int, body: dict, stop: threading.Event, results: list) -> None
             results.append(repr(err))
 
 
+def _await_generation(port: int, workers: int, generation: int, timeout: float = 60.0) -> None:
+    """Until each of the ``workers`` workers (told apart by /health's worker index, over new connections, which the
+    kernel spreads over them) reports ``generation``; a worker loads the new package in its own time."""
+    seen: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        client = Client(port)
+        status, health = client.send("GET", "/health")
+        client.conn.close()
+        assert status == 200, health
+        seen[health["worker"]] = health["generation"]
+        if len(seen) == workers and all(g == generation for g in seen.values()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"workers {seen} not all at generation {generation} after {timeout:.0f} s")
+
+
 @pytest.mark.slow
 def test_reload_swaps_the_package_without_failing_requests_in_flight(server, packages, users):
     package, other = packages
@@ -613,7 +630,7 @@ def test_reload_swaps_the_package_without_failing_requests_in_flight(server, pac
     os.replace(package + ".tmp", package)  # replaced atomically, as `muse export` writes it
     status, answer = Client(server.port).send("POST", "/admin/reload")
     assert status == 200 and answer["generation"] == 2, answer
-    time.sleep(1.0)  # the other worker's watcher swaps within its poll interval
+    _await_generation(server.port, workers=2, generation=2)  # the other worker's watcher swaps in the background
     stop.set()
     for t in threads:
         t.join(60)
