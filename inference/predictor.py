@@ -326,12 +326,7 @@ class Predictor:
         for name, values in zip(("candidate_cats", "candidate_cities", "candidate_provinces"), (cat, city, prov)):
             if values.shape[0] != c:
                 raise ValueError(f"{name}: {values.shape[0]} values for {c} candidates")
-        samples = RawBatch(labels=torch.zeros(c), user_id=user.expand(c), profile=prof[None, :].expand(c, -1),
-                           target_item=cand, target_cat=cat, item_city=city, item_province=prov,
-                           history_items=items[None, :].expand(c, -1), history_cats=cats[None, :].expand(c, -1))
-        if self.config.uses_history:
-            return self._rank_whole_history(samples, items, cats)
-        if self.config.gsu == "multimodal":
+        if self.config.gsu == "multimodal":  # straight to the model's rank_user, no [C, L] batch
             selected = self._shared_selection(cand, items, cats, content)
             sparse = {"user_id": user, "item_city": city, "item_province": prov,
                       **{field: prof[i:i + 1] for i, field in enumerate(PROFILE_FIELDS)}}
@@ -339,6 +334,11 @@ class Predictor:
                         "recent_cat": selected.recent_cat, "gsu_item": selected.gsu_item, "gsu_cat": selected.gsu_cat}
             return torch.sigmoid(self.model.rank_user(sparse, sequence, selected.recent_scores, selected.gsu_scores,
                                                       selected.gsu_index))
+        samples = RawBatch(labels=torch.zeros(c), user_id=user.expand(c), profile=prof[None, :].expand(c, -1),
+                           target_item=cand, target_cat=cat, item_city=city, item_province=prov,
+                           history_items=items[None, :].expand(c, -1), history_cats=cats[None, :].expand(c, -1))
+        if self.config.uses_history:
+            return self._rank_whole_history(samples, items, cats)
         keep = self._compact_positions(cand, cat, items, cats)
         compact = replace(samples, history_items=_left_padded(items, keep), history_cats=_left_padded(cats, keep))
         return self.score_indices(compact)
