@@ -131,7 +131,7 @@ def _dice_row(args: argparse.Namespace) -> Dict[str, object]:
         with _without(dice_native, "dice"):
             return dice(x)
 
-    with torch.no_grad():
+    with torch.inference_mode():  # as serving's ranks run them (kernels keep prepared weights there)
         diff = float((dice(x) - fallback()).abs().max())
         times = _best_in_turns({"native": lambda: dice(x), "torch": fallback}, args.repeats)
     return {"kernel": "Dice (eval)", "case": f"[{args.pairs:,}, 80]", "native_ms": times["native"],
@@ -162,7 +162,7 @@ def _esu_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
             with _without(esu_native, "esu"):
                 return native()
 
-        with torch.no_grad():
+        with torch.inference_mode():  # as serving's ranks run them (kernels keep prepared weights there)
             diff = float((native() - fallback()).abs().max())
             times = _best_in_turns({"native": native, "torch": fallback}, args.repeats)
         rows.append({"kernel": f"ESU by index ({preset}: {cfg.esu}{', projections' if cfg.attention_projections else ''})",
@@ -180,7 +180,7 @@ def _din_kernel_row(args: argparse.Namespace) -> Dict[str, object]:
         with _without(din_native, "din"):
             return din.forward_shared(query, keys)
 
-    with torch.no_grad():
+    with torch.inference_mode():  # as serving's ranks run them (kernels keep prepared weights there)
         native = lambda: din.forward_shared(query, keys)  # noqa: E731
         times = _best_in_turns({"native": native, "torch": blocks}, args.repeats)
         diff = float((native() - blocks()).abs().max())
@@ -195,7 +195,7 @@ def _din_row(args: argparse.Namespace) -> Dict[str, object]:
     lengths = torch.full((args.candidates,), 50)
     offsets = torch.arange(args.candidates + 1) * 50
     repeated = keys.repeat(args.candidates, 1)
-    with torch.no_grad():
+    with torch.inference_mode():  # as serving's ranks run them (kernels keep prepared weights there)
         jagged = lambda: din(query, repeated, lengths, offsets, 50)  # noqa: E731
         shared = lambda: din.forward_shared(query, keys)  # noqa: E731
         times = _best_in_turns({"shared": shared, "jagged": jagged}, args.repeats)

@@ -85,12 +85,19 @@ def concatenated(blocks: Sequence[Block], rows: int) -> torch.Tensor:
     return torch.cat([block.expanded(rows) for block in blocks], dim=1)
 
 
+def _rows(block: Block) -> int:
+    return block.weights.shape[0] if isinstance(block, Tiers) else block.values.shape[0]
+
+
 def folded_linear(linear: nn.Linear, blocks: Sequence[Block], rows: int) -> torch.Tensor:
     """``linear(concatenated(blocks, rows))`` [rows, H], block by block (see the module docstring)."""
     weight = linear.weight
     hidden = weight.shape[0]
     if sum(block.width for block in blocks) != weight.shape[1]:
         raise ValueError(f"blocks: {sum(b.width for b in blocks)} columns for a Linear of {weight.shape[1]} inputs")
+    for block in blocks:
+        if not isinstance(block, Shared) and _rows(block) != rows:
+            raise ValueError(f"blocks: a {type(block).__name__} block of {_rows(block)} rows for {rows} rows")
     bias = linear.bias if linear.bias is not None else weight.new_zeros(hidden)
     inputs, columns = [], []
     start = 0

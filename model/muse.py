@@ -177,7 +177,6 @@ class MuseModel(nn.Module):
                                       gsu_index=batch.gsu_index)
         return self.over_arch(sparse, interest)
 
-
     @torch.no_grad()
     def rank_user(self, sparse: Mapping[str, torch.Tensor], sequence: Mapping[str, torch.Tensor],
                   recent_scores: torch.Tensor, gsu_scores: torch.Tensor, gsu_index: torch.Tensor) -> torch.Tensor:
@@ -191,6 +190,14 @@ class MuseModel(nn.Module):
         recent_cat [R] (the window, oldest first), gsu_item / gsu_cat [U] (the distinct selected behaviors);
         recent_scores [B, S], gsu_scores [B, K], gsu_index int64 [B, K] as in ``Batch``."""
         rows = recent_scores.shape[0]
+        for name in ("target_item", "target_cat"):
+            if sequence[name].numel() != rows:
+                raise ValueError(f"sequence[{name!r}]: {sequence[name].numel()} ids for {rows} rows (recent_scores)")
+        for name in SPARSE_FEATURES:
+            if sparse[name].numel() not in (1, rows):
+                raise ValueError(f"sparse[{name!r}]: {sparse[name].numel()} ids, expected 1 (shared) or {rows}")
+        if rows == 0:
+            return recent_scores.new_zeros(0)
         tables = self._feature_tables()
         pooled: dict[str, Block] = {}
         for name in SPARSE_FEATURES:
@@ -211,8 +218,8 @@ class MuseModel(nn.Module):
         return self.over_arch.forward_blocks(pooled, blocks, rows)
 
     def _feature_tables(self) -> dict[str, torch.Tensor]:
-        """{feature: its table's weight} for every sparse and sequence feature (unsharded collections); the
-        (feature, table module) pairs are found once, the weights read on each call."""
+        """{feature: its table's weight} for every sparse and sequence feature (unsharded collections, not replaced
+        after the first call); the (feature, table module) pairs are found once, the weights read on each call."""
         modules = self.__dict__.get("_feature_modules")
         if modules is None:
             ebc, ec = self.sparse_ebc, self.sequence_ec

@@ -1,6 +1,6 @@
 """Prediction tower pieces: Dice / PReLU activations and an MLP of Linear + activation layers."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -8,19 +8,33 @@ from torch import nn
 from model import dice_native
 
 
-def state_key(module: nn.Module) -> tuple:
-    """(id, version counter) of each parameter and buffer of ``module`` and its submodules: it changes when one is
-    replaced or written in place (an optimizer step, ``load_state_dict``, running statistics), so a value derived
-    from them (an eval kernel's prepared weights) can be cached under it. The (submodule, slot) list is taken once
-    per module (its structure is fixed once built), so a call is a loop over a few tensors rather than the
-    ``parameters()`` / ``buffers()`` generators (~0.1 ms each on a DIN unit)."""
+def state_key(module: nn.Module) -> Optional[tuple]:
+    """(id, storage address, version counter) of each parameter and buffer of ``module`` and its submodules, for
+    caching a value derived from them (an eval kernel's prepared weights) while serving; None where a tensor has no
+    version counter (a model built under inference mode): then nothing can be cached.
+
+    It changes when a tensor is replaced (``p.data = ...``, ``load_state_dict(assign=True)``) or written in place
+    through autograd's version counter (an optimizer's non-fused step, ``load_state_dict``, running statistics). It
+    does not see in-place writes that bypass the counter (through ``.data``, or a fused optimizer's kernel) nor a
+    submodule replaced after the first call (the (submodule, slot) list is taken once per module, so a call is a loop
+    over a few tensors rather than the ``parameters()`` / ``buffers()`` walks, ~0.1 ms each on a DIN unit). So the
+    callers cache only under inference mode, where a served model's weights are read, never written
+    (``cache_key``)."""
     slots = module.__dict__.get("_state_slots")
     if slots is None:
         slots = [(child, kind, name) for child in module.modules() for kind in ("_parameters", "_buffers")
                  for name in getattr(child, kind)]
         module.__dict__["_state_slots"] = slots
-    return tuple((id(t), t._version) for t in (getattr(child, kind)[name] for child, kind, name in slots)
-                 if t is not None)
+    tensors = [t for t in (getattr(child, kind)[name] for child, kind, name in slots) if t is not None]
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+
+def cache_key(module: nn.Module) -> Optional[tuple]:
+    """``state_key(module)`` under inference mode (serving's ranks), else None: outside it (training, evaluation,
+    tests that write weights through ``.data``) a derived value is built afresh on every call."""
+    return state_key(module) if torch.is_inference_mode_enabled() else None
 
 
 class Dice(nn.Module):
@@ -74,15 +88,17 @@ class Dice(nn.Module):
 
     @torch.no_grad()
     def eval_parameters(self) -> torch.Tensor:
-        """float32 [4, dim]: inv, shift (``_affine``), alpha, 1 - alpha, as ``apply_``'s kernel reads them; built
-        again only when a statistic or alpha changed (``state_key``), not on every call of a rank."""
-        key = state_key(self)
+        """float32 [4, dim]: inv, shift (``_affine``), alpha, 1 - alpha, as ``apply_``'s kernel reads them. Under
+        inference mode they are kept until a statistic or alpha changes (``cache_key``), not built on every call of
+        a rank; elsewhere they are built on every call."""
+        key = cache_key(self)
         cached = self.__dict__.get("_eval_parameters")
-        if cached is None or cached[0] != key:
-            with torch.inference_mode(False):  # a normal tensor even when first built under inference mode
-                cached = (key, dice_native.parameters(*self._affine(), self.alpha))
-            self.__dict__["_eval_parameters"] = cached
-        return cached[1]
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.inference_mode(False):  # a normal tensor even when built under inference mode
+            params = dice_native.parameters(*self._affine(), self.alpha)
+        self.__dict__["_eval_parameters"] = (key, params) if key is not None else None
+        return params
 
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inv, shift) [dim] each, with batchnorm(x) = x * inv + shift under the running statistics."""

@@ -556,6 +556,30 @@ def test_folded_linear_equals_the_linear_of_the_concatenated_columns(bias):
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="columns"):
         folded_linear(linear, blocks[1:], rows)
+    with pytest.raises(ValueError, match="Dense block of 10 rows for 9"):
+        folded_linear(linear, blocks[:1] + [Dense(torch.randn(rows + 1, 3))] + blocks[2:], rows)
+
+
+def test_rank_user_checks_its_ids_and_ranks_no_candidate_to_an_empty_answer():
+    cfg = ModelConfig.preset("muse")
+    model = build_model(cfg, SMALL_VOCAB).eval()
+    ids = torch.ones(1, dtype=torch.int64)
+    sparse = {name: ids for name in ("user_id", "profile_1", "profile_2", "profile_3", "profile_4", "profile_5",
+                                     "item_city", "item_province")}
+    none = torch.zeros(0, dtype=torch.int64)
+    sequence = {"target_item": none, "target_cat": none, "recent_item": ids, "recent_cat": ids, "gsu_item": ids,
+                "gsu_cat": ids}
+    empty = model.rank_user(sparse, sequence, torch.zeros(0, cfg.recent_len), torch.zeros(0, cfg.k),
+                            torch.zeros(0, cfg.k, dtype=torch.int64))
+    assert empty.shape == (0,)
+    two = torch.ones(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="target_item"):
+        model.rank_user(sparse, {**sequence, "target_item": two, "target_cat": two}, torch.zeros(3, cfg.recent_len),
+                        torch.zeros(3, cfg.k), torch.zeros(3, cfg.k, dtype=torch.int64))
+    with pytest.raises(ValueError, match="item_city"):
+        model.rank_user({**sparse, "item_city": two}, {**sequence, "target_item": ids.repeat(3),
+                                                        "target_cat": ids.repeat(3)},
+                        torch.zeros(3, cfg.recent_len), torch.zeros(3, cfg.k), torch.zeros(3, cfg.k, dtype=torch.int64))
 
 
 def test_shared_or_dense_takes_a_column_block_once_only_when_every_row_is_equal():
@@ -585,15 +609,35 @@ def test_distinct_rows_gives_each_row_back_and_survives_a_hash_collision(monkeyp
 
 
 def test_dice_eval_parameters_follow_changed_statistics_and_alpha():
-    """The cached eval parameters are rebuilt when a running statistic or alpha changes in place or is replaced."""
+    """Under inference mode the eval parameters are kept, and built again when a running statistic or alpha changes
+    in place or is replaced; outside it (training, evaluation) they are built on every call, so a write through
+    ``.data`` (no version counter) is seen too."""
     dice = Dice(3).eval()
-    first = dice.eval_parameters()
-    assert dice.eval_parameters() is first  # cached while nothing changed
+    with torch.inference_mode():
+        first = dice.eval_parameters()
+        assert dice.eval_parameters() is first  # kept while nothing changed
     with torch.no_grad():
         dice.norm.running_var.mul_(4)
         dice.alpha.fill_(0.25)
-    changed = dice.eval_parameters()
+    with torch.inference_mode():
+        changed = dice.eval_parameters()
     torch.testing.assert_close(changed[0], torch.full((3,), 0.5), rtol=1e-3, atol=1e-3)  # 1 / sqrt(4 + eps)
     torch.testing.assert_close(changed[2], torch.full((3,), 0.25))
     dice.alpha = torch.nn.Parameter(torch.full((3,), 0.5))
-    torch.testing.assert_close(dice.eval_parameters()[3], torch.full((3,), 0.5))
+    with torch.inference_mode():
+        torch.testing.assert_close(dice.eval_parameters()[3], torch.full((3,), 0.5))
+    dice.alpha.data.fill_(0.75)  # bypasses the version counter: seen outside inference mode
+    torch.testing.assert_close(dice.eval_parameters()[2], torch.full((3,), 0.75))
+
+
+def test_a_model_built_under_inference_mode_still_runs_its_eval_kernels():
+    """Inference tensors have no version counter: nothing is cached for them, and the eval paths still run."""
+    cfg = ModelConfig.preset("muse")
+    with torch.inference_mode():
+        model = build_model(cfg, SMALL_VOCAB).eval()
+        assert model(random_batch(cfg, batch_size=3, history_len=30, seed=7)).shape == (3,)
+        din = DinAttention(4, (8,), "dice").eval()
+        query, keys = torch.randn(5, 4), torch.randn(3, 4)
+        assert din.forward_shared(query, keys).shape == (5, 4)
+        assert Dice(3).eval()(torch.randn(2, 3)).shape == (2, 3)
+    assert sum(p.is_inference() for p in model.parameters()) > 0
