@@ -165,7 +165,9 @@ class MuseModel(nn.Module):
         values, all in the first sample; ``recent_scores`` stays [B, S], per candidate); DIN then scores the B x R
         pairs without repeating the keys (``DinAttention.forward_shared``). Equal to the batch with the window
         repeated in every sample. A batch with ``gsu_index`` (``Batch``) gives the selected behaviors once too, and the
-        ESU attends over them by index (``TargetAttention.forward_shared``)."""
+        ESU attends over them by index (``TargetAttention.forward_shared``). With ``shared_recent`` the over arch's
+        first Linear is folded over the input's column blocks (``OverArch.forward_blocks``): equal to float32
+        rounding."""
         sequence = self.sequence_ec(batch.sequence_features)
         sparse = self.sparse_ebc(batch.sparse_features)
         if shared_recent:  # one user's candidates: the over arch folds the interest's columns into its first layer
