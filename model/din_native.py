@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from model.dice_native import DICE8_C
 from model.simd_c import DOT8_C
 from model.gsu import cbuild
-from model.tower import Dice, cache_key
+from model.tower import Dice, cached
 
 SOURCE = r"""
 #include <stdint.h>
@@ -206,12 +206,12 @@ def _pairs(din) -> Optional[list]:
 
 @torch.no_grad()
 def prepare(din) -> Optional[Prepared]:
-    """``din``'s ``Prepared`` (under inference mode kept until a parameter or statistic changes, ``tower.cache_key``;
+    """``din``'s ``Prepared`` (under inference mode kept until a parameter or statistic changes, ``tower.cached``;
     built on every call elsewhere), or None when its MLP is not Linear + Dice (eval statistics) throughout."""
-    key = cache_key(din)  # kept under inference mode (serving's ranks), built afresh elsewhere
-    cached = getattr(din, "_din_native", None)
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
+    return cached(din, "_din_native", lambda: _prepare(din))
+
+
+def _prepare(din) -> Optional[Prepared]:
     pairs = _pairs(din)
     if pairs is None:
         return None
@@ -240,7 +240,6 @@ def prepare(din) -> Optional[Prepared]:
         weights=array(*[w.data_ptr() for w in weights]),
         biases=array(*[0 if b is None else b.data_ptr() for b in biases]), dice=array(*[d.data_ptr() for d in dice]),
         score_w=_pad_cols(din.score.weight.float().reshape(-1), widths[-1]), score_b=float(din.score.bias.float().item()))
-    din._din_native = (key, prepared) if key is not None else None
     return prepared
 
 

@@ -1,11 +1,13 @@
 """Prediction tower pieces: Dice / PReLU activations and an MLP of Linear + activation layers."""
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from model import dice_native
+
+T = TypeVar("T")
 
 
 def state_key(module: nn.Module) -> Optional[tuple]:
@@ -19,7 +21,7 @@ def state_key(module: nn.Module) -> Optional[tuple]:
     submodule replaced after the first call (the (submodule, slot) list is taken once per module, so a call is a loop
     over a few tensors rather than the ``parameters()`` / ``buffers()`` walks, ~0.1 ms each on a DIN unit). So the
     callers cache only under inference mode, where a served model's weights are read, never written
-    (``cache_key``)."""
+    (``cached``)."""
     slots = module.__dict__.get("_state_slots")
     if slots is None:
         slots = [(child, kind, name) for child in module.modules() for kind in ("_parameters", "_buffers")
@@ -31,10 +33,17 @@ def state_key(module: nn.Module) -> Optional[tuple]:
     return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
 
-def cache_key(module: nn.Module) -> Optional[tuple]:
-    """``state_key(module)`` under inference mode (serving's ranks), else None: outside it (training, evaluation,
-    tests that write weights through ``.data``) a derived value is built afresh on every call."""
-    return state_key(module) if torch.is_inference_mode_enabled() else None
+def cached(module: nn.Module, name: str, build: Callable[[], T]) -> T:
+    """``build()``, a value derived from ``module``'s parameters and buffers (an eval kernel's prepared weights), kept
+    in ``module.__dict__[name]`` under inference mode (serving's ranks) until ``state_key`` changes, and built
+    afresh on every call outside it (training, evaluation, tests that write weights through ``.data``)."""
+    key = state_key(module) if torch.is_inference_mode_enabled() else None
+    entry = module.__dict__.get(name)
+    if key is not None and entry is not None and entry[0] == key:
+        return entry[1]
+    value = build()
+    module.__dict__[name] = (key, value) if key is not None else None
+    return value
 
 
 class Dice(nn.Module):
@@ -89,16 +98,13 @@ class Dice(nn.Module):
     @torch.no_grad()
     def eval_parameters(self) -> torch.Tensor:
         """float32 [4, dim]: inv, shift (``_affine``), alpha, 1 - alpha, as ``apply_``'s kernel reads them. Under
-        inference mode they are kept until a statistic or alpha changes (``cache_key``), not built on every call of
+        inference mode they are kept until a statistic or alpha changes (``cached``), not built on every call of
         a rank; elsewhere they are built on every call."""
-        key = cache_key(self)
-        cached = self.__dict__.get("_eval_parameters")
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.inference_mode(False):  # a normal tensor even when built under inference mode
-            params = dice_native.parameters(*self._affine(), self.alpha)
-        self.__dict__["_eval_parameters"] = (key, params) if key is not None else None
-        return params
+        def build() -> torch.Tensor:
+            with torch.inference_mode(False):  # a normal tensor even when built under inference mode
+                return dice_native.parameters(*self._affine(), self.alpha)
+
+        return cached(self, "_eval_parameters", build)
 
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inv, shift) [dim] each, with batchnorm(x) = x * inv + shift under the running statistics."""
