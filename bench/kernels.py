@@ -6,7 +6,7 @@
   C call (``native``), float32 ``torch.mm`` with the selection in C (``float32``, ``model.gsu.dense_select``), and
   ``torch.mm`` with the selection in torch ops; histories of each ``--lengths`` behaviors drawn with Zipf popularity
   as ``muse bench serve`` draws them. Results must be identical.
-- ``ESU by index``: ``Esu.forward_shared`` (serving's ESU: ``--candidates`` candidates, K = 50 slots into ~900 distinct
+- ``ESU by index``: ``Esu.blocks_shared`` (serving's ESU: ``--candidates`` candidates, K = 50 slots into ~900 distinct
   behaviors, the recent SimTier too) with the attention pass and SimTier's counts in C (``model.esu_native``) vs in
   torch ops, for the default ``muse`` preset and ``paper_muse`` (SA-TA with projections); largest difference printed.
 - ``Dice``: eval Dice without autograd over [``--pairs``, 80] activations (the C kernel, ``model.dice_native``, vs
@@ -36,6 +36,7 @@ from common.errors import UserError
 from model import dice_native, din_native, esu_native
 from model.attention import DinAttention
 from model.config import ModelConfig
+from model.columns import concatenated
 from model.esu import Esu
 from model.gsu import cbuild, dense_select, kernels
 from model.gsu.topk import cosine_topk
@@ -139,7 +140,7 @@ def _dice_row(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def _esu_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
-    """``Esu.forward_shared`` of ``--candidates`` candidates over K = 50 slots into U distinct selected behaviors
+    """``Esu.blocks_shared`` (joined) of ``--candidates`` candidates over K = 50 slots into U distinct selected behaviors
     (serving's ESU), with the attention pass and SimTier's counts in C (``model.esu_native``) and in torch ops,
     for the default MUSE (SA-TA without projections) and the paper preset (SA-TA with projections). U is the size
     serving meets (a 1,000-behavior history's selection), not a table: the rows are the user's, in cache by design."""
@@ -156,7 +157,8 @@ def _esu_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
         recent_mask = torch.ones(c, cfg.recent_len, dtype=torch.bool)
 
         def native():
-            return esu.forward_shared(query, distinct, index, similarity, recent, recent_mask)
+            return concatenated(esu.blocks_shared(query, distinct, index, similarity, recent, recent_mask),
+                                query.shape[0])
 
         def fallback():
             with _without(esu_native, "esu"):

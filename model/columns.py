@@ -73,13 +73,6 @@ class Tiers:
 Block = Union[Dense, Shared, Tiers]
 
 
-def shared_or_dense(values: torch.Tensor) -> Block:
-    """``Shared(values[0])`` when every row of values [B, w] equals the first (B >= 2), else ``Dense(values)``."""
-    if values.shape[0] >= 2 and torch.equal(values, values[:1].expand_as(values)):
-        return Shared(values[0])
-    return Dense(values)
-
-
 def concatenated(blocks: Sequence[Block], rows: int) -> torch.Tensor:
     """The [rows, sum of widths] input the blocks stand for."""
     return torch.cat([block.expanded(rows) for block in blocks], dim=1)

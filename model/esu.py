@@ -51,20 +51,6 @@ class Esu(nn.Module):
         pooled = self.attention(query, behaviors, mask, similarity) if self.attention is not None else None
         return self._features(pooled, similarity, mask, recent_similarity, recent_mask)
 
-    def forward_shared(
-        self,
-        query: torch.Tensor,
-        distinct: torch.Tensor,
-        index: torch.Tensor,
-        similarity: torch.Tensor,
-        recent_similarity: torch.Tensor,
-        recent_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """``forward`` with behaviors[b, j] = distinct[index[b, j]] (distinct [U, E], index int64 [B, K], -1: none,
-        the mask): one user's candidates, whose selections share the U behaviors (``Batch.gsu_index``)."""
-        blocks = self.blocks_shared(query, distinct, index, similarity, recent_similarity, recent_mask)
-        return concatenated(blocks, query.shape[0])
-
     def blocks_shared(
         self,
         query: torch.Tensor,
@@ -74,8 +60,10 @@ class Esu(nn.Module):
         recent_similarity: torch.Tensor,
         recent_mask: torch.Tensor,
     ) -> list[Block]:
-        """``forward_shared``'s features as column blocks in the same column order (``model.columns``: the pool
-        ``Dense``, each SimTier ``Tiers``), for an over arch that folds them into its first layer."""
+        """``forward``'s features, as column blocks in the same column order (``model.columns``: the pool ``Dense``,
+        each SimTier ``Tiers``; ``concatenated`` joins them), with behaviors[b, j] = distinct[index[b, j]] (distinct
+        [U, E], index int64 [B, K], -1: none, the mask): one user's candidates, whose selections share the U
+        behaviors (``Batch.gsu_index``)."""
         mask = index >= 0
         pooled = (self.attention.forward_shared(query, distinct, index, mask, similarity)
                   if self.attention is not None else None)

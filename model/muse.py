@@ -23,7 +23,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from datapipes.batch import SEQUENCE_FEATURES, SPARSE_FEATURES, Batch
 from model.attention import DinAttention
-from model.columns import Block, Dense, Shared, concatenated, folded_linear, shared_or_dense
+from model.columns import Block, Dense, Shared, concatenated, folded_linear
 from model.config import ModelConfig
 from model.esu import Esu
 from model.in_model_gsu import gather_positions, id_relevance, topk_positions
@@ -165,18 +165,12 @@ class MuseModel(nn.Module):
         values, all in the first sample; ``recent_scores`` stays [B, S], per candidate); DIN then scores the B x R
         pairs without repeating the keys (``DinAttention.forward_shared``). Equal to the batch with the window
         repeated in every sample. A batch with ``gsu_index`` (``Batch``) gives the selected behaviors once too, and the
-        ESU attends over them by index (``TargetAttention.forward_shared``). With ``shared_recent`` the over arch's
-        first Linear is folded over the input's column blocks (``OverArch.forward_blocks``): equal to float32
-        rounding."""
+        ESU attends over them by index (``TargetAttention.forward_shared``). ``rank_user`` is the same from ids, with
+        the over arch's first Linear folded (what the predictor's rank calls)."""
         sequence = self.sequence_ec(batch.sequence_features)
         sparse = self.sparse_ebc(batch.sparse_features)
-        if shared_recent:  # one user's candidates: the over arch folds the interest's columns into its first layer
-            blocks = self.interest_arch.blocks(sequence, batch.recent_scores, batch.gsu_scores, batch.history_scores,
-                                               shared_recent=True, gsu_index=batch.gsu_index)
-            pooled = {name: shared_or_dense(values) for name, values in sparse.to_dict().items()}
-            return self.over_arch.forward_blocks(pooled, blocks, batch.recent_scores.shape[0])
         interest = self.interest_arch(sequence, batch.recent_scores, batch.gsu_scores, batch.history_scores,
-                                      gsu_index=batch.gsu_index)
+                                      shared_recent=shared_recent, gsu_index=batch.gsu_index)
         return self.over_arch(sparse, interest)
 
     @torch.no_grad()
@@ -209,11 +203,9 @@ class MuseModel(nn.Module):
         embeddings = {}
         for name in SEQUENCE_FEATURES:
             ids = sequence[name].reshape(-1)
-            if name.startswith("target_"):  # one id per sample
-                lengths = torch.ones(rows, dtype=torch.int64)
-            else:  # given once, all in the first sample (as ``Batch.gsu_index`` and ``shared_recent`` have them)
-                lengths = torch.zeros(rows, dtype=torch.int64).index_fill_(0, torch.zeros(1, dtype=torch.int64),
-                                                                            ids.shape[0])
+            lengths = torch.ones(rows, dtype=torch.int64)  # target_*: one id per sample
+            if not name.startswith("target_"):  # given once, all in the first sample (as ``Batch`` gives them)
+                lengths.zero_()[0] = ids.shape[0]
             embeddings[name] = JaggedTensor(values=F.embedding(ids, tables[name]), lengths=lengths)
         blocks = self.interest_arch.blocks(embeddings, recent_scores, gsu_scores, None, shared_recent=True,
                                            gsu_index=gsu_index)

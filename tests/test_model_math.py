@@ -439,7 +439,7 @@ def test_dice_apply_in_place_equals_eval_forward_and_refuses_training(native, mo
 @pytest.mark.parametrize("preset", ["muse", "paper_muse", "din"])
 def test_model_with_the_recent_window_given_once_equals_it_repeated_in_every_sample(preset):
     """MuseModel.forward(batch, shared_recent=True), the recent features once in sample 0, gives the logits of the
-    batch that repeats that window in every sample (what Predictor.rank_indices relies on)."""
+    batch that repeats that window in every sample (what MuseModel.rank_user computes from ids)."""
     from datapipes.batch import Batch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -580,17 +580,6 @@ def test_rank_user_checks_its_ids_and_ranks_no_candidate_to_an_empty_answer():
         model.rank_user({**sparse, "item_city": two}, {**sequence, "target_item": ids.repeat(3),
                                                         "target_cat": ids.repeat(3)},
                         torch.zeros(3, cfg.recent_len), torch.zeros(3, cfg.k), torch.zeros(3, cfg.k, dtype=torch.int64))
-
-
-def test_shared_or_dense_takes_a_column_block_once_only_when_every_row_is_equal():
-    from model.columns import Dense, Shared, shared_or_dense
-
-    row = torch.randn(1, 4)
-    assert isinstance(shared_or_dense(row.expand(5, -1)), Shared)
-    assert isinstance(shared_or_dense(row), Dense)  # one row: nothing to share
-    varied = row.repeat(5, 1)
-    varied[3, 2] += 1e-6
-    assert isinstance(shared_or_dense(varied), Dense)
 
 
 def test_distinct_rows_gives_each_row_back_and_survives_a_hash_collision(monkeypatch):
