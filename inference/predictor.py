@@ -61,7 +61,8 @@ class VocabTable:
         self._buckets = self._bucket_index() if self._keys.shape[0] >= (8 << self._BUCKET_BITS) else None
 
     def _bucket_index(self) -> Optional[tuple]:
-        """(smallest key as uint64, shift, starts uint64 [2**BITS + 1], steps) or None (keys too uneven)."""
+        """(smallest key as uint64, shift, each bucket's first key position int64 [2**BITS + 1], halvings) or None
+        (negative keys, or keys too uneven for ``_BUCKET_STEPS``)."""
         keys = self._keys.view(np.uint64)
         low = keys[0] if self._keys[0] >= 0 else None
         if low is None or self._keys[-1] < 0:  # signed order differs from unsigned: keep the binary search

@@ -299,24 +299,23 @@ class Engine:
         part whose helper fails or answers an error is scored here too."""
         p = self.predictor
         parts = self._split(cand.shape[0], len(helpers))
-        # A prefetched user's content rows travel with each part; a history given in the request is read from the
-        # memory-mapped table by each part itself (in parallel), which is what gathering its content here first
-        # would cost, before any part could start (0.8 ms less per 1,000 x 1,000 rank on this host).
-        local = rows.local
+        # A prefetched user's content rows (``rows.local``) travel with each part; a history given in the request
+        # (no content rows) is read from the memory-mapped table by each part itself, in parallel, which is what
+        # gathering its content here first would cost before any part could start.
 
         def given(part: slice) -> Dict[str, Optional[torch.Tensor]]:
             return {name: side[field][part] if field in side else None for name, field in _SIDE_ARGS.items()}
 
         def score(part: slice) -> torch.Tensor:
             with torch.inference_mode():  # less dispatch work a tensor op than no_grad
-                return p.rank_indices(rows.user, rows.profile, cand[part], rows.items, rows.cats, content=local,
+                return p.rank_indices(rows.user, rows.profile, cand[part], rows.items, rows.cats, content=rows.local,
                                       **given(part))
 
         sent = {}
         for i, helper in enumerate(helpers[:len(parts) - 1], start=1):
             try:
                 message = part_message(rows.user, rows.profile, cand[parts[i]], rows.items, rows.cats, given(parts[i]),
-                                       local)
+                                       rows.local)
             except Exception:  # noqa: BLE001 - a part that cannot travel is scored here
                 continue
             helper.send(message)
