@@ -14,6 +14,12 @@
 - ``DIN kernel``: ``DinAttention.forward_shared`` of ``--candidates`` queries over the same 50 keys with the MLP in
   one C call (``model.din_native``) vs in torch blocks of ~4K pairs (``_SharedBlock``); largest difference printed.
 - ``DIN``: the same against the jagged forward (the keys repeated per query), as serving ran before either.
+- ``tower``: the MUSE preset's over arch on ``--candidates`` rows of one user, its first Linear folded over the
+  input's column blocks (``model.columns.folded_linear``: the user's id and profile once, each SimTier as [C, 20]
+  weights) vs on the concatenated [C, 544] input; largest logit difference printed.
+- ``vocabulary``: ``--candidates`` raw-id lookups in a vocabulary of ``--items`` keys with the bucket index vs the
+  binary search (``inference.predictor.VocabTable``), a 64 MB buffer written between two lookups so each starts
+  with the caches as a rank leaves them. Results must be identical.
 
 Each method is timed ``--repeats`` times in turns (so a burst of load slows all alike) and the best kept; the CPU
 capability torch dispatches on, the kernels that loaded and the load average are printed with the ratios.
@@ -30,14 +36,17 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from bench.serve_package import OwnPackageConfig, content_table, histories
+from bench.serve_package import OwnPackageConfig, content_table, histories, raw_ids
 from common.atomic import check_output_path, write_text_atomic
 from common.errors import UserError
+from datapipes.batch import SPARSE_FEATURES
+from inference.predictor import VocabTable
 from model import dice_native, din_native, esu_native
 from model.attention import DinAttention
 from model.config import ModelConfig
-from model.columns import concatenated
+from model.columns import Dense, Shared, Tiers, concatenated
 from model.esu import Esu
+from model.muse import OverArch
 from model.gsu import cbuild, dense_select, kernels
 from model.gsu.topk import cosine_topk
 from model.tower import Dice
@@ -206,6 +215,54 @@ def _din_row(args: argparse.Namespace) -> Dict[str, object]:
             "torch_ms": times["jagged"], "check": f"max |diff| {diff:.1e}"}
 
 
+def _tower_row(args: argparse.Namespace) -> Dict[str, object]:
+    """The MUSE preset's over arch on ``--candidates`` rows of one user: folded first Linear vs concatenated input."""
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig.preset("muse")
+    dim, rows = cfg.id_dim, args.candidates
+    sparse = {name: Dense(torch.randn(rows, dim)) if name.startswith("item_") else Shared(torch.randn(dim))
+              for name in SPARSE_FEATURES}
+    tiers = [Tiers(torch.log1p(torch.randint(0, 20, (rows, cfg.num_tiers)).float()), torch.randn(cfg.num_tiers,
+                                                                                                 cfg.tier_dim))
+             for _ in range(2)]
+    interest = [Dense(torch.randn(rows, 2 * dim)) for _ in range(3)] + tiers
+    over = OverArch(len(SPARSE_FEATURES) * dim + sum(b.width for b in interest), cfg).eval()
+    blocks = [sparse[name] for name in SPARSE_FEATURES] + interest
+    with torch.inference_mode():  # as serving's ranks run it
+        folded = lambda: over.forward_blocks(sparse, interest, rows)  # noqa: E731
+        plain = lambda: over.logit(over.mlp(concatenated(blocks, rows))).squeeze(-1)  # noqa: E731
+        times = _best_in_turns({"folded": folded, "plain": plain}, args.repeats)
+        diff = float((folded() - plain()).abs().max())
+    width = sum(b.width for b in blocks)
+    return {"kernel": "tower: first Linear folded vs concatenated", "case": f"{rows:,} x {width} input, one user",
+            "native_ms": times["folded"], "torch_ms": times["plain"], "check": f"max |diff| {diff:.1e}"}
+
+
+def _vocab_row(args: argparse.Namespace) -> Dict[str, object]:
+    """``--candidates`` lookups in a vocabulary of ``--items`` raw ids, bucket index vs binary search, each lookup
+    after a 64 MB write (the caches as a rank leaves them), in turns, best of ``--repeats``."""
+    rng = np.random.default_rng(args.seed)
+    ids = raw_ids(rng, args.items)
+    order = np.argsort(ids, kind="stable")
+    keys, index = torch.from_numpy(ids[order].copy()), torch.from_numpy(order.astype(np.int64) + 1)
+    tables = {"buckets": VocabTable(keys, index, buckets=True), "search": VocabTable(keys, index, buckets=False)}
+    wanted = torch.from_numpy(np.concatenate([ids[rng.integers(0, args.items, args.candidates - args.candidates // 10)],
+                                              rng.integers(1, 2 ** 62, args.candidates // 10)]))
+    flush = np.zeros(64 << 17, dtype=np.int64)  # 64 MB, more than the last-level cache
+    best = {name: float("inf") for name in tables}
+    for round_ in range(args.repeats + 1):
+        for name, table in tables.items():
+            flush += 1
+            start = time.perf_counter()
+            table.lookup(wanted)
+            if round_:
+                best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    same = torch.equal(tables["buckets"].lookup(wanted), tables["search"].lookup(wanted))
+    return {"kernel": "vocabulary: bucket index vs binary search",
+            "case": f"{args.candidates:,} ids, {args.items:,} keys, caches flushed",
+            "native_ms": best["buckets"], "torch_ms": best["search"], "check": f"identical: {'yes' if same else 'NO'}"}
+
+
 def run(args: argparse.Namespace) -> int:
     for flag, value in (("--items", args.items), ("--candidates", args.candidates), ("--pairs", args.pairs),
                         ("--repeats", args.repeats), ("--lengths", min(args.lengths))):
@@ -217,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     loaded = {"dense_select": dense_select.LIBRARY.reason() or "native", "esu": esu_native.LIBRARY.reason() or "native",
               "dice": dice_native.LIBRARY.reason() or "native", "din": din_native.LIBRARY.reason() or "native"}
-    rows = _dense_rows(args) + _esu_rows(args) + [_dice_row(args), _din_kernel_row(args), _din_row(args)]
+    rows = _dense_rows(args) + _esu_rows(args) + [_dice_row(args), _din_kernel_row(args), _din_row(args),
+                                                 _tower_row(args), _vocab_row(args)]
     for row in rows:
         row["ratio"] = row["torch_ms"] / row["native_ms"]
     capability = str(torch.backends.cpu.get_cpu_capability())
@@ -227,7 +285,8 @@ def run(args: argparse.Namespace) -> int:
                      r["check"]] for r in rows],
                    headers=["kernel", "case", "new ms", "torch ms", "torch / new", "check"]))
     print("(DIN: 'new' is forward_shared (the C MLP), 'torch' the jagged forward over the repeated keys; both run the Dice "
-          "kernel)")
+          "kernel. tower and vocabulary: 'new' the folded Linear / the bucket index, 'torch' the concatenated input / "
+          "the binary search)")
     if args.json:
         payload = {"cpu_capability": capability, "threads": 1, "kernels": loaded, "load_before": load_before,
                    "load_after": os.getloadavg(), "args": vars(args), "rows": rows}

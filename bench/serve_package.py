@@ -68,7 +68,7 @@ class OwnPackage:
     seconds: float
 
 
-def _raw_ids(rng: np.random.Generator, n: int) -> np.ndarray:
+def raw_ids(rng: np.random.Generator, n: int) -> np.ndarray:
     """n distinct random positive int64 raw hashed ids, in vocabulary-index order (index i + 1 = ids[i])."""
     ids = np.unique(rng.integers(1, 2 ** 62, size=n + n // 100 + 16, dtype=np.int64))
     while ids.shape[0] < n:
@@ -117,7 +117,7 @@ def build_own_package(workdir: str, cfg: OwnPackageConfig) -> OwnPackage:
     torch.manual_seed(cfg.seed)
     tensors = {f"weights.{k}": v for k, v in model_state(build_model(model_cfg, vocab_sizes, device="cpu")).items()}
     for space, size in vocab_sizes.items():
-        tensors.update(_vocab_blobs(space, _raw_ids(rng, size)))
+        tensors.update(_vocab_blobs(space, raw_ids(rng, size)))
     cluster = rng.integers(0, cfg.clusters, size=cfg.items + 1)
     tensors["mm_table"] = content_table(rng, cfg, cluster)
     cluster_category = rng.integers(1, vocab_sizes["category"] + 1, size=cfg.clusters)

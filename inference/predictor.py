@@ -42,23 +42,25 @@ _IN_MODEL_CHUNK = 1 << 21
 class VocabTable:
     """Raw hashed id -> vocabulary index. keys: int64 [V] sorted raw ids; index: int64 [V] their indices.
 
-    A lookup runs in numpy on views of the same memory (a few calls of ~1 us each rather than torch ops of ~5 us,
-    most of the time of the one-id lookups a rank makes: its user and profile). Large vocabularies also get a
+    A lookup runs in numpy on views of the same memory (numpy's per-call cost is below torch's, which is most of
+    the time of the one-id lookups a rank makes: its user and profile). Large vocabularies also get a
     bucket index: the keys' range cut into 2**16 equal buckets (offsets from the smallest key, in uint64), each
     bucket's first key position, and each id searched within its bucket only (``_BUCKET_STEPS`` halvings at most,
     vectorised) instead of across all V keys, whose lower levels miss the CPU caches once a rank has run between
-    two lookups: 0.39 against 0.79 ms per 1,000 ids of a 1M-key vocabulary after the caches were flushed (this
-    host). Hashed ids spread evenly over the buckets (~15 keys each at 1M); when the keys are too uneven for the
+    two lookups (``muse bench kernels``' vocabulary row). Hashed ids spread evenly over the buckets (~15 keys each at 1M); when the keys are too uneven for the
     step budget the table keeps the plain binary search. Both give the same indices."""
 
     _BUCKET_BITS = 16
     _BUCKET_STEPS = 8  # halvings within a bucket: buckets of up to 255 keys
 
-    def __init__(self, keys: torch.Tensor, index: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, index: torch.Tensor, buckets: Optional[bool] = None) -> None:
+        """buckets: build the bucket index (True), keep the binary search (False), or by size (None: from
+        524,288 keys, where the binary search's lower levels leave the caches)."""
         self.keys, self.index = keys, index
         self._keys = keys.detach().cpu().contiguous().numpy()
         self._index = index.detach().cpu().contiguous().numpy()
-        self._buckets = self._bucket_index() if self._keys.shape[0] >= (8 << self._BUCKET_BITS) else None
+        wanted = self._keys.shape[0] >= (8 << self._BUCKET_BITS) if buckets is None else buckets
+        self._buckets = self._bucket_index() if wanted and self._keys.shape[0] else None
 
     def _bucket_index(self) -> Optional[tuple]:
         """(smallest key as uint64, shift, each bucket's first key position int64 [2**BITS + 1], halvings) or None

@@ -179,7 +179,7 @@ class MuseModel(nn.Module):
         """Logits [B] of one user's B candidates, ``forward(batch, shared_recent=True)`` of the ``Batch`` these ids
         make, without building it: each feature's rows are read from its table directly (``F.embedding``; a pooled
         feature of one id per sample is that id's row), not through KeyedJaggedTensors and the collections'
-        forward, about a millisecond of Python a rank on this host. Unsharded models only (serving's).
+        forward (Python that a rank would pay on every call). Unsharded models only (serving's).
 
         sparse: {SPARSE_FEATURES name: int64 [B], or [1] for an id every candidate shares (the user's id and
         profile)}; sequence: {SEQUENCE_FEATURES name: int64 ids}: target_item / target_cat [B], recent_item /

@@ -19,7 +19,7 @@ def state_key(module: nn.Module) -> Optional[tuple]:
     through autograd's version counter (an optimizer's non-fused step, ``load_state_dict``, running statistics). It
     does not see in-place writes that bypass the counter (through ``.data``, or a fused optimizer's kernel) nor a
     submodule replaced after the first call (the (submodule, slot) list is taken once per module, so a call is a loop
-    over a few tensors rather than the ``parameters()`` / ``buffers()`` walks, ~0.1 ms each on a DIN unit). So the
+    over a few tensors rather than the ``parameters()`` / ``buffers()`` generator walks). So the
     callers cache only under inference mode, where a served model's weights are read, never written
     (``cached``)."""
     slots = module.__dict__.get("_state_slots")

@@ -342,8 +342,9 @@ def test_bench_kernels_reports_each_kernel_against_its_torch_ops(tmp_path):
     dense = ("dense top-K: int32 dots + selection in C vs float32 mm + C selection",
              "dense top-K: float32 mm + C selection vs torch ops")
     esu = ("ESU by index (muse: sata+simtier)", "ESU by index (paper_muse: sata+simtier, projections)")
-    assert set(rows) == {*dense, *esu, "Dice (eval)", "DIN MLP (C) vs torch blocks", "DIN, shared keys"}
-    assert all(rows[name]["check"] == "identical: yes" for name in dense)
-    for name in ("Dice (eval)", "DIN MLP (C) vs torch blocks", "DIN, shared keys", *esu):
+    tower, vocab = "tower: first Linear folded vs concatenated", "vocabulary: bucket index vs binary search"
+    assert set(rows) == {*dense, *esu, "Dice (eval)", "DIN MLP (C) vs torch blocks", "DIN, shared keys", tower, vocab}
+    assert all(rows[name]["check"] == "identical: yes" for name in (*dense, vocab))
+    for name in ("Dice (eval)", "DIN MLP (C) vs torch blocks", "DIN, shared keys", *esu, tower):
         assert float(rows[name]["check"].split()[-1]) < 1e-5
         assert rows[name]["native_ms"] > 0 and rows[name]["torch_ms"] > 0
