@@ -65,10 +65,10 @@ class VocabTable:
     def _bucket_index(self) -> Optional[tuple]:
         """(smallest key as uint64, shift, each bucket's first key position int64 [2**BITS + 1], halvings) or None
         (negative keys, or keys too uneven for ``_BUCKET_STEPS``)."""
-        keys = self._keys.view(np.uint64)
-        low = keys[0] if self._keys[0] >= 0 else None
-        if low is None or self._keys[-1] < 0:  # signed order differs from unsigned: keep the binary search
+        if self._keys[0] < 0:  # negative keys: their unsigned order differs from the signed one
             return None
+        keys = self._keys.view(np.uint64)
+        low = keys[0]
         span = int(keys[-1] - low)
         shift = max(0, span.bit_length() - self._BUCKET_BITS)
         edges = low + (np.arange(1 << self._BUCKET_BITS, dtype=np.uint64) << np.uint64(shift))
